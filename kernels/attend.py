@@ -1,0 +1,80 @@
+"""Attention of a chunk of new tokens over an evicting slot cache, plus the probability mass
+each key received (what accumulated-attention policies score with).
+
+The keys a query may see are the *kept* slots of the cache (all older than the chunk, in no
+particular order) and the chunk's own tokens up to and including itself. Slot order carries no
+meaning, so the cache is a set: the mask comes from ``slot_valid`` and, for sliding-window layers,
+from true token positions.
+
+This file is the torch reference; the Triton kernels of later work are tested against it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+@torch.library.custom_op("kvpass::attend", mutates_args=())
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    slot_k: Tensor,
+    slot_v: Tensor,
+    slot_valid: Tensor,
+    slot_pos: Tensor,
+    pos: Tensor,
+    scale: float,
+    window: int,
+    obs: int,
+) -> tuple[Tensor, Tensor]:
+    """Attend ``q`` over the kept slots and the chunk; return ``(out, mass)``.
+
+    Shapes: ``q [B, H, T, D]``; ``k, v [B, Hkv, T, D]`` (the chunk, after RoPE);
+    ``slot_k, slot_v [B, Hkv, C, D]``; ``slot_valid, slot_pos [B, Hkv, C]``; ``pos [B, T]``
+    (true positions of the chunk, ``-1`` for padding, which no query sees).
+    ``window > 0`` limits each query to keys at most ``window - 1`` positions back.
+
+    ``out [B, H, T, D]`` has ``q``'s dtype. ``mass [B, Hkv, C + T]`` (fp32) is, for every key
+    (slots first, then the chunk), the attention probability it received from the last ``obs``
+    queries of the chunk, summed over those queries and over the query heads sharing its KV head.
+    """
+    return _attend(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, obs)
+
+
+@attend.register_fake
+def _(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, obs):
+    B, Hkv, C, _ = slot_k.shape
+    return torch.empty_like(q), q.new_empty((B, Hkv, C + k.shape[2]), dtype=torch.float32)
+
+
+def visible(slot_valid: Tensor, slot_pos: Tensor, pos: Tensor, window: int) -> Tensor:
+    """Boolean ``[B, Hkv, T, C + T]``: which key each query of the chunk may see."""
+    B, Hkv, C = slot_valid.shape
+    T = pos.shape[1]
+    qpos = pos[:, None, :, None]  # [B, 1, T, 1]
+    old = slot_valid[:, :, None, :].expand(B, Hkv, T, C)
+    causal = torch.ones(T, T, dtype=torch.bool, device=pos.device).tril()
+    new = causal & (pos[:, None, None, :] >= 0)  # [B, 1, T, T]
+    if window > 0:
+        old = old & (qpos - slot_pos[:, :, None, :] < window)
+        new = new & (qpos - pos[:, None, None, :] < window)
+    new = new | torch.eye(T, dtype=torch.bool, device=pos.device)  # a query always sees itself
+    return torch.cat([old, new.expand(B, Hkv, T, T)], dim=-1)
+
+
+def _attend(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, obs):
+    B, H, T, D = q.shape
+    Hkv, C = slot_k.shape[1], slot_k.shape[2]
+    G = H // Hkv
+    # Query heads of one KV group become extra rows: [B, Hkv, G*T, D], no copy of K or V.
+    qg = q.reshape(B, Hkv, G * T, D).float()
+    logits = torch.cat([qg @ slot_k.float().transpose(-1, -2), qg @ k.float().transpose(-1, -2)], dim=-1)
+    logits = logits.view(B, Hkv, G, T, C + T) * scale
+    mask = visible(slot_valid, slot_pos, pos, window)[:, :, None]
+    probs = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    pg = probs.view(B, Hkv, G * T, C + T)
+    out = pg[..., :C] @ slot_v.float() + pg[..., C:] @ v.float()
+    mass = probs[:, :, :, T - min(obs, T) :, :].sum(dim=(2, 3))
+    return out.view(B, H, T, D).to(q.dtype), mass

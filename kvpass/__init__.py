@@ -1,0 +1,24 @@
+"""kvpass: make any PyTorch causal LM keep only the KV entries worth keeping.
+
+    model, tok = kvpass.load_default_model()
+    small = kvpass.transform(model, policy="snapkv", budget=512)
+    small.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=32)
+"""
+
+from kvpass import policies
+from kvpass.cache import EvictingCache
+from kvpass.default_model import load_default_model
+from kvpass.stats import CacheStats, cache_stats
+from kvpass.transform import transform
+
+
+def find_attention(model):
+    """The attention sites kvpass finds in ``model``: layer, heads, KV heads, head dim, scale,
+    causal, sliding window, and whether it will be rewritten."""
+    from kvpass.transform import sites_of
+
+    return sites_of(model)[1]
+
+
+__all__ = ["EvictingCache", "CacheStats", "cache_stats", "find_attention", "load_default_model", "policies", "transform"]
+__version__ = "0.1.0"

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Chunk, Policy
+
+
+@dataclass
+class SnapKV(Policy):
+    """SnapKV: score tokens by the attention of an observation window of the latest queries,
+    smoothed by pooling over neighbouring positions; the window itself is kept.
+
+    Prefill chunk: score_j = avgpool_k( sum over the last ``window`` queries of the chunk and the
+    query heads of the KV head of softmax(q_i k^T / sqrt(d))_j ), pooled over positions
+    (``kernel_size``), recomputed for every candidate. Decoding (one query per step; our reading,
+    the paper compresses only the prompt): scores accumulate the new query's attention, as H2O.
+    Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", arXiv 2404.14469.
+    """
+
+    window: int = 64
+    kernel_size: int = 5
+    name = "snapkv"
+
+    @property
+    def obs(self) -> int:  # type: ignore[override]
+        return self.window
+
+    def score(self, chunk: Chunk) -> Tensor:
+        C = chunk.old.shape[-1]
+        if chunk.keys.shape[2] == 1:
+            return torch.cat([chunk.old + chunk.mass[..., :C], chunk.mass[..., C:]], dim=-1)
+        B, Hkv, T = chunk.keys.shape[:3]
+        pos = torch.cat([chunk.slot_pos, chunk.pos[:, None, :].expand(B, Hkv, T)], dim=-1)
+        return pool_by_position(chunk.mass, pos, self.kernel_size)
+
+
+def pool_by_position(x: Tensor, pos: Tensor, kernel_size: int) -> Tensor:
+    """Average-pool ``x [..., N]`` over neighbours in position order (``pos [..., N]``, -1 = empty, last)."""
+    if kernel_size <= 1:
+        return x
+    order = torch.where(pos < 0, torch.iinfo(pos.dtype).max, pos).argsort(dim=-1)
+    sorted_x = x.gather(-1, order)
+    shape = sorted_x.shape
+    pooled = F.avg_pool1d(sorted_x.reshape(-1, 1, shape[-1]), kernel_size, stride=1, padding=kernel_size // 2,
+                          count_include_pad=False).reshape(shape)
+    return torch.empty_like(x).scatter_(-1, order, pooled)

@@ -1,0 +1,181 @@
+"""``kvpass.transform``: capture a causal LM, rewrite its attention onto an evicting cache, and
+return a model whose ``forward`` and ``generate()`` run the rewritten graph."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+from torch import Tensor, nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from kvpass import policies
+from kvpass.cache import EvictingCache
+from kvpass.passes import PROBE_LEN, Site, capture, find_attention, rewrite
+
+
+class Binding:
+    """The cache a transformed model is running with, shared by all its attention modules."""
+
+    cache: EvictingCache | None = None
+
+
+class KVAttention(nn.Module):
+    """One rewritten attention site: attends over and updates its layer's slots in the bound cache."""
+
+    def __init__(self, site: Site, binding: Binding) -> None:
+        super().__init__()
+        self.layer, self.scale, self.window = site.layer, site.scale, site.sliding_window or 0
+        self.binding = binding
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+        return self.binding.cache.step(self.layer, q, k, v, pos, self.scale, self.window)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, scale={self.scale:.4g}, window={self.window}"
+
+
+def sites_of(model: nn.Module) -> tuple[torch.fx.GraphModule, list[Site]]:
+    """Capture ``model`` and find its attention sites (with masks measured on a short probe)."""
+    gm = capture(model)
+    device = next(model.parameters()).device
+    probe = (
+        torch.randint(0, getattr(model.config, "vocab_size", 2), (1, PROBE_LEN), device=device),
+        torch.arange(PROBE_LEN, device=device)[None],
+    )
+    return gm, find_attention(gm, probe)
+
+
+def transform(
+    model: nn.Module,
+    policy: str | policies.Policy = "h2o",
+    budget: int | float | None = None,
+    *,
+    chunk: int = 512,
+    evict_during_decode: bool = True,
+    **knobs,
+) -> nn.Module:
+    """Return ``model`` with every causal self-attention rewritten onto an evicting KV cache.
+
+    ``policy``: a name from ``kvpass.policies()`` or a :class:`~kvpass.policies.Policy`.
+    ``budget``: KV slots kept per layer and KV head (int), or a fraction of the prompt (float in
+    (0, 1]). ``chunk``: prompts are prefilled ``chunk`` tokens at a time, so memory grows with
+    budget + chunk, not with the prompt. ``evict_during_decode=False`` evicts only the prompt, as
+    kvpress does. Other keyword arguments are the policy's knobs (``sink_tokens``, ``window``, ...).
+
+    The original model is left as it was; the returned one shares its weights.
+    """
+    if getattr(model, "kvpass_policy", None) is not None:
+        raise ValueError("this model is already transformed by kvpass; transform the original model instead")
+    if budget is not None:
+        knobs["budget"] = budget
+    pol = policies.get(policy, **knobs)
+    if chunk <= 0:
+        raise ValueError(f"chunk must be a positive number of tokens, got {chunk}")
+    gm, sites = sites_of(model)
+    if not sites:
+        raise ValueError(
+            f"no attention found in {type(model).__name__}: kvpass looked for scaled_dot_product_attention calls "
+            "(torch.nn.functional / aten) in its exported forward. For a transformers model, load it with "
+            "attn_implementation='sdpa'."
+        )
+    if not any(s.action == "rewrite" for s in sites):
+        raise ValueError(f"no attention site of {type(model).__name__} can be rewritten: {sites[0].reason}")
+    binding = Binding()
+    rewrite(gm, sites, lambda site: KVAttention(site, binding))
+
+    new = copy.copy(model)
+    for attr in ("_modules", "_parameters", "_buffers"):
+        setattr(new, attr, dict(getattr(model, attr)))
+    new.__class__ = _transformed_class(type(model))
+    new.kvpass_graph = gm
+    new.kvpass_policy = pol
+    new.kvpass_sites = sites
+    new.kvpass_options = {"chunk": chunk, "evict_during_decode": evict_during_decode}
+    new.kvpass_cache = None
+    new._kvpass_binding = binding
+    return new
+
+
+class KVPassMixin:
+    """Forward and generate of a transformed model (mixed in before the model's own class)."""
+
+    def kvpass_new_cache(self, decode_reserve: int = 256) -> EvictingCache:
+        """A fresh, empty cache for this model's policy and options."""
+        return EvictingCache(self.kvpass_policy, decode_reserve=decode_reserve, **self.kvpass_options)
+
+    def generate(self, *args, **kwargs):
+        if kwargs.get("past_key_values") is None:
+            config = kwargs.get("generation_config") or self.generation_config
+            reserve = kwargs.get("max_new_tokens") or config.max_new_tokens or 256
+            kwargs["past_key_values"] = self.kvpass_new_cache(decode_reserve=reserve)
+        return super().generate(*args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: EvictingCache | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if input_ids is None or inputs_embeds is not None:
+            raise ValueError("a kvpass model takes input_ids (inputs_embeds is not supported)")
+        if labels is not None:
+            raise ValueError("a kvpass model is for inference; compute losses with the original model")
+        if past_key_values is not None and not isinstance(past_key_values, EvictingCache):
+            raise TypeError(
+                f"a kvpass model keeps its KV in an EvictingCache, got {type(past_key_values).__name__}; "
+                "pass None (a fresh cache is made) or a cache this model returned"
+            )
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be a non-negative int, got {logits_to_keep!r}")
+        cache = past_key_values if past_key_values is not None else self.kvpass_new_cache()
+        B, T = input_ids.shape
+        if cache.seen == 0:
+            cache.begin(B, T, input_ids.device)
+        elif cache.lengths.shape[0] != B:
+            raise ValueError(f"this cache holds {cache.lengths.shape[0]} sequences, got a batch of {B}")
+        pos = _positions(attention_mask, position_ids, cache.lengths, T)
+        cache.lengths = cache.lengths + (pos >= 0).sum(dim=1)
+
+        self._kvpass_binding.cache = cache
+        cache.prefilling = cache.seen == 0
+        logits: list[Tensor] = []
+        try:
+            for start in range(0, T, cache.chunk):
+                end = min(start + cache.chunk, T)
+                if logits_to_keep and end <= T - logits_to_keep:  # no row of this chunk is wanted
+                    self.kvpass_graph(input_ids[:, start:end], pos[:, start:end])
+                else:
+                    out = self.kvpass_graph(input_ids[:, start:end], pos[:, start:end])
+                    logits.append(out if not logits_to_keep else out[:, max(0, T - logits_to_keep - start) :])
+                cache.seen += end - start
+        finally:
+            cache.prefilling = False
+            self._kvpass_binding.cache = None
+        self.kvpass_cache = cache
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        return CausalLMOutputWithPast(logits=torch.cat(logits, dim=1), past_key_values=cache if use_cache else None)
+
+
+def _positions(attention_mask: Tensor | None, position_ids: Tensor | None, lengths: Tensor, T: int) -> Tensor:
+    """True positions of the ``T`` new columns; -1 marks padding. ``lengths``: real tokens seen per row."""
+    if attention_mask is not None:
+        mask = attention_mask[:, -T:].to(torch.bool)
+        counted = lengths[:, None] + mask.long().cumsum(dim=1) - 1
+        pos = position_ids[:, -T:].long() if position_ids is not None else counted
+        return torch.where(mask, pos, -1)
+    if position_ids is not None:
+        return position_ids[:, -T:].long().expand(lengths.shape[0], T)
+    return lengths[:, None] + torch.arange(T, device=lengths.device)
+
+
+@functools.cache
+def _transformed_class(cls: type) -> type:
+    return type(f"KVPass{cls.__name__}", (KVPassMixin, cls), {"__module__": __name__})

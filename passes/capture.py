@@ -1,0 +1,43 @@
+"""Capture one forward step of a causal LM as an FX graph with ``torch.export``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LogitsStep(nn.Module):
+    """``(input_ids, position_ids) -> logits`` for a Hugging Face causal LM, with no cache of its own."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+
+def capture(model: nn.Module, vocab_size: int | None = None) -> torch.fx.GraphModule:
+    """Export ``model``'s forward with dynamic batch and sequence length.
+
+    The parameters of the returned module are the model's own (shared, not copied).
+    """
+    vocab = vocab_size or getattr(getattr(model, "config", None), "vocab_size", None) or 2
+    ids = torch.randint(0, vocab, (2, 17), device=_device(model))
+    pos = torch.arange(17, device=ids.device).expand(2, 17)
+    batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1)
+    dims = {"input_ids": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}}
+    try:
+        with torch.no_grad():
+            program = torch.export.export(LogitsStep(model), (ids, pos), dynamic_shapes=dims, strict=False)
+    except Exception as e:  # noqa: BLE001 - re-raised with what was attempted
+        raise RuntimeError(
+            f"kvpass could not capture {type(model).__name__} with torch.export "
+            f"(forward(input_ids, position_ids, use_cache=False) with dynamic batch and sequence): {e}"
+        ) from e
+    return program.module()
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")

@@ -1,0 +1,152 @@
+"""Find the self-attention sites of a captured graph and describe each one.
+
+A site is one ``aten.scaled_dot_product_attention`` call. Its keys and values are traced back
+through grouped-query repetition (``repeat_kv``: unsqueeze + expand + reshape, or
+``repeat_interleave``) to the per-KV-head tensors that a cache would store. Which keys each
+query sees is not read off the graph's mask construction, which differs between models and
+versions, but measured: the graph is run once on a short probe and every site's effective
+mask is classified as causal, causal with a sliding window, or something else (skipped).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+_PASS_THROUGH = {torch.ops.aten.clone.default, torch.ops.aten.contiguous.default, torch.ops.aten.alias.default}
+_RESHAPE = {torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default}
+PROBE_LEN = 16
+
+
+@dataclass
+class Site:
+    """One attention call: what it computes and what kvpass will do with it."""
+
+    layer: int
+    module: str  # the module the call came from, e.g. ``model.layers.3.self_attn``
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float
+    causal: bool
+    sliding_window: int | None
+    action: str = "rewrite"  # or "skip"
+    reason: str = ""
+    node: fx.Node | None = field(default=None, repr=False, compare=False)
+    q: fx.Node | None = field(default=None, repr=False, compare=False)
+    k: fx.Node | None = field(default=None, repr=False, compare=False)
+    v: fx.Node | None = field(default=None, repr=False, compare=False)
+
+
+def find_attention(gm: fx.GraphModule, probe: tuple | None = None) -> list[Site]:
+    """Every SDPA call in ``gm``, in graph order; ``probe`` is an example input to measure masks with."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == SDPA]
+    masks = _measure_masks(gm, nodes, probe) if probe is not None else {}
+    sites = []
+    for layer, node in enumerate(nodes):
+        q = node.args[0]
+        B, H, T, D = _shape(q)
+        gqa = node.kwargs.get("enable_gqa", False)
+        k, kv_heads = (node.args[1], _shape(node.args[1])[1]) if gqa else _kv_source(node.args[1], H)
+        v, v_heads = (node.args[2], kv_heads) if gqa else _kv_source(node.args[2], H)
+        scale = node.kwargs.get("scale") or 1.0 / math.sqrt(D)
+        site = Site(layer, _module_path(node), H, kv_heads, D, float(scale), False, None, node=node, q=q, k=k, v=v)
+        if v_heads != kv_heads:
+            site.k, site.v, site.kv_heads = node.args[1], node.args[2], H  # keys and values grouped differently
+        if node in masks:
+            kind = masks[node]
+            site.causal = kind is not None
+            site.sliding_window = kind or None
+            if kind is None:
+                site.action, site.reason = "skip", "not causal self-attention (bidirectional or unrecognised mask)"
+        sites.append(site)
+    return sites
+
+
+def _shape(node: fx.Node) -> tuple:
+    return tuple(node.meta["val"].shape)
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    path = str(list(stack.values())[-1][0]) if stack else ""
+    return path.removeprefix("model.")  # the capture wrapper's own attribute
+
+
+def _skip(node: fx.Node) -> fx.Node:
+    while isinstance(node, fx.Node) and node.op == "call_function" and (
+        node.target in _PASS_THROUGH
+        or (node.target == torch.ops.aten.slice.Tensor and _same(_shape(node), _shape(node.args[0])))
+    ):
+        node = node.args[0]
+    return node
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(str(x) == str(y) for x, y in zip(a, b))
+
+
+def _kv_source(node: fx.Node, heads: int) -> tuple[fx.Node, int]:
+    """The tensor before grouped-query repetition, and its number of heads."""
+    n = _skip(node)
+    if n.op == "call_function" and n.target == torch.ops.aten.repeat_interleave.self_int:
+        src, reps, dim = n.args[0], n.args[1], n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
+        if dim == 1 and _shape(src)[1] * reps == heads:
+            return src, _shape(src)[1]
+    if n.op == "call_function" and n.target in _RESHAPE:
+        expanded = _skip(n.args[0])
+        if expanded.op == "call_function" and expanded.target == torch.ops.aten.expand.default:
+            unsq = _skip(expanded.args[0])
+            if unsq.op == "call_function" and unsq.target == torch.ops.aten.unsqueeze.default and unsq.args[1] == 2:
+                src = _skip(unsq.args[0])
+                B, Hkv, T, D = _shape(src)
+                e = _shape(expanded)
+                if len(e) == 5 and str(e[1]) == str(Hkv) and Hkv * int(e[2]) == heads:
+                    return src, Hkv
+    return node, heads
+
+
+class _MaskProbe(fx.Interpreter):
+    def __init__(self, gm, nodes):
+        super().__init__(gm)
+        self.watch, self.kinds = set(nodes), {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n in self.watch:
+            q, k = self.env[n.args[0]], self.env[n.args[1]]
+            mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
+            causal = n.args[5] if len(n.args) > 5 else n.kwargs.get("is_causal", False)
+            self.kinds[n] = _classify(self.env[mask] if isinstance(mask, fx.Node) else None, causal, q.shape[2], k.shape[2])
+        return out
+
+
+def _measure_masks(gm: fx.GraphModule, nodes: list[fx.Node], probe: tuple) -> dict:
+    with torch.no_grad():
+        interp = _MaskProbe(gm, nodes)
+        interp.run(*probe)
+    return interp.kinds
+
+
+def _classify(mask, is_causal: bool, Tq: int, Tk: int) -> int | None:
+    """0 for causal, w for causal with a window of w positions, None for anything else."""
+    if Tq != Tk:
+        return None
+    tril = torch.ones(Tq, Tk, dtype=torch.bool).tril()
+    if mask is None:
+        return 0 if is_causal else None
+    seen = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    seen = seen.expand(*seen.shape[:-2], Tq, Tk).reshape(-1, Tq, Tk).cpu()
+    if not bool((seen == seen[0]).all()):
+        return None
+    seen = seen[0] & tril if is_causal else seen[0]
+    if torch.equal(seen, tril):
+        return 0
+    for w in range(1, Tq):
+        if torch.equal(seen, tril & ~torch.ones(Tq, Tk, dtype=torch.bool).tril(-w)):
+            return w
+    return None
