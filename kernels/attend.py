@@ -12,6 +12,7 @@ This file is the torch reference; the Triton kernels of later work are tested ag
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -65,16 +66,32 @@ def visible(slot_valid: Tensor, slot_pos: Tensor, pos: Tensor, window: int) -> T
 
 
 def _attend(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, obs):
+    T = q.shape[2]
+    obs = min(obs, T)
+    mask = visible(slot_valid, slot_pos, pos, window)
+    if T == 1 or obs == T:
+        probs = _probs(q, (slot_k, k), mask, scale)
+        C = slot_k.shape[2]
+        pg = probs.flatten(2, 3)  # [B, Hkv, G*T, C+T]
+        out = (pg[..., :C] @ slot_v.float() + pg[..., C:] @ v.float()).view(q.shape).to(q.dtype)
+    else:
+        # Few queries feed the mass: fused SDPA for the output, explicit softmax for those rows only.
+        G = q.shape[1] // k.shape[1]
+        keys, values = torch.cat([slot_k, k], dim=2), torch.cat([slot_v, v], dim=2)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask.repeat_interleave(G, dim=1), scale=scale, enable_gqa=G > 1
+        )
+        probs = _probs(q[:, :, T - obs :], (slot_k, k), mask[:, :, T - obs :], scale)
+    return out, probs[:, :, :, -obs:].sum(dim=(2, 3))
+
+
+def _probs(q: Tensor, keys: tuple[Tensor, ...], mask: Tensor, scale: float) -> Tensor:
+    """Softmax probabilities ``[B, Hkv, G, T, N]`` (fp32) of ``q`` over the concatenated ``keys``."""
     B, H, T, D = q.shape
-    Hkv, C = slot_k.shape[1], slot_k.shape[2]
+    Hkv = keys[0].shape[1]
     G = H // Hkv
-    # Query heads of one KV group become extra rows: [B, Hkv, G*T, D], no copy of K or V.
+    # Query heads of one KV group become extra rows: [B, Hkv, G*T, D], no copy of K.
     qg = q.reshape(B, Hkv, G * T, D).float()
-    logits = torch.cat([qg @ slot_k.float().transpose(-1, -2), qg @ k.float().transpose(-1, -2)], dim=-1)
-    logits = logits.view(B, Hkv, G, T, C + T) * scale
-    mask = visible(slot_valid, slot_pos, pos, window)[:, :, None]
-    probs = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    pg = probs.view(B, Hkv, G * T, C + T)
-    out = pg[..., :C] @ slot_v.float() + pg[..., C:] @ v.float()
-    mass = probs[:, :, :, T - min(obs, T) :, :].sum(dim=(2, 3))
-    return out.view(B, H, T, D).to(q.dtype), mass
+    logits = torch.cat([qg @ key.float().transpose(-1, -2) for key in keys], dim=-1)
+    logits = logits.view(B, Hkv, G, T, -1) * scale
+    return logits.masked_fill(~mask[:, :, None], float("-inf")).softmax(dim=-1)

@@ -141,23 +141,28 @@ class EvictingCache(Cache):
         cand_pos = torch.cat([s.pos, pos[:, None, :].expand(B, Hkv, T)], dim=-1)
         cand_valid = torch.cat([s.valid, (pos >= 0)[:, None, :].expand(B, Hkv, T)], dim=-1)
         score = self.policy.score(Chunk(old=s.score, keys=k, values=v, pos=pos, mass=mass, slot_pos=s.pos))
-        newest = cand_pos.amax(dim=(1, 2))
-        rank = torch.where(self.policy.protected(cand_pos, newest), torch.inf, score)
+        rank = torch.where(self.policy.protected(cand_pos, cand_pos.amax(dim=(1, 2))), torch.inf, score)
         rank = torch.where(cand_valid, rank, -torch.inf)
-        target = self.budget if self.prefilling else C
-        keep = torch.zeros_like(cand_valid).scatter_(-1, rank.topk(min(target, C + T), dim=-1).indices, True)
-        keep &= cand_valid
-        s.evicted += cand_valid.sum() - keep.sum()
-
-        slot_keep, new_keep = keep[..., :C], keep[..., C:]
-        # Pair free slots (in slot order) with kept chunk tokens (in chunk order).
-        m = min(C, T)
-        dest = slot_keep.to(torch.int8).argsort(dim=-1, stable=True)[..., :m]
-        src = (~new_keep).to(torch.int8).argsort(dim=-1, stable=True)[..., :m]
-        write = new_keep.gather(-1, src)
-
         s.score.copy_(score[..., :C])
-        s.valid.copy_(slot_keep)
+        if T == 1 and not self.prefilling:
+            # One new token: it replaces the lowest-ranked slot, unless it ranks lower still.
+            dest = rank[..., :C].argmin(dim=-1, keepdim=True)
+            write = (rank[..., C:] >= rank.gather(-1, dest)) & cand_valid[..., C:]
+            s.evicted += (s.valid.gather(-1, dest) & write).sum() + (cand_valid[..., C:] & ~write).sum()
+            src = torch.zeros_like(dest)
+        else:
+            target = self.budget if self.prefilling else C
+            keep = torch.zeros_like(cand_valid).scatter_(-1, rank.topk(min(target, C + T), dim=-1).indices, True)
+            keep &= cand_valid
+            s.evicted += cand_valid.sum() - keep.sum()
+            slot_keep, new_keep = keep[..., :C], keep[..., C:]
+            s.valid.copy_(slot_keep)
+            # Pair free slots (in slot order) with kept chunk tokens (in chunk order).
+            m = min(C, T)
+            dest = slot_keep.to(torch.int8).argsort(dim=-1, stable=True)[..., :m]
+            src = (~new_keep).to(torch.int8).argsort(dim=-1, stable=True)[..., :m]
+            write = new_keep.gather(-1, src)
+        m = dest.shape[-1]
         _put(s.keys, dest, write, k.gather(2, src[..., None].expand(B, Hkv, m, D)))
         _put(s.values, dest, write, v.gather(2, src[..., None].expand(B, Hkv, m, D)))
         _put(s.pos, dest, write, cand_pos[..., C:].gather(-1, src))

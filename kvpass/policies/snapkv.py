@@ -25,6 +25,11 @@ class SnapKV(Policy):
     kernel_size: int = 5
     name = "snapkv"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"snapkv kernel_size must be a positive odd number, got {self.kernel_size}")
+
     @property
     def obs(self) -> int:  # type: ignore[override]
         return self.window
@@ -39,12 +44,15 @@ class SnapKV(Policy):
 
 
 def pool_by_position(x: Tensor, pos: Tensor, kernel_size: int) -> Tensor:
-    """Average-pool ``x [..., N]`` over neighbours in position order (``pos [..., N]``, -1 = empty, last)."""
+    """Average ``x [..., N]`` over each entry's ``kernel_size`` neighbours in position order
+    (``pos [..., N]``; entries with ``pos < 0`` are empty: neither pooled nor counted)."""
     if kernel_size <= 1:
         return x
-    order = torch.where(pos < 0, torch.iinfo(pos.dtype).max, pos).argsort(dim=-1)
-    sorted_x = x.gather(-1, order)
-    shape = sorted_x.shape
-    pooled = F.avg_pool1d(sorted_x.reshape(-1, 1, shape[-1]), kernel_size, stride=1, padding=kernel_size // 2,
-                          count_include_pad=False).reshape(shape)
+    real = pos >= 0
+    order = torch.where(real, pos, torch.iinfo(pos.dtype).max).argsort(dim=-1)
+    w = real.gather(-1, order).to(x.dtype)
+    xs = x.gather(-1, order) * w
+    flat = torch.stack([xs, w], dim=-2).reshape(-1, 2, x.shape[-1])
+    sums = F.avg_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2).reshape(*x.shape[:-1], 2, x.shape[-1])
+    pooled = sums[..., 0, :] / sums[..., 1, :].clamp_min(1e-12)
     return torch.empty_like(x).scatter_(-1, order, pooled)

@@ -1,0 +1,133 @@
+"""Which slots survive, for each policy, on small cases worked out by hand.
+
+The cache is driven directly with one layer, one batch row and one KV head (head dim 1), so
+attention is controlled by the key values: with query 1 and scale 1, a key of +8 draws nearly
+all attention, keys of 0 share what is left.
+"""
+
+import pytest
+import torch
+
+from kvpass import policies
+from kvpass.cache import EvictingCache
+from kvpass.policies.base import Chunk
+from kvpass.policies.snapkv import pool_by_position
+
+
+def run(policy, keys, *, chunk, prompt=None, queries=None):
+    """Feed ``keys`` (one float per token) in pieces of ``chunk``; return the kept positions, sorted."""
+    n = len(keys)
+    cache = EvictingCache(policy, chunk=chunk)
+    cache.begin(1, prompt or n, torch.device("cpu"))
+    k_all = torch.tensor(keys, dtype=torch.float32).view(1, 1, n, 1)
+    q_all = torch.ones(1, 1, n, 1) if queries is None else torch.tensor(queries, dtype=torch.float32).view(1, 1, n, 1)
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        cache.prefilling = end <= (prompt or n)
+        pos = torch.arange(start, end)[None]
+        v = torch.randn(1, 1, end - start, 1)
+        cache.step(0, q_all[:, :, start:end], k_all[:, :, start:end], v, pos, 1.0, 0)
+        cache.seen = end
+    s = cache.slots[0]
+    return sorted(s.pos[0, 0][s.valid[0, 0]].tolist()), cache
+
+
+def test_streaming_keeps_sinks_and_most_recent():
+    kept, _ = run(policies.get("streaming", budget=4, sink_tokens=1), [0.0] * 9, chunk=1)
+    assert kept == [0, 6, 7, 8]
+    kept, _ = run(policies.get("streaming", budget=4, sink_tokens=2), [0.0] * 9, chunk=3)
+    assert kept == [0, 1, 7, 8]
+
+
+def test_h2o_keeps_heavy_hitters_and_window():
+    # token 2 has a large key: every later query attends to it; the window protects the last token.
+    keys = [0, 0, 8, 0, 0, 0, 0]
+    kept, _ = run(policies.get("h2o", budget=3, window=1), keys, chunk=1)
+    # the heavy hitter, the newest token, and the token that accumulated most of the rest: token 0
+    # (seen by every query while the others were seen by fewer)
+    assert kept == [0, 2, 6]
+
+
+def test_tova_follows_the_newest_query():
+    # last query is negative: it prefers the *smallest* keys, so token 1 (key -8) is kept over token 3 (+8)
+    keys = [0, -8, 0, 8, 0]
+    queries = [1, 1, 1, 1, -1]
+    kept, _ = run(policies.get("tova", budget=2), keys, chunk=5, queries=queries)
+    assert kept == [1, 4]
+
+
+def test_snapkv_window_and_pooling():
+    # window of 2 keeps tokens 6, 7; the heavy token 2 and, by pooling, its neighbours win the rest
+    keys = [0, 0, 8, 0, 0, 0, 0, 0]
+    kept, _ = run(policies.get("snapkv", budget=5, window=2, kernel_size=3), keys, chunk=8)
+    assert kept == [1, 2, 3, 6, 7]
+
+
+def test_pool_by_position_uses_position_order():
+    x = torch.tensor([[0.0, 3.0, 0.0, 6.0]])
+    pos = torch.tensor([[3, 0, -1, 1]])  # order by position: x[1] (0), x[3] (1), x[0] (3); x[2] is empty
+    pooled = pool_by_position(x, pos, 3)
+    # position 0: mean(3, 6) = 4.5; position 1: mean(3, 6, 0) = 3; position 3: mean(6, 0) = 3
+    torch.testing.assert_close(pooled[0, [1, 3, 0]], torch.tensor([4.5, 3.0, 3.0]))
+
+
+def test_knorm_keeps_smallest_keys():
+    keys = [5, -1, 3, 0.5, -4, 2]
+    kept, _ = run(policies.get("knorm", budget=3), keys, chunk=2)
+    assert kept == [1, 3, 5]  # |k| = 1, 0.5, 2
+
+
+def test_random_is_seeded_and_bounded():
+    a, _ = run(policies.get("random", budget=3, seed=7), [0.0] * 10, chunk=2)
+    b, _ = run(policies.get("random", budget=3, seed=7), [0.0] * 10, chunk=2)
+    c, _ = run(policies.get("random", budget=3, seed=8), [0.0] * 40, chunk=2)
+    assert a == b and len(a) == 3 and len(c) == 3
+
+
+def test_full_never_evicts_and_grows():
+    kept, cache = run(policies.get("full"), [0.0] * 11, chunk=3, prompt=5)
+    assert kept == list(range(11))
+    assert int(cache.slots[0].evicted) == 0
+
+
+def test_sink_tokens_are_protected_in_every_policy():
+    for name in ("h2o", "tova", "knorm", "random"):
+        kept, _ = run(policies.get(name, budget=3, sink_tokens=2, window=0), [1, 2, 0, 0, 0, 0, 3, 0], chunk=2)
+        assert {0, 1} <= set(kept), name
+
+
+def test_scores_are_pure_functions_of_their_inputs():
+    B, Hkv, C, T = 1, 2, 3, 2
+    chunk = Chunk(
+        old=torch.tensor([[[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]]),
+        keys=torch.ones(B, Hkv, T, 4),
+        values=torch.ones(B, Hkv, T, 4),
+        pos=torch.tensor([[5, 6]]),
+        mass=torch.arange(10.0).view(B, Hkv, C + T),
+        slot_pos=torch.tensor([[[0, 1, 2], [0, 3, 4]]]),
+    )
+    h2o = policies.get("h2o", budget=4, window=1).score(chunk)
+    torch.testing.assert_close(h2o, torch.tensor([[[1.0, 3.0, 5.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0, 9.0]]]))
+    torch.testing.assert_close(policies.get("tova", budget=4).score(chunk), chunk.mass)
+    knorm = policies.get("knorm", budget=4).score(chunk)
+    torch.testing.assert_close(knorm[..., C:], torch.full((B, Hkv, T), -2.0))
+    stream = policies.get("streaming", budget=4, sink_tokens=1).score(chunk)
+    torch.testing.assert_close(stream, torch.tensor([[[0.0, 1, 2, 5, 6], [0, 3, 4, 5, 6]]]))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(budget=0), dict(budget=-3), dict(budget=1.5), dict(budget=0.0), dict(budget="big"), dict(budget=True),
+     dict(budget=8, window=-1), dict(budget=8, sink_tokens=4, window=4)],
+)
+def test_bad_knobs(kwargs):
+    with pytest.raises(ValueError):
+        policies.get("h2o", **kwargs)
+
+
+def test_unknown_policy_lists_names():
+    with pytest.raises(ValueError, match="streaming"):
+        policies.get("nonsense")
+    with pytest.raises(ValueError, match="knob|unexpected"):
+        policies.get("tova", budget=8, kernel_size=3)
+    assert policies() == sorted(["full", "streaming", "h2o", "tova", "snapkv", "knorm", "random"])
