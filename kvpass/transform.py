@@ -38,13 +38,21 @@ class KVAttention(nn.Module):
 
 def sites_of(model: nn.Module) -> tuple[torch.fx.GraphModule, list[Site]]:
     """Capture ``model`` and find its attention sites (with masks measured on a short probe)."""
-    gm = capture(model)
+    gm = capture(model, _vocab_size(model))
     device = next(model.parameters()).device
     probe = (
-        torch.randint(0, getattr(model.config, "vocab_size", 2), (1, PROBE_LEN), device=device),
+        torch.randint(0, _vocab_size(model), (1, PROBE_LEN), device=device),
         torch.arange(PROBE_LEN, device=device)[None],
     )
     return gm, find_attention(gm, probe)
+
+
+def _vocab_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    if getattr(config, "vocab_size", None):
+        return config.vocab_size
+    emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    return emb.num_embeddings if emb is not None else 2
 
 
 def transform(
@@ -160,7 +168,7 @@ class KVPassMixin:
             cache.prefilling = False
             self._kvpass_binding.cache = None
         self.kvpass_cache = cache
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        use_cache = getattr(getattr(self, "config", None), "use_cache", True) if use_cache is None else use_cache
         return CausalLMOutputWithPast(logits=torch.cat(logits, dim=1), past_key_values=cache if use_cache else None)
 
 

@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
 
 class LogitsStep(nn.Module):
-    """``(input_ids, position_ids) -> logits`` for a Hugging Face causal LM, with no cache of its own."""
+    """``(input_ids, position_ids) -> logits`` for a causal LM, with no cache of its own.
+
+    The model is called as ``model(input_ids=..., position_ids=...)`` (plus ``use_cache=False``
+    where its forward takes it, as Hugging Face models do) and may return logits or an output
+    with a ``logits`` field.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        out = self.model(input_ids=input_ids, position_ids=position_ids, **self.extra)
+        return getattr(out, "logits", out)
 
 
-def capture(model: nn.Module, vocab_size: int | None = None) -> torch.fx.GraphModule:
+def capture(model: nn.Module, vocab_size: int = 2) -> torch.fx.GraphModule:
     """Export ``model``'s forward with dynamic batch and sequence length.
 
     The parameters of the returned module are the model's own (shared, not copied).
     """
-    vocab = vocab_size or getattr(getattr(model, "config", None), "vocab_size", None) or 2
-    ids = torch.randint(0, vocab, (2, 17), device=_device(model))
+    ids = torch.randint(0, vocab_size, (2, 17), device=_device(model))
     pos = torch.arange(17, device=ids.device).expand(2, 17)
     batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=1)
     dims = {"input_ids": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}}

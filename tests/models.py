@@ -1,0 +1,54 @@
+"""Small hand-written models for the pass tests (not from transformers)."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SDPAModel(nn.Module):
+    """One attention layer calling F.scaled_dot_product_attention in a chosen form."""
+
+    def __init__(self, vocab=50, dim=32, heads=4, kv_heads=2, form="causal", window=0):
+        super().__init__()
+        self.heads, self.kv_heads, self.hd, self.form, self.window = heads, kv_heads, dim // heads, form, window
+        self.emb = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(512, dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * kv_heads * self.hd)
+        self.out = nn.Linear(dim, vocab)
+
+    def forward(self, input_ids, position_ids):
+        x = self.emb(input_ids) + self.pos(position_ids)
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.heads, self.hd).transpose(1, 2)
+        k, v = self.kv(x).view(B, T, 2, self.kv_heads, self.hd).permute(2, 0, 3, 1, 4)
+        rep = self.heads // self.kv_heads
+        if self.form == "enable_gqa":
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=0.2)
+        else:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            if self.form == "causal":
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            elif self.form == "bool_mask":
+                i = torch.arange(T, device=x.device)
+                mask = i[:, None] >= i[None, :]
+                if self.window:
+                    mask = mask & (i[:, None] - i[None, :] < self.window)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            elif self.form == "additive_mask":
+                i = torch.arange(T, device=x.device)
+                mask = torch.zeros(T, T).masked_fill(i[:, None] < i[None, :], float("-inf"))
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            elif self.form == "bidirectional":
+                y = F.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class NoAttention(nn.Module):
+    def __init__(self, vocab=50, dim=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.out = nn.Linear(dim, vocab)
+
+    def forward(self, input_ids, position_ids):
+        return self.out(self.emb(input_ids))

@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+import kvpass
+from tests.models import NoAttention, SDPAModel
+
+
+def test_llama_sites(llama):
+    sites = kvpass.find_attention(llama)
+    assert [s.layer for s in sites] == [0, 1]
+    s = sites[0]
+    assert (s.heads, s.kv_heads, s.head_dim, s.causal, s.sliding_window, s.action) == (4, 2, 16, True, None, "rewrite")
+    assert s.scale == pytest.approx(16**-0.5)
+    assert s.module == "model.layers.0.self_attn"
+
+
+@pytest.mark.parametrize(
+    "form,kv_heads,scale",
+    [("causal", 2, 8**-0.5), ("bool_mask", 2, 8**-0.5), ("additive_mask", 2, 8**-0.5), ("enable_gqa", 2, 0.2)],
+)
+def test_call_forms(form, kv_heads, scale):
+    torch.manual_seed(0)
+    (site,) = kvpass.find_attention(SDPAModel(form=form).eval())
+    assert (site.heads, site.kv_heads, site.head_dim, site.causal, site.action) == (4, kv_heads, 8, True, "rewrite")
+    assert site.scale == pytest.approx(scale)
+
+
+def test_sliding_window_is_measured():
+    (site,) = kvpass.find_attention(SDPAModel(form="bool_mask", window=5).eval())
+    assert site.causal and site.sliding_window == 5
+
+
+def test_bidirectional_is_skipped_and_refused():
+    model = SDPAModel(form="bidirectional").eval()
+    (site,) = kvpass.find_attention(model)
+    assert site.action == "skip" and "causal" in site.reason
+    with pytest.raises(ValueError, match="can be rewritten"):
+        kvpass.transform(model, policy="tova", budget=8)
+
+
+def test_no_attention_is_an_error():
+    with pytest.raises(ValueError, match="scaled_dot_product_attention"):
+        kvpass.transform(NoAttention().eval(), policy="tova", budget=8)

@@ -1,0 +1,146 @@
+"""The evicting cache's bookkeeping, checked against brute force on random inputs."""
+
+import pytest
+import torch
+
+from kvpass import policies
+from kvpass.cache import EvictingCache
+from kvpass.kernels import attend
+from kvpass.policies.base import Chunk
+
+
+def fresh_seed() -> int:
+    return int(torch.randint(0, 2**31, ()))
+
+
+def feed(cache, g, B, Hkv, G, T, D, start, pad_rows=()):
+    q = torch.randn(B, Hkv * G, T, D, generator=g)
+    k, v = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    pos = (start + torch.arange(T)).repeat(B, 1)
+    for r in pad_rows:
+        pos[r, : T // 2] = -1
+    return q, k, v, pos
+
+
+def brute_force_keep(cache, s, q, k, v, pos, scale):
+    """Per (row, KV head): the positions of the top-``target`` candidates by (protected, score)."""
+    _, mass = attend(q, k, v, s.keys, s.values, s.valid, s.pos, pos, scale, 0, cache.policy.obs)
+    score = cache.policy.score(Chunk(s.score.clone(), k, v, pos, mass, s.pos.clone()))
+    B, Hkv, T = k.shape[:3]
+    cand_pos = torch.cat([s.pos, pos[:, None].expand(B, Hkv, T)], -1)
+    cand_ok = torch.cat([s.valid, (pos >= 0)[:, None].expand(B, Hkv, T)], -1)
+    newest = int(cand_pos.max())
+    target = cache.budget if cache.prefilling else s.capacity
+    keep = {}
+    for b in range(B):
+        for h in range(Hkv):
+            entries = []
+            for j in range(cand_pos.shape[-1]):
+                if cand_ok[b, h, j]:
+                    p = int(cand_pos[b, h, j])
+                    prot = p < cache.policy.sink_tokens or p > newest - cache.policy.window
+                    entries.append((prot, float(score[b, h, j]), p))
+            entries.sort(reverse=True)
+            keep[b, h] = sorted(p for _, _, p in entries[:target])
+    return keep, k, v
+
+
+def kept_positions(s):
+    B, Hkv = s.pos.shape[:2]
+    return {(b, h): sorted(s.pos[b, h][s.valid[b, h]].tolist()) for b in range(B) for h in range(Hkv)}
+
+
+@pytest.mark.parametrize("policy", ["h2o", "tova", "snapkv", "knorm"])
+def test_selection_matches_brute_force(policy):
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    B, Hkv, G, D, C = 2, 3, 2, 4, 6
+    pol = policies.get(policy, budget=C, window=1) if policy != "snapkv" else policies.get(policy, budget=C, window=2)
+    cache = EvictingCache(pol, chunk=4)
+    cache.begin(B, 20, torch.device("cpu"))
+    ptr = None
+    history = {}  # (row, head, pos) -> key, to check that stored keys belong to their positions
+    start = 0
+    for T in (4, 4, 3, 1, 1, 2, 1, 1):
+        q, k, v, pos = feed(cache, g, B, Hkv, G, T, D, start, pad_rows=(1,) if start == 0 else ())
+        cache.prefilling = start < 11
+        s = cache.slots.get(0)
+        if s is not None:
+            want, _, _ = brute_force_keep(cache, s, q, k, v, pos, 0.5)
+        cache.step(0, q, k, v, pos, 0.5, 0)
+        s = cache.slots[0]
+        for b in range(B):
+            for h in range(Hkv):
+                for t in range(T):
+                    history[b, h, int(pos[b, t])] = k[b, h, t]
+        if start:
+            assert kept_positions(s) == want, f"seed {seed}, step at {start}"
+        assert ptr is None or s.keys.data_ptr() == ptr, "slot tables must be updated in place"
+        ptr = s.keys.data_ptr()
+        assert not s.valid[s.pos < 0].any(), "padding must never occupy a slot"
+        for (b, h), kept in kept_positions(s).items():
+            for j in range(C):
+                if s.valid[b, h, j]:
+                    torch.testing.assert_close(s.keys[b, h, j], history[b, h, int(s.pos[b, h, j])])
+        start += T
+    assert s.keys.shape[2] == C
+    kept = kept_positions(s)
+    assert len({tuple(p) for p in kept.values()}) > 1, f"heads should keep different tokens (seed {seed})"
+
+
+def test_decode_fast_path_equals_general_path():
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    B, Hkv, G, D, C = 2, 2, 2, 4, 5
+    caches = [EvictingCache(policies.get("h2o", budget=C, window=1)) for _ in range(2)]
+    for c in caches:
+        c.begin(B, 8, torch.device("cpu"))
+    steps = [feed(None, g, B, Hkv, G, 8 if i == 0 else 1, D, 0 if i == 0 else 7 + i) for i in range(12)]
+    for i, (q, k, v, pos) in enumerate(steps):
+        for j, c in enumerate(caches):
+            c.prefilling = i == 0 or j == 1  # cache 1 always takes the general (top-k) path
+            c.step(0, q, k, v, pos, 0.5, 0)
+        a, b = caches[0].slots[0], caches[1].slots[0]
+        assert kept_positions(a) == kept_positions(b), f"seed {seed}, step {i}"
+        assert int(a.evicted) == int(b.evicted)
+
+
+def test_evicted_count_and_capacity():
+    cache = EvictingCache(policies.get("streaming", budget=4, sink_tokens=1))
+    cache.begin(1, 10, torch.device("cpu"))
+    g = torch.Generator().manual_seed(fresh_seed())
+    q, k, v, pos = feed(cache, g, 1, 2, 1, 10, 4, 0)
+    cache.prefilling = True
+    cache.step(0, q, k, v, pos, 0.5, 0)
+    s = cache.slots[0]
+    assert int(s.evicted) == 2 * 6 and int(s.valid.sum()) == 2 * 4
+    assert s.kv_bytes == 2 * (1 * 2 * 4 * 4 * 4)
+
+
+def test_prefill_only_eviction_keeps_room_for_decoding():
+    cache = EvictingCache(policies.get("tova", budget=4), evict_during_decode=False, decode_reserve=3)
+    cache.begin(1, 10, torch.device("cpu"))
+    assert cache.capacity == 7
+    g = torch.Generator().manual_seed(fresh_seed())
+    cache.prefilling = True
+    cache.step(0, *feed(cache, g, 1, 1, 1, 10, 4, 0)[:3], torch.arange(10)[None], 0.5, 0)
+    cache.prefilling = False
+    assert int(cache.slots[0].valid.sum()) == 4
+    for i in range(3):  # the reserve takes the generated tokens without evicting
+        cache.step(0, *feed(cache, g, 1, 1, 1, 1, 4, 0)[:3], torch.tensor([[10 + i]]), 0.5, 0)
+    assert int(cache.slots[0].valid.sum()) == 7 and int(cache.slots[0].evicted) == 6
+    cache.step(0, *feed(cache, g, 1, 1, 1, 1, 4, 0)[:3], torch.tensor([[13]]), 0.5, 0)
+    assert int(cache.slots[0].valid.sum()) == 7 and int(cache.slots[0].evicted) == 7
+
+
+def test_float_budget_is_a_fraction_of_the_prompt():
+    cache = EvictingCache(policies.get("tova", budget=0.25))
+    cache.begin(2, 101, torch.device("cpu"))
+    assert cache.capacity == 26
+    with pytest.raises(ValueError, match="window"):
+        EvictingCache(policies.get("h2o", budget=0.1, window=8)).begin(1, 50, torch.device("cpu"))
+
+
+def test_bad_chunk():
+    with pytest.raises(ValueError):
+        EvictingCache(policies.get("tova"), chunk=0)

@@ -1,0 +1,160 @@
+"""kvpass.transform end to end on a tiny random Llama: full budget is exact, small budgets are bounded."""
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import kvpass
+from tests.conftest import tiny_llama
+from tests.models import SDPAModel
+
+
+def prompt(seed, B=1, T=40, vocab=97):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (B, T), generator=g)
+
+
+def step_logits(model, ids, steps, cache):
+    """Prefill ``ids``, then feed ``steps`` greedy tokens one at a time; all logits, concatenated."""
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    logits, cache = [out.logits], out.past_key_values
+    nxt = out.logits[:, -1:].argmax(-1)
+    for _ in range(steps):
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        logits.append(out.logits)
+        nxt = out.logits[:, -1:].argmax(-1)
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("policy,chunk", [("h2o", 16), ("full", 7), ("tova", 512)])
+def test_full_budget_reproduces_logits(llama, policy, chunk):
+    ids = prompt(int(torch.randint(0, 2**31, ())), B=2)
+    small = kvpass.transform(llama, policy=policy, budget=None if policy == "full" else 200, chunk=chunk)
+    ref = step_logits(llama, ids, 32, DynamicCache(config=llama.config))
+    got = step_logits(small, ids, 32, None)
+    assert (got - ref).abs().max() <= 1e-4
+    torch.testing.assert_close(
+        small.generate(ids, max_new_tokens=32, do_sample=False), llama.generate(ids, max_new_tokens=32, do_sample=False)
+    )
+
+
+def test_original_model_is_untouched(llama):
+    ids = prompt(1)
+    before = llama(ids).logits
+    cls = type(llama)
+    small = kvpass.transform(llama, policy="streaming", budget=8, sink_tokens=2)
+    small.generate(ids, max_new_tokens=4, do_sample=False)
+    assert type(llama) is cls and not hasattr(llama, "kvpass_policy")
+    torch.testing.assert_close(llama(ids).logits, before)
+    assert small.lm_head.weight is llama.lm_head.weight  # weights shared, not copied
+
+
+def test_small_budget_stays_bounded(llama):
+    ids = prompt(2, B=2, T=300)
+    small = kvpass.transform(llama, policy="h2o", budget=24, window=4, chunk=64)
+    out = small.generate(ids, max_new_tokens=40, do_sample=False)
+    assert out.shape == (2, 340)
+    stats = kvpass.cache_stats(small)
+    per_slot = 2 * 2 * 16 * 4  # keys + values, 2 KV heads, head dim 16, fp32
+    assert stats.tokens_seen == 339  # the last token is generated, never fed
+    assert len(stats.layers) == 2
+    for layer in stats.layers:
+        assert layer.capacity == 24
+        assert layer.kv_bytes == 2 * 24 * per_slot  # batch 2
+        assert layer.held == 2 * 2 * 24
+        assert layer.evicted == 2 * 2 * (339 - 24)
+    assert stats.kv_bytes == 2 * 2 * 24 * per_slot
+
+
+def test_chunked_prefill_feeds_the_graph_chunk_by_chunk(llama):
+    small = kvpass.transform(llama, policy="tova", budget=16, chunk=32)
+    lengths = []
+    small.kvpass_graph.register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
+    small(prompt(3, T=100), logits_to_keep=1)
+    assert lengths == [32, 32, 32, 4]
+
+
+def test_left_padded_batch_matches_each_row_alone(llama):
+    a, b = prompt(4, T=12), prompt(5, T=20)
+    ids = torch.cat([torch.zeros(1, 8, dtype=torch.long), a], dim=1)  # left padding with pad id 0
+    ids = torch.cat([ids, b])
+    mask = (torch.arange(20) >= torch.tensor([[8], [0]])).long()
+    small = kvpass.transform(llama, policy="tova", budget=64)
+    out = small.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    for row, alone in ((0, a), (1, b)):
+        ref = llama.generate(alone, max_new_tokens=12, do_sample=False)
+        torch.testing.assert_close(out[row, 20:], ref[0, -12:])
+    held = kvpass.cache_stats(small).layers[0].held
+    assert held == 2 * (12 + 11) + 2 * (20 + 11)  # per KV head: real tokens only, no padding
+
+
+def test_padding_never_enters_a_small_cache(llama):
+    ids = torch.cat([torch.zeros(1, 30, dtype=torch.long), prompt(6, T=10)], dim=1)
+    mask = torch.cat([torch.zeros(1, 30), torch.ones(1, 10)], dim=1).long()
+    small = kvpass.transform(llama, policy="tova", budget=16)
+    small.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    for s in small.kvpass_cache.slots.values():
+        assert (s.pos[s.valid] >= 0).all() and int(s.valid.sum()) == 2 * 12
+
+
+def test_sampling_matches_original_at_full_budget(llama):
+    ids = prompt(7, B=2)
+    small = kvpass.transform(llama, policy="tova", budget=128)
+    torch.manual_seed(11)
+    ref = llama.generate(ids, max_new_tokens=16, do_sample=True, top_k=20, temperature=0.8)
+    torch.manual_seed(11)
+    got = small.generate(ids, max_new_tokens=16, do_sample=True, top_k=20, temperature=0.8)
+    torch.testing.assert_close(got, ref)
+
+
+def test_prefill_only_eviction(llama):
+    ids = prompt(8, T=100)
+    small = kvpass.transform(llama, policy="tova", budget=0.25, evict_during_decode=False)
+    small.generate(ids, max_new_tokens=10, do_sample=False)
+    cache = small.kvpass_cache
+    assert cache.budget == 25 and cache.capacity == 35
+    assert kvpass.cache_stats(small).layers[0].held == 2 * (25 + 9)
+
+
+def test_float_budget_capacity(llama):
+    small = kvpass.transform(llama, policy="snapkv", budget=0.3, window=4)
+    small(prompt(9, T=70), logits_to_keep=1)
+    assert kvpass.cache_stats(small).layers[0].capacity == math.ceil(0.3 * 70)
+
+
+def test_hand_written_model_with_sliding_window():
+    torch.manual_seed(0)
+    model = SDPAModel(form="bool_mask", window=6).eval()
+    small = kvpass.transform(model, policy="full")
+    ids, pos = prompt(10, T=30, vocab=50), torch.arange(30)[None]
+    torch.testing.assert_close(small(ids).logits, model(ids, pos), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs(llama):
+    with pytest.raises(ValueError, match="valid policies"):
+        kvpass.transform(llama, policy="magic")
+    for budget in (0, -1, 1.5, "10", True):
+        with pytest.raises(ValueError, match="budget"):
+            kvpass.transform(llama, policy="tova", budget=budget)
+    with pytest.raises(ValueError, match="chunk"):
+        kvpass.transform(llama, policy="tova", budget=8, chunk=0)
+    small = kvpass.transform(llama, policy="tova", budget=8)
+    with pytest.raises(ValueError, match="already transformed"):
+        kvpass.transform(small, policy="tova", budget=8)
+    with pytest.raises(TypeError, match="EvictingCache"):
+        small(prompt(1), past_key_values=DynamicCache(config=llama.config))
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        small(inputs_embeds=torch.zeros(1, 3, 64))
+    with pytest.raises(ValueError, match="cache_stats"):
+        kvpass.cache_stats(llama)
+
+
+def test_other_shapes_of_gqa():
+    for heads, kv_heads in ((4, 4), (6, 2), (8, 1)):
+        model = tiny_llama(seed=heads, heads=heads, kv_heads=kv_heads)
+        ids = prompt(12, T=24)
+        small = kvpass.transform(model, policy="h2o", budget=64, chunk=10)
+        assert kvpass.find_attention(model)[0].kv_heads == kv_heads
+        torch.testing.assert_close(small(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
