@@ -1,5 +1,12 @@
-"""kvpass kernels: attention and scoring over the evicting cache (torch references; Triton on CUDA later)."""
+"""kvpass kernels: attention and scoring over the evicting cache (torch references; Triton on CUDA later).
 
-from .attend import attend, visible
+This directory installs as ``kvpass.kernels``. Where the repository root is on ``sys.path`` it is
+also visible as a top-level ``kernels``, the name of a Hugging Face package that transformers
+imports to probe for; imported under that name it stays empty, so the probe finds nothing and
+our ops are not registered a second time (which would tear down the first registration).
+"""
 
-__all__ = ["attend", "visible"]
+if __name__ == "kvpass.kernels":
+    from .attend import attend, visible
+
+    __all__ = ["attend", "visible"]

@@ -12,7 +12,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from kvpass import policies
 from kvpass.cache import EvictingCache
-from kvpass.passes import PROBE_LEN, Site, capture, find_attention, rewrite
+from kvpass.passes import PROBE_LEN, Site, capture, find_attention, rewrite, split_head
 
 
 class Binding:
@@ -98,6 +98,7 @@ def transform(
         setattr(new, attr, dict(getattr(model, attr)))
     new.__class__ = _transformed_class(type(model))
     new.kvpass_graph = gm
+    new.kvpass_head = split_head(gm)  # None: the graph itself returns logits
     new.kvpass_policy = pol
     new.kvpass_sites = sites
     new.kvpass_options = {"chunk": chunk, "evict_during_decode": evict_during_decode}
@@ -158,11 +159,10 @@ class KVPassMixin:
         try:
             for start in range(0, T, cache.chunk):
                 end = min(start + cache.chunk, T)
-                if logits_to_keep and end <= T - logits_to_keep:  # no row of this chunk is wanted
-                    self.kvpass_graph(input_ids[:, start:end], pos[:, start:end])
-                else:
-                    out = self.kvpass_graph(input_ids[:, start:end], pos[:, start:end])
-                    logits.append(out if not logits_to_keep else out[:, max(0, T - logits_to_keep - start) :])
+                out = self.kvpass_graph(input_ids[:, start:end], pos[:, start:end])
+                if not logits_to_keep or end > T - logits_to_keep:  # some rows of this chunk are wanted
+                    out = out if not logits_to_keep else out[:, max(0, T - logits_to_keep - start) :]
+                    logits.append(out if self.kvpass_head is None else self.kvpass_head(out))
                 cache.seen += end - start
         finally:
             cache.prefilling = False

@@ -3,5 +3,6 @@
 from .capture import capture
 from .find_attention import PROBE_LEN, Site, find_attention
 from .rewrite import rewrite
+from .split_head import Head, split_head
 
-__all__ = ["PROBE_LEN", "Site", "capture", "find_attention", "rewrite"]
+__all__ = ["PROBE_LEN", "Head", "Site", "capture", "find_attention", "rewrite", "split_head"]

@@ -54,6 +54,7 @@ def test_original_model_is_untouched(llama):
 def test_small_budget_stays_bounded(llama):
     ids = prompt(2, B=2, T=300)
     small = kvpass.transform(llama, policy="h2o", budget=24, window=4, chunk=64)
+    assert small(ids[:, :100], logits_to_keep=3).logits.shape == (2, 3, 97)
     out = small.generate(ids, max_new_tokens=40, do_sample=False)
     assert out.shape == (2, 340)
     stats = kvpass.cache_stats(small)

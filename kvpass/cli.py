@@ -1,0 +1,68 @@
+"""The ``kvpass`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+
+def demo(args: argparse.Namespace) -> None:
+    """Passkey retrieval on the default model: full cache vs a kvpass policy, side by side."""
+    import torch
+
+    import kvpass
+    from kvpass.greedy import greedy
+    from kvpass.passkey import passkey_prompt
+
+    console = Console()
+    for budget in args.budgets:  # fail on a bad name or budget before the model is loaded
+        kvpass.policies.get(args.policy, budget=budget)
+    torch.set_grad_enabled(False)
+    with console.status("loading SmolLM2-135M-Instruct (the first run converts the GGUF, ~20 s)"):
+        model, tok = kvpass.load_default_model()
+    prompt, key = passkey_prompt(tok, args.tokens, seed=args.seed, depth=args.depth)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    console.print(f"prompt: {ids.shape[1]} tokens, passkey {key} hidden at depth {args.depth:.0%}")
+
+    table = Table(title=f"kvpass demo: passkey retrieval, {ids.shape[1]}-token prompt")
+    for col in ("cache", "answer", "found", "KV bytes", "prefill s", "decode tok/s"):
+        table.add_column(col, justify="left" if col in ("cache", "answer") else "right")
+    runs = [("full cache (original model)", model)]
+    for budget in args.budgets:
+        with console.status(f"transforming: policy {args.policy}, budget {budget:g}"):
+            runs.append((f"{args.policy} @ {budget:g}", kvpass.transform(model, policy=args.policy, budget=budget)))
+    for name, m in runs:
+        run = greedy(m, ids, args.new_tokens, eos=tok.eos_token_id, desc=name)
+        answer = tok.decode(run.tokens[0], skip_special_tokens=True).strip()
+        table.add_row(
+            name, answer, "yes" if key in answer else "no", f"{run.kv_bytes:,}", f"{run.prefill_s:.2f}",
+            f"{run.decode_tok_s:.1f}",
+        )
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="kvpass", description="Keep only the KV entries worth keeping.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help=demo.__doc__)
+    d.add_argument("--tokens", type=int, default=2048, help="prompt length (default 2048)")
+    d.add_argument("--policy", default="tova", help="eviction policy (default tova)")
+    d.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25], help="fractions of the prompt to keep")
+    d.add_argument("--depth", type=float, default=0.5, help="where the passkey sits, 0 = start, 1 = end")
+    d.add_argument("--new-tokens", type=int, default=16)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(run=demo)
+    p = sub.add_parser("policies", help="list the eviction policies")
+    p.set_defaults(run=lambda _: print("\n".join(__import__("kvpass").policies())))
+    args = ap.parse_args(argv)
+    try:
+        args.run(args)
+    except ValueError as e:
+        sys.exit(f"kvpass: {e}")
+
+
+if __name__ == "__main__":
+    main()

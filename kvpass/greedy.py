@@ -1,0 +1,47 @@
+"""Greedy decoding with timings, shared by the demo and the benchmarks."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from kvpass.cache import EvictingCache
+
+
+@dataclass
+class Run:
+    tokens: Tensor  # generated ids [B, n]
+    prefill_s: float
+    decode_tok_s: float
+    kv_bytes: int  # keys + values the cache physically holds at the end
+
+
+def kv_bytes(cache) -> int:
+    """Bytes of keys and values held by a kvpass or a transformers cache."""
+    if isinstance(cache, EvictingCache):
+        return sum(s.kv_bytes for s in cache.slots.values())
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if getattr(layer, "keys", None) is not None)
+
+
+@torch.no_grad()
+def greedy(model: nn.Module, input_ids: Tensor, max_new_tokens: int, eos: int | None = None, desc: str | None = None) -> Run:
+    """Prefill ``input_ids``, then decode greedily one token at a time (stopping at ``eos``)."""
+    t0 = time.perf_counter()
+    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+    nxt = out.logits[:, -1:].argmax(-1)
+    prefill = time.perf_counter() - t0
+    cache, tokens = out.past_key_values, [nxt]
+    t1 = time.perf_counter()
+    for _ in tqdm(range(max_new_tokens - 1), desc=desc, leave=False, disable=desc is None):
+        if eos is not None and bool((nxt == eos).all()):
+            break
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1:].argmax(-1)
+        tokens.append(nxt)
+    decode = time.perf_counter() - t1
+    steps = len(tokens) - 1
+    return Run(torch.cat(tokens, dim=1), prefill, steps / decode if steps else float("nan"), kv_bytes(cache))

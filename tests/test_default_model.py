@@ -1,0 +1,56 @@
+"""The real default model (SmolLM2-135M-Instruct from the embedded GGUF). Slow: kept few."""
+
+import time
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import kvpass
+from kvpass.passkey import passkey_prompt
+
+pytestmark = pytest.mark.slow
+
+
+def test_loads_from_the_converted_copy_quickly(default_model):
+    model, tok = default_model
+    assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
+    t = time.perf_counter()
+    kvpass.load_default_model()
+    assert time.perf_counter() - t < 10  # the GGUF conversion (~20 s) happened once, before
+
+
+def test_full_budget_reproduces_logits_and_tokens(default_model):
+    model, tok = default_model
+    prompt, key = passkey_prompt(tok, 1100, seed=5, depth=0.3)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    small = kvpass.transform(model, policy="h2o", budget=4096, chunk=512)
+    assert len(small.kvpass_sites) == 30
+
+    def steps(m, cache):
+        out = m(input_ids=ids, past_key_values=cache, use_cache=True)
+        logits, cache, nxt = [out.logits], out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(32):
+            out = m(input_ids=nxt, past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+            nxt = out.logits[:, -1:].argmax(-1)
+        return torch.cat(logits, 1)
+
+    diff = (steps(small, None) - steps(model, DynamicCache(config=model.config))).abs().max()
+    assert diff <= 1e-4, diff
+    full = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(small.generate(ids, max_new_tokens=12, do_sample=False), full)
+    assert key in tok.decode(full[0, ids.shape[1] :])
+
+
+def test_long_prompt_kv_bytes_are_the_budget(default_model):
+    model, tok = default_model
+    text = "The grass is green. The sky is blue. The sun is yellow. Here we go. " * 420
+    ids = tok(text, return_tensors="pt").input_ids[:, :4096]
+    small = kvpass.transform(model, policy="tova", budget=512)
+    small(input_ids=ids, logits_to_keep=1)
+    stats = kvpass.cache_stats(small)
+    per_slot = 2 * 3 * 64 * 4  # keys + values x 3 KV heads x head dim 64 x fp32
+    assert stats.tokens_seen == 4096
+    assert stats.kv_bytes == 30 * 512 * per_slot
+    assert all(layer.held == 3 * 512 for layer in stats.layers)
