@@ -121,6 +121,7 @@ class KVPassMixin:
             kwargs["past_key_values"] = self.kvpass_new_cache(decode_reserve=reserve)
         return super().generate(*args, **kwargs)
 
+    @torch.no_grad()
     def forward(
         self,
         input_ids: Tensor | None = None,
