@@ -54,19 +54,37 @@ def main() -> None:
     for n in args.tokens:
         res = {}
         for kind in ("full", "kvpass"):
-            cmd = [sys.executable, __file__, "--case", kind, str(n), "--budget", str(args.budget), "--policy", args.policy]
-            res[kind] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            cmd = [
+                sys.executable,
+                __file__,
+                "--case",
+                kind,
+                str(n),
+                "--budget",
+                str(args.budget),
+                "--policy",
+                args.policy,
+            ]
+            res[kind] = json.loads(
+                subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+            )
         rows.append((n, res))
         print(f"done {n}", file=sys.stderr)
 
-    print(f"\nPrefill peak memory, SmolLM2-135M-Instruct fp32, kvpass {args.policy} at budget {args.budget} "
-          f"(chunk 512); {platform.machine()}, {platform.python_version()}\n")
-    print("| prompt | full: peak MiB | full: KV MiB | kvpass: peak MiB | kvpass: KV MiB | peak ratio | KV ratio | prefill time ratio |")
-    print("|---|---|---|---|---|---|---|---|")
-    for n, r in rows:
+    print(
+        f"\nPrefill peak memory, SmolLM2-135M-Instruct fp32, kvpass {args.policy} at budget {args.budget} "
+        f"(chunk 512); {platform.machine()}, {platform.python_version()}\n"
+    )
+    columns = ["prompt", "full: peak MiB", "full: KV MiB", "kvpass: peak MiB", "kvpass: KV MiB"]
+    columns += ["peak ratio", "KV ratio", "prefill time ratio"]
+    print("| " + " | ".join(columns) + " |")
+    print("|---" * len(columns) + "|")
+    for _, r in rows:
         f, k = r["full"], r["kvpass"]
-        print(f"| {f['tokens']} | {f['peak'] / MiB:.0f} | {f['kv'] / MiB:.1f} | {k['peak'] / MiB:.0f} | {k['kv'] / MiB:.1f} "
-              f"| {k['peak'] / f['peak']:.2f} | {k['kv'] / f['kv']:.3f} | {k['seconds'] / f['seconds']:.2f} |")
+        cells = [f["tokens"], f"{f['peak'] / MiB:.0f}", f"{f['kv'] / MiB:.1f}", f"{k['peak'] / MiB:.0f}"]
+        cells += [f"{k['kv'] / MiB:.1f}", f"{k['peak'] / f['peak']:.2f}", f"{k['kv'] / f['kv']:.3f}"]
+        cells += [f"{k['seconds'] / f['seconds']:.2f}"]
+        print("| " + " | ".join(map(str, cells)) + " |")
 
 
 if __name__ == "__main__":

@@ -42,8 +42,10 @@ def main() -> None:
         rows.append((policy, "100 %" if budget is None else f"{budget:.0%}", found))
 
     n = encoded[0][0].input_ids.shape[1]
-    print(f"\nPasskey retrieval, SmolLM2-135M-Instruct, {n}-token prompts, chunk {args.chunk}, greedy; "
-          f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {time.time() - start:.0f} s\n")
+    print(
+        f"\nPasskey retrieval, SmolLM2-135M-Instruct, {n}-token prompts, chunk {args.chunk}, greedy; "
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {time.time() - start:.0f} s\n"
+    )
     print("| policy | budget | " + " | ".join(f"depth {d:g}" for d in args.depths) + " |")
     print("|---|---|" + "---|" * len(args.depths))
     for policy, budget, found in rows:

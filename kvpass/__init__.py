@@ -1,8 +1,8 @@
 """kvpass: make any PyTorch causal LM keep only the KV entries worth keeping.
 
-    model, tok = kvpass.load_default_model()
-    small = kvpass.transform(model, policy="snapkv", budget=512)
-    small.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=32)
+model, tok = kvpass.load_default_model()
+small = kvpass.transform(model, policy="snapkv", budget=512)
+small.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=32)
 """
 
 from kvpass import policies
@@ -20,5 +20,13 @@ def find_attention(model):
     return sites_of(model)[1]
 
 
-__all__ = ["EvictingCache", "CacheStats", "cache_stats", "find_attention", "load_default_model", "policies", "transform"]
+__all__ = [
+    "CacheStats",
+    "EvictingCache",
+    "cache_stats",
+    "find_attention",
+    "load_default_model",
+    "policies",
+    "transform",
+]
 __version__ = "0.1.0"

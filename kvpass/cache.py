@@ -131,7 +131,9 @@ class EvictingCache(Cache):
             slots = self.slots[layer] = LayerSlots.empty(k, self.capacity)
         if not self.policy.evicts and self.seen + k.shape[2] > slots.capacity:
             slots.grow(max(2 * slots.capacity, self.seen + k.shape[2]))
-        out, mass = attend(q, k, v, slots.keys, slots.values, slots.valid, slots.pos, pos, scale, window, self.policy.obs)
+        out, mass = attend(
+            q, k, v, slots.keys, slots.values, slots.valid, slots.pos, pos, scale, window, self.policy.obs
+        )
         self._update(slots, k, v, pos, mass)
         return out
 

@@ -38,7 +38,11 @@ def demo(args: argparse.Namespace) -> None:
         run = greedy(m, ids, args.new_tokens, eos=tok.eos_token_id, desc=name)
         answer = tok.decode(run.tokens[0], skip_special_tokens=True).strip()
         table.add_row(
-            name, answer, "yes" if key in answer else "no", f"{run.kv_bytes:,}", f"{run.prefill_s:.2f}",
+            name,
+            answer,
+            "yes" if key in answer else "no",
+            f"{run.kv_bytes:,}",
+            f"{run.prefill_s:.2f}",
             f"{run.decode_tok_s:.1f}",
         )
     console.print(table)

@@ -18,7 +18,9 @@ NAME = "SmolLM2-135M-Instruct"
 
 def cache_dir() -> Path:
     """Where the converted model lives: ``$KVPASS_CACHE`` or ``~/.cache/kvpass``."""
-    root = os.environ.get("KVPASS_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "kvpass")
+    root = os.environ.get("KVPASS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "kvpass"
+    )
     return Path(root) / NAME
 
 
@@ -43,9 +45,7 @@ def load_default_model(dtype: torch.dtype = torch.float32):
     if not (target / "model.safetensors").is_file():
         _convert(target)
     tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        target, dtype=dtype, attn_implementation="sdpa", local_files_only=True
-    )
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, attn_implementation="sdpa", local_files_only=True)
     return model.eval(), tokenizer
 
 

@@ -24,11 +24,15 @@ def kv_bytes(cache) -> int:
     """Bytes of keys and values held by a kvpass or a transformers cache."""
     if isinstance(cache, EvictingCache):
         return sum(s.kv_bytes for s in cache.slots.values())
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if getattr(layer, "keys", None) is not None)
+    return sum(
+        layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if getattr(layer, "keys", None) is not None
+    )
 
 
 @torch.no_grad()
-def greedy(model: nn.Module, input_ids: Tensor, max_new_tokens: int, eos: int | None = None, desc: str | None = None) -> Run:
+def greedy(
+    model: nn.Module, input_ids: Tensor, max_new_tokens: int, eos: int | None = None, desc: str | None = None
+) -> Run:
     """Prefill ``input_ids``, then decode greedily one token at a time (stopping at ``eos``)."""
     t0 = time.perf_counter()
     out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)

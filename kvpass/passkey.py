@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import random
 
-FILLER = (
-    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-)
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
 def passkey_prompt(tokenizer, n_tokens: int, seed: int = 0, depth: float = 0.5) -> tuple[str, str]:
@@ -21,5 +19,7 @@ def passkey_prompt(tokenizer, n_tokens: int, seed: int = 0, depth: float = 0.5) 
     reps = max(1, (n_tokens - 80) // per)
     at = round(depth * reps)
     text = intro + FILLER * at + needle + FILLER * (reps - at) + "\n" + question
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
     return prompt, key

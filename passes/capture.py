@@ -38,7 +38,7 @@ def capture(model: nn.Module, vocab_size: int = 2) -> torch.fx.GraphModule:
     try:
         with torch.no_grad():
             program = torch.export.export(LogitsStep(model), (ids, pos), dynamic_shapes=dims, strict=False)
-    except Exception as e:  # noqa: BLE001 - re-raised with what was attempted
+    except Exception as e:  # re-raised with what was attempted
         raise RuntimeError(
             f"kvpass could not capture {type(model).__name__} with torch.export "
             f"(forward(input_ids, position_ids, use_cache=False) with dynamic batch and sequence): {e}"

@@ -49,7 +49,7 @@ def find_attention(gm: fx.GraphModule, probe: tuple | None = None) -> list[Site]
     sites = []
     for layer, node in enumerate(nodes):
         q = node.args[0]
-        B, H, T, D = _shape(q)
+        _, H, _, D = _shape(q)
         gqa = node.kwargs.get("enable_gqa", False)
         k, kv_heads = (node.args[1], _shape(node.args[1])[1]) if gqa else _kv_source(node.args[1], H)
         v, v_heads = (node.args[2], kv_heads) if gqa else _kv_source(node.args[2], H)
@@ -78,16 +78,20 @@ def _module_path(node: fx.Node) -> str:
 
 
 def _skip(node: fx.Node) -> fx.Node:
-    while isinstance(node, fx.Node) and node.op == "call_function" and (
-        node.target in _PASS_THROUGH
-        or (node.target == torch.ops.aten.slice.Tensor and _same(_shape(node), _shape(node.args[0])))
+    while (
+        isinstance(node, fx.Node)
+        and node.op == "call_function"
+        and (
+            node.target in _PASS_THROUGH
+            or (node.target == torch.ops.aten.slice.Tensor and _same(_shape(node), _shape(node.args[0])))
+        )
     ):
         node = node.args[0]
     return node
 
 
 def _same(a: tuple, b: tuple) -> bool:
-    return len(a) == len(b) and all(str(x) == str(y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(str(x) == str(y) for x, y in zip(a, b, strict=True))
 
 
 def _kv_source(node: fx.Node, heads: int) -> tuple[fx.Node, int]:
@@ -103,7 +107,7 @@ def _kv_source(node: fx.Node, heads: int) -> tuple[fx.Node, int]:
             unsq = _skip(expanded.args[0])
             if unsq.op == "call_function" and unsq.target == torch.ops.aten.unsqueeze.default and unsq.args[1] == 2:
                 src = _skip(unsq.args[0])
-                B, Hkv, T, D = _shape(src)
+                Hkv = _shape(src)[1]
                 e = _shape(expanded)
                 if len(e) == 5 and str(e[1]) == str(Hkv) and Hkv * int(e[2]) == heads:
                     return src, Hkv
@@ -121,7 +125,9 @@ class _MaskProbe(fx.Interpreter):
             q, k = self.env[n.args[0]], self.env[n.args[1]]
             mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
             causal = n.args[5] if len(n.args) > 5 else n.kwargs.get("is_causal", False)
-            self.kinds[n] = _classify(self.env[mask] if isinstance(mask, fx.Node) else None, causal, q.shape[2], k.shape[2])
+            self.kinds[n] = _classify(
+                self.env[mask] if isinstance(mask, fx.Node) else None, causal, q.shape[2], k.shape[2]
+            )
         return out
 
 

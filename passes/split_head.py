@@ -33,9 +33,11 @@ def split_head(gm: fx.GraphModule) -> Head | None:
     if not isinstance(results, (tuple, list)) or len(results) != 1:
         return None
     linear = results[0]
-    if not (isinstance(linear, fx.Node) and linear.op == "call_function" and linear.target == torch.ops.aten.linear.default):
+    if not (
+        isinstance(linear, fx.Node) and linear.op == "call_function" and linear.target == torch.ops.aten.linear.default
+    ):
         return None
-    x, weight, bias = (list(linear.args) + [None])[:3]
+    x, weight, bias = [*linear.args, None][:3]
     if weight.op != "get_attr" or (bias is not None and bias.op != "get_attr"):
         return None
     head = Head(gm.get_parameter(weight.target), gm.get_parameter(bias.target) if bias is not None else None)

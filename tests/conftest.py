@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from kvpass.passes import capture  # noqa: F401  (imported early so a broken install fails fast)
 
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from kvpass.kernels import attend
 
 from kvpass import policies
 from kvpass.cache import EvictingCache
-from kvpass.kernels import attend
 from kvpass.policies.base import Chunk
 
 
@@ -78,7 +78,7 @@ def test_selection_matches_brute_force(policy):
         assert ptr is None or s.keys.data_ptr() == ptr, "slot tables must be updated in place"
         ptr = s.keys.data_ptr()
         assert not s.valid[s.pos < 0].any(), "padding must never occupy a slot"
-        for (b, h), kept in kept_positions(s).items():
+        for b, h in kept_positions(s):
             for j in range(C):
                 if s.valid[b, h, j]:
                     torch.testing.assert_close(s.keys[b, h, j], history[b, h, int(s.pos[b, h, j])])

@@ -20,6 +20,8 @@ def test_demo_rejects_a_bad_policy_before_loading_anything():
 def test_demo_runs():
     out = subprocess.run(
         [sys.executable, "-m", "kvpass.cli", "demo", "--tokens", "700", "--budgets", "0.25", "--new-tokens", "8"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "full cache" in out and "tova @ 0.25" in out and "decode tok/s" in out

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_loads_from_the_converted_copy_quickly(default_model):
-    model, tok = default_model
+    model, _ = default_model
     assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
     t = time.perf_counter()
     kvpass.load_default_model()

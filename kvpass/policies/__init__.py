@@ -47,4 +47,17 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["Chunk", "Policy", "REGISTRY", "names", "get", *(c.__name__ for c in REGISTRY.values())]
+__all__ = [
+    "H2O",
+    "REGISTRY",
+    "TOVA",
+    "Chunk",
+    "Full",
+    "KNorm",
+    "Policy",
+    "Random",
+    "SnapKV",
+    "Streaming",
+    "get",
+    "names",
+]

@@ -4,13 +4,12 @@ import math
 
 import pytest
 import torch
-
 from kvpass.kernels import attend
 
 
 def dense_reference(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, obs):
     """Loop over every (row, head, query): gather what it may see, softmax, sum."""
-    B, H, T, D = q.shape
+    B, H, T, _ = q.shape
     Hkv, C = slot_k.shape[1], slot_k.shape[2]
     G = H // Hkv
     out = torch.full_like(q, float("nan"))
@@ -28,9 +27,7 @@ def dense_reference(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, w
                         see = bool(slot_valid[b, kv, j]) and (window == 0 or qp - slot_pos[b, kv, j].item() < window)
                     else:
                         i = j - C
-                        see = i == t or (
-                            i < t and pos[b, i] >= 0 and (window == 0 or qp - pos[b, i].item() < window)
-                        )
+                        see = i == t or (i < t and pos[b, i] >= 0 and (window == 0 or qp - pos[b, i].item() < window))
                     ok.append(see)
                 ok = torch.tensor(ok)
                 logits = (keys @ q[b, h, t].double()) * scale
@@ -43,7 +40,7 @@ def dense_reference(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, w
 
 def random_case(seed, B, Hkv, G, C, T, D, dtype, window=0, pad=False):
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype)
     q, k, v = r(B, Hkv * G, T, D), r(B, Hkv, T, D), r(B, Hkv, T, D)
     slot_k, slot_v = r(B, Hkv, C, D), r(B, Hkv, C, D)
     slot_valid = torch.rand(B, Hkv, C, generator=g) < 0.7

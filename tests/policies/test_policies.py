@@ -117,8 +117,16 @@ def test_scores_are_pure_functions_of_their_inputs():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(budget=0), dict(budget=-3), dict(budget=1.5), dict(budget=0.0), dict(budget="big"), dict(budget=True),
-     dict(budget=8, window=-1), dict(budget=8, sink_tokens=4, window=4)],
+    [
+        dict(budget=0),
+        dict(budget=-3),
+        dict(budget=1.5),
+        dict(budget=0.0),
+        dict(budget="big"),
+        dict(budget=True),
+        dict(budget=8, window=-1),
+        dict(budget=8, sink_tokens=4, window=4),
+    ],
 )
 def test_bad_knobs(kwargs):
     with pytest.raises(ValueError):
@@ -128,6 +136,6 @@ def test_bad_knobs(kwargs):
 def test_unknown_policy_lists_names():
     with pytest.raises(ValueError, match="streaming"):
         policies.get("nonsense")
-    with pytest.raises(ValueError, match="knob|unexpected"):
+    with pytest.raises(ValueError, match=r"knob|unexpected"):
         policies.get("tova", budget=8, kernel_size=3)
     assert policies() == sorted(["full", "streaming", "h2o", "tova", "snapkv", "knorm", "random"])
