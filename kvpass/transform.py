@@ -12,7 +12,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from kvpass import policies
 from kvpass.cache import EvictingCache
-from kvpass.passes import PROBE_LEN, Site, capture, find_attention, rewrite, split_head
+from kvpass.passes import PROBE_LEN, Site, capture, drop_noops, find_attention, rewrite, split_head
 
 
 class Binding:
@@ -92,6 +92,7 @@ def transform(
         raise ValueError(f"no attention site of {type(model).__name__} can be rewritten: {sites[0].reason}")
     binding = Binding()
     rewrite(gm, sites, lambda site: KVAttention(site, binding))
+    drop_noops(gm)
 
     new = copy.copy(model)
     for attr in ("_modules", "_parameters", "_buffers"):

@@ -1,8 +1,9 @@
 """kvpass graph passes: capture a model as an FX graph, find its attention, rewrite it onto the evicting cache."""
 
 from .capture import capture
+from .drop_noops import drop_noops
 from .find_attention import PROBE_LEN, Site, find_attention
 from .rewrite import rewrite
 from .split_head import Head, split_head
 
-__all__ = ["PROBE_LEN", "Head", "Site", "capture", "find_attention", "rewrite", "split_head"]
+__all__ = ["PROBE_LEN", "Head", "Site", "capture", "drop_noops", "find_attention", "rewrite", "split_head"]

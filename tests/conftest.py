@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from kvpass.passes import capture  # noqa: F401  (imported early so a broken install fails fast)
 
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from kvpass.kernels import attend
 
 from kvpass import policies
 from kvpass.cache import EvictingCache
+from kvpass.kernels import attend
 from kvpass.policies.base import Chunk
 
 

@@ -1,7 +1,7 @@
 import torch
-from kvpass.passes import capture, split_head
 from torch import nn
 
+from kvpass.passes import capture, split_head
 from tests.models import SDPAModel
 
 
