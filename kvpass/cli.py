@@ -48,6 +48,35 @@ def demo(args: argparse.Namespace) -> None:
     console.print(table)
 
 
+def inspect(args: argparse.Namespace) -> None:
+    """List the attention sites kvpass finds in a model and what it will do with each."""
+    import kvpass
+
+    console = Console()
+    with console.status(f"loading {args.model}"):
+        if args.model == "default":
+            model, _ = kvpass.load_default_model()
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(
+                args.model, attn_implementation="sdpa", local_files_only=True
+            ).eval()
+    with console.status("capturing the forward step with torch.export"):
+        sites = kvpass.find_attention(model)
+    table = Table(title=f"{type(model).__name__}: {len(sites)} attention sites")
+    for col in ("layer", "module", "heads", "KV heads", "head dim", "scale", "mask", "action"):
+        table.add_column(col, justify="right" if col in ("layer", "heads", "KV heads", "head dim", "scale") else "left")
+    for s in sites:
+        mask = "causal" if s.causal else "other"
+        if s.sliding_window:
+            mask += f", window {s.sliding_window}"
+        action = s.action if not s.reason else f"{s.action}: {s.reason}"
+        row = [str(s.layer), s.module, str(s.heads), str(s.kv_heads), str(s.head_dim), f"{s.scale:.4g}", mask, action]
+        table.add_row(*row)
+    console.print(table)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="kvpass", description="Keep only the KV entries worth keeping.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -59,12 +88,15 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--new-tokens", type=int, default=16)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(run=demo)
+    i = sub.add_parser("inspect", help=inspect.__doc__)
+    i.add_argument("model", help="'default' (SmolLM2-135M-Instruct) or a local transformers model directory")
+    i.set_defaults(run=inspect)
     p = sub.add_parser("policies", help="list the eviction policies")
     p.set_defaults(run=lambda _: print("\n".join(__import__("kvpass").policies())))
     args = ap.parse_args(argv)
     try:
         args.run(args)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # bad names, budgets, paths: a message, not a traceback
         sys.exit(f"kvpass: {e}")
 
 

@@ -25,3 +25,29 @@ def test_demo_runs():
         check=True,
     ).stdout
     assert "full cache" in out and "tova @ 0.25" in out and "decode tok/s" in out
+
+
+def test_inspect_lists_the_sites_of_a_saved_model(tmp_path, llama, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # a wide table, one row per site
+    llama.save_pretrained(tmp_path)
+    main(["inspect", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "2 attention sites" in out
+    assert out.count("model.layers.") == 2 and out.count("rewrite") == 2 and "causal" in out
+
+
+def test_inspect_a_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="nothing-here"):
+        main(["inspect", str(tmp_path / "nothing-here")])
+
+
+@pytest.mark.slow
+def test_inspect_default_model_prints_30_sites():
+    out = subprocess.run(
+        [sys.executable, "-m", "kvpass.cli", "inspect", "default"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**__import__("os").environ, "COLUMNS": "200"},
+    ).stdout
+    assert "30 attention sites" in out and out.count("rewrite") == 30
