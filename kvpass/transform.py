@@ -12,7 +12,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from kvpass import policies
 from kvpass.cache import EvictingCache
-from kvpass.passes import PROBE_LEN, Site, capture, drop_noops, find_attention, rewrite, split_head
+from kvpass.passes import PROBE_LEN, Site, capture, drop_noops, eager_to_sdpa, find_attention, rewrite, split_head
 
 
 class Binding:
@@ -39,6 +39,8 @@ class KVAttention(nn.Module):
 def sites_of(model: nn.Module) -> tuple[torch.fx.GraphModule, list[Site]]:
     """Capture ``model`` and find its attention sites (with masks measured on a short probe)."""
     gm = capture(model, _vocab_size(model))
+    drop_noops(gm)  # first: export's metadata asserts would hide the eager attention pattern
+    eager_to_sdpa(gm)
     device = next(model.parameters()).device
     probe = (
         torch.randint(0, _vocab_size(model), (1, PROBE_LEN), device=device),
@@ -92,7 +94,6 @@ def transform(
         raise ValueError(f"no attention site of {type(model).__name__} can be rewritten: {sites[0].reason}")
     binding = Binding()
     rewrite(gm, sites, lambda site: KVAttention(site, binding))
-    drop_noops(gm)
 
     new = copy.copy(model)
     for attr in ("_modules", "_parameters", "_buffers"):

@@ -2,8 +2,19 @@
 
 from .capture import capture
 from .drop_noops import drop_noops
+from .eager_to_sdpa import eager_to_sdpa
 from .find_attention import PROBE_LEN, Site, find_attention
 from .rewrite import rewrite
 from .split_head import Head, split_head
 
-__all__ = ["PROBE_LEN", "Head", "Site", "capture", "drop_noops", "find_attention", "rewrite", "split_head"]
+__all__ = [
+    "PROBE_LEN",
+    "Head",
+    "Site",
+    "capture",
+    "drop_noops",
+    "eager_to_sdpa",
+    "find_attention",
+    "rewrite",
+    "split_head",
+]

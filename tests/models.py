@@ -1,5 +1,7 @@
 """Small hand-written models for the pass tests (not from transformers)."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,3 +54,34 @@ class NoAttention(nn.Module):
 
     def forward(self, input_ids, position_ids):
         return self.out(self.emb(input_ids))
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT-style: learned absolute positions, explicit matmul / masked_fill / softmax attention."""
+
+    def __init__(self, vocab=50, dim=32, heads=4, layers=2, block=256):
+        super().__init__()
+        self.heads = heads
+        self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(block, dim)
+        self.attn = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(layers))
+        self.proj = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
+        self.mlp = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)) for _ in range(layers)
+        )
+        self.ln = nn.ModuleList(nn.LayerNorm(dim) for _ in range(2 * layers + 1))
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.register_buffer("bias", torch.tril(torch.ones(block, block)).view(1, 1, block, block))
+
+    def forward(self, input_ids, position_ids):
+        x = self.wte(input_ids) + self.wpe(position_ids)
+        B, T, C = x.shape
+        for i, (attn, proj, mlp) in enumerate(zip(self.attn, self.proj, self.mlp, strict=True)):
+            q, k, v = attn(self.ln[2 * i](x)).split(C, dim=2)
+            q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+            att = F.softmax(att, dim=-1)
+            y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
+            x = x + proj(y)
+            x = x + mlp(self.ln[2 * i + 1](x))
+        return self.head(self.ln[-1](x))

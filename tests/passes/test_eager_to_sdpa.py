@@ -1,0 +1,44 @@
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+import kvpass
+from tests.models import NanoGPT
+
+
+@pytest.fixture(scope="module")
+def eager_llama(llama):
+    config = llama.config.__class__(**{**llama.config.to_dict(), "attn_implementation": "eager"})
+    model = LlamaForCausalLM(config).eval()
+    model.load_state_dict(llama.state_dict())
+    return model
+
+
+def test_hf_eager_attention_is_found(eager_llama):
+    sites = kvpass.find_attention(eager_llama)
+    assert [(s.heads, s.kv_heads, s.head_dim, s.causal, s.action) for s in sites] == [(4, 2, 16, True, "rewrite")] * 2
+    assert sites[0].scale == pytest.approx(0.25)
+
+
+def test_hf_eager_full_budget_is_exact(eager_llama):
+    ids = torch.randint(3, 97, (2, 40))
+    small = kvpass.transform(eager_llama, policy="h2o", budget=128, chunk=16)
+    torch.testing.assert_close(small(ids).logits, eager_llama(ids).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        small.generate(ids, max_new_tokens=16, do_sample=False),
+        eager_llama.generate(ids, max_new_tokens=16, do_sample=False),
+    )
+
+
+def test_nanogpt_masked_fill_attention():
+    torch.manual_seed(0)
+    model = NanoGPT().eval()
+    sites = kvpass.find_attention(model)
+    assert [(s.heads, s.kv_heads, s.head_dim, s.causal, s.action) for s in sites] == [(4, 4, 8, True, "rewrite")] * 2
+    assert sites[0].scale == pytest.approx(8**-0.5)
+    ids, pos = torch.randint(0, 50, (1, 60)), torch.arange(60)[None]
+    small = kvpass.transform(model, policy="full", chunk=16)
+    torch.testing.assert_close(small(ids).logits, model(ids, pos), rtol=1e-5, atol=1e-5)
+    bounded = kvpass.transform(model, policy="streaming", budget=12, sink_tokens=2)
+    assert bounded(ids).logits.shape == (1, 60, 50)
+    assert all(layer.held == 4 * 12 for layer in kvpass.cache_stats(bounded).layers)
