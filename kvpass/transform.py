@@ -38,12 +38,13 @@ class KVAttention(nn.Module):
 
 def sites_of(model: nn.Module) -> tuple[torch.fx.GraphModule, list[Site]]:
     """Capture ``model`` and find its attention sites (with masks measured on a short probe)."""
-    gm = capture(model, _vocab_size(model))
+    vocab = _vocab_size(model)
+    gm = capture(model, vocab)
     drop_noops(gm)  # first: export's metadata asserts would hide the eager attention pattern
     eager_to_sdpa(gm)
     device = next(model.parameters()).device
     probe = (
-        torch.randint(0, _vocab_size(model), (1, PROBE_LEN), device=device),
+        torch.randint(0, vocab, (1, PROBE_LEN), device=device),
         torch.arange(PROBE_LEN, device=device)[None],
     )
     return gm, find_attention(gm, probe)

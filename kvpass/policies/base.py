@@ -87,6 +87,7 @@ class Policy:
         return keep & (pos >= 0)
 
 
-def accumulate(old: Tensor, new: Tensor) -> Tensor:
-    """``old`` slot scores followed by ``new`` chunk scores: ``[..., C] ++ [..., T]``."""
-    return torch.cat([old, new], dim=-1)
+def accumulated(chunk: Chunk) -> Tensor:
+    """The slots' stored scores plus the attention mass they just received, then the chunk's own mass."""
+    C = chunk.old.shape[-1]
+    return torch.cat([chunk.old + chunk.mass[..., :C], chunk.mass[..., C:]], dim=-1)

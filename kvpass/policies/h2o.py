@@ -2,10 +2,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
-from .base import Chunk, Policy
+from .base import Chunk, Policy, accumulated
 
 
 @dataclass
@@ -22,5 +21,4 @@ class H2O(Policy):
     name = "h2o"
 
     def score(self, chunk: Chunk) -> Tensor:
-        C = chunk.old.shape[-1]
-        return torch.cat([chunk.old + chunk.mass[..., :C], chunk.mass[..., C:]], dim=-1)
+        return accumulated(chunk)

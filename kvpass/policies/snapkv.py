@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Chunk, Policy
+from .base import Chunk, Policy, accumulated
 
 
 @dataclass
@@ -35,9 +35,8 @@ class SnapKV(Policy):
         return self.window
 
     def score(self, chunk: Chunk) -> Tensor:
-        C = chunk.old.shape[-1]
         if chunk.keys.shape[2] == 1:
-            return torch.cat([chunk.old + chunk.mass[..., :C], chunk.mass[..., C:]], dim=-1)
+            return accumulated(chunk)
         B, Hkv, T = chunk.keys.shape[:3]
         pos = torch.cat([chunk.slot_pos, chunk.pos[:, None, :].expand(B, Hkv, T)], dim=-1)
         return pool_by_position(chunk.mass, pos, self.kernel_size)
