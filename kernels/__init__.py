@@ -8,5 +8,6 @@ our ops are not registered a second time (which would tear down the first regist
 
 if __name__ == "kvpass.kernels":
     from .attend import attend, visible
+    from .softcap_sdpa import softcap_sdpa
 
-    __all__ = ["attend", "visible"]
+    __all__ = ["attend", "softcap_sdpa", "visible"]

@@ -28,6 +28,7 @@ def attend(
     pos: Tensor,
     scale: float,
     window: int,
+    softcap: float,
     obs: int,
 ) -> tuple[Tensor, Tensor]:
     """Attend ``q`` over the kept slots and the chunk; return ``(out, mass)``.
@@ -36,16 +37,17 @@ def attend(
     ``slot_k, slot_v [B, Hkv, C, D]``; ``slot_valid, slot_pos [B, Hkv, C]``; ``pos [B, T]``
     (true positions of the chunk, ``-1`` for padding, which no query sees).
     ``window > 0`` limits each query to keys at most ``window - 1`` positions back.
+    ``softcap > 0`` caps the scaled logits ``x`` to ``softcap * tanh(x / softcap)`` (Gemma 2).
 
     ``out [B, H, T, D]`` has ``q``'s dtype. ``mass [B, Hkv, C + T]`` (fp32) is, for every key
     (slots first, then the chunk), the attention probability it received from the last ``obs``
     queries of the chunk, summed over those queries and over the query heads sharing its KV head.
     """
-    return _attend(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, obs)
+    return _attend(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs)
 
 
 @attend.register_fake
-def _(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, obs):
+def _(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs):
     B, Hkv, C, _ = slot_k.shape
     return torch.empty_like(q), q.new_empty((B, Hkv, C + k.shape[2]), dtype=torch.float32)
 
@@ -65,12 +67,12 @@ def visible(slot_valid: Tensor, slot_pos: Tensor, pos: Tensor, window: int) -> T
     return torch.cat([old, new.expand(B, Hkv, T, T)], dim=-1)
 
 
-def _attend(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, obs):
+def _attend(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs):
     T = q.shape[2]
     obs = min(obs, T)
     mask = visible(slot_valid, slot_pos, pos, window)
-    if T == 1 or obs == T:
-        probs = _probs(q, (slot_k, k), mask, scale)
+    if T == 1 or obs == T or softcap:
+        probs = _probs(q, (slot_k, k), mask, scale, softcap)
         C = slot_k.shape[2]
         pg = probs.flatten(2, 3)  # [B, Hkv, G*T, C+T]
         out = (pg[..., :C] @ slot_v.float() + pg[..., C:] @ v.float()).view(q.shape).to(q.dtype)
@@ -81,11 +83,11 @@ def _attend(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, o
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask.repeat_interleave(G, dim=1), scale=scale, enable_gqa=G > 1
         )
-        probs = _probs(q[:, :, T - obs :], (slot_k, k), mask[:, :, T - obs :], scale)
+        probs = _probs(q[:, :, T - obs :], (slot_k, k), mask[:, :, T - obs :], scale, softcap)
     return out, probs[:, :, :, -obs:].sum(dim=(2, 3))
 
 
-def _probs(q: Tensor, keys: tuple[Tensor, ...], mask: Tensor, scale: float) -> Tensor:
+def _probs(q: Tensor, keys: tuple[Tensor, ...], mask: Tensor, scale: float, softcap: float = 0.0) -> Tensor:
     """Softmax probabilities ``[B, Hkv, G, T, N]`` (fp32) of ``q`` over the concatenated ``keys``."""
     B, H, T, D = q.shape
     Hkv = keys[0].shape[1]
@@ -94,4 +96,6 @@ def _probs(q: Tensor, keys: tuple[Tensor, ...], mask: Tensor, scale: float) -> T
     qg = q.reshape(B, Hkv, G * T, D).float()
     logits = torch.cat([qg @ key.float().transpose(-1, -2) for key in keys], dim=-1)
     logits = logits.view(B, Hkv, G, T, -1) * scale
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
     return logits.masked_fill(~mask[:, :, None], float("-inf")).softmax(dim=-1)

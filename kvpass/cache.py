@@ -124,24 +124,41 @@ class EvictingCache(Cache):
         if p.evicts:
             p.check_fits(self.budget)
 
-    def step(self, layer: int, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, scale: float, window: int) -> Tensor:
-        """Attend the chunk ``q, k, v`` (``pos``: true positions, -1 = padding) and update the layer's slots."""
+    def step(
+        self,
+        layer: int,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        pos: Tensor,
+        scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
+    ) -> Tensor:
+        """Attend the chunk ``q, k, v`` (``pos``: true positions, -1 = padding) and update the layer's slots.
+
+        A sliding-window layer (``window > 0``) never holds more than ``window`` slots: tokens that
+        no later query can see are dropped before the policy ranks the rest.
+        """
         slots = self.slots.get(layer)
         if slots is None:
-            slots = self.slots[layer] = LayerSlots.empty(k, self.capacity)
-        if not self.policy.evicts and self.seen + k.shape[2] > slots.capacity:
+            slots = self.slots[layer] = LayerSlots.empty(k, min(self.capacity, window) if window else self.capacity)
+        if not self.policy.evicts and not window and self.seen + k.shape[2] > slots.capacity:
             slots.grow(max(2 * slots.capacity, self.seen + k.shape[2]))
         out, mass = attend(
-            q, k, v, slots.keys, slots.values, slots.valid, slots.pos, pos, scale, window, self.policy.obs
+            q, k, v, slots.keys, slots.values, slots.valid, slots.pos, pos, scale, window, softcap, self.policy.obs
         )
-        self._update(slots, k, v, pos, mass)
+        self._update(slots, k, v, pos, mass, window)
         return out
 
-    def _update(self, s: LayerSlots, k: Tensor, v: Tensor, pos: Tensor, mass: Tensor) -> None:
+    def _update(self, s: LayerSlots, k: Tensor, v: Tensor, pos: Tensor, mass: Tensor, window: int = 0) -> None:
         B, Hkv, T, D = k.shape
         C = s.capacity
         cand_pos = torch.cat([s.pos, pos[:, None, :].expand(B, Hkv, T)], dim=-1)
         cand_valid = torch.cat([s.valid, (pos >= 0)[:, None, :].expand(B, Hkv, T)], dim=-1)
+        if window:  # the next query (newest + 1) sees positions > newest + 1 - window; the rest is dead
+            newest = cand_pos.amax(dim=(1, 2))[:, None, None]
+            cand_valid &= cand_pos > newest + 1 - window
         score = self.policy.score(Chunk(old=s.score, keys=k, values=v, pos=pos, mass=mass, slot_pos=s.pos))
         rank = torch.where(self.policy.protected(cand_pos, cand_pos.amax(dim=(1, 2))), torch.inf, score)
         rank = torch.where(cand_valid, rank, -torch.inf)
@@ -153,7 +170,7 @@ class EvictingCache(Cache):
             s.evicted += (s.valid.gather(-1, dest) & write).sum() + (cand_valid[..., C:] & ~write).sum()
             src = torch.zeros_like(dest)
         else:
-            target = self.budget if self.prefilling else C
+            target = min(self.budget, C) if self.prefilling else C
             keep = torch.zeros_like(cand_valid).scatter_(-1, rank.topk(min(target, C + T), dim=-1).indices, True)
             keep &= cand_valid
             s.evicted += cand_valid.sum() - keep.sum()

@@ -26,14 +26,19 @@ class KVAttention(nn.Module):
 
     def __init__(self, site: Site, binding: Binding) -> None:
         super().__init__()
-        self.layer, self.scale, self.window = site.layer, site.scale, site.sliding_window or 0
+        self.layer, self.scale, self.window, self.softcap = (
+            site.layer,
+            site.scale,
+            site.sliding_window or 0,
+            site.softcap,
+        )
         self.binding = binding
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
-        return self.binding.cache.step(self.layer, q, k, v, pos, self.scale, self.window)
+        return self.binding.cache.step(self.layer, q, k, v, pos, self.scale, self.window, self.softcap)
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer}, scale={self.scale:.4g}, window={self.window}"
+        return f"layer={self.layer}, scale={self.scale:.4g}, window={self.window}, softcap={self.softcap}"
 
 
 def sites_of(model: nn.Module) -> tuple[torch.fx.GraphModule, list[Site]]:

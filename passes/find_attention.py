@@ -1,11 +1,18 @@
 """Find the self-attention sites of a captured graph and describe each one.
 
-A site is one ``aten.scaled_dot_product_attention`` call. Its keys and values are traced back
-through grouped-query repetition (``repeat_kv``: unsqueeze + expand + reshape, or
-``repeat_interleave``) to the per-KV-head tensors that a cache would store. Which keys each
-query sees is not read off the graph's mask construction, which differs between models and
-versions, but measured: the graph is run once on a short probe and every site's effective
-mask is classified as causal, causal with a sliding window, or something else (skipped).
+A site is one ``aten.scaled_dot_product_attention`` call (or ``kvpass.softcap_sdpa``, what
+soft-capped eager attention is canonicalised to). Its keys and values are traced back through
+grouped-query repetition (``repeat_kv``: unsqueeze + expand + reshape, or ``repeat_interleave``)
+to the per-KV-head tensors that a cache would store.
+
+What the graph's structure does not say plainly is measured: the graph is run once on a short
+probe, and
+
+- every site's effective mask is classified as causal, causal with a sliding window, or
+  something else (skipped) -- mask construction differs between models and versions;
+- where no repetition was found, heads whose keys *and* values are identical on the probe are
+  recognised as one KV head repeated (Falcon repeats K/V before RoPE, by broadcasting a fused
+  QKV projection), and the site reads every ``G``-th head only.
 """
 
 from __future__ import annotations
@@ -16,7 +23,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from kvpass.kernels import softcap_sdpa  # noqa: F401  (registers torch.ops.kvpass.softcap_sdpa)
+
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
+SOFTCAP_SDPA = torch.ops.kvpass.softcap_sdpa.default
 _PASS_THROUGH = {torch.ops.aten.clone.default, torch.ops.aten.contiguous.default, torch.ops.aten.alias.default}
 _RESHAPE = {torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default}
 PROBE_LEN = 16
@@ -34,6 +44,8 @@ class Site:
     scale: float
     causal: bool
     sliding_window: int | None
+    softcap: float = 0.0  # attention logits capped to (-c, c) by c * tanh(x / c); 0 = none
+    kv_stride: int = 1  # the site's k/v repeat each KV head this many times (read every kv_stride-th head)
     action: str = "rewrite"  # or "skip"
     reason: str = ""
     node: fx.Node | None = field(default=None, repr=False, compare=False)
@@ -43,28 +55,47 @@ class Site:
 
 
 def find_attention(gm: fx.GraphModule, probe: tuple | None = None) -> list[Site]:
-    """Every SDPA call in ``gm``, in graph order; ``probe`` is an example input to measure masks with."""
-    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == SDPA]
-    masks = _measure_masks(gm, nodes, probe) if probe is not None else {}
+    """Every attention call in ``gm``, in graph order; ``probe`` is an example input to measure masks with."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (SDPA, SOFTCAP_SDPA)]
+    measured = _measure(gm, nodes, probe) if probe is not None else {}
     sites = []
     for layer, node in enumerate(nodes):
+        a = _attn_args(node)
         q = node.args[0]
         _, H, _, D = _shape(q)
-        gqa = node.kwargs.get("enable_gqa", False)
-        k, kv_heads = (node.args[1], _shape(node.args[1])[1]) if gqa else _kv_source(node.args[1], H)
-        v, v_heads = (node.args[2], kv_heads) if gqa else _kv_source(node.args[2], H)
-        scale = node.kwargs.get("scale") or 1.0 / math.sqrt(D)
-        site = Site(layer, _module_path(node), H, kv_heads, D, float(scale), False, None, node=node, q=q, k=k, v=v)
+        k, kv_heads = (node.args[1], _shape(node.args[1])[1]) if a["gqa"] else _kv_source(node.args[1], H)
+        v, v_heads = (node.args[2], kv_heads) if a["gqa"] else _kv_source(node.args[2], H)
+        scale = a["scale"] or 1.0 / math.sqrt(D)
+        site = Site(layer, _module_path(node), H, kv_heads, D, float(scale), False, None, float(a["softcap"]))
+        site.node, site.q, site.k, site.v = node, q, k, v
         if v_heads != kv_heads:
             site.k, site.v, site.kv_heads = node.args[1], node.args[2], H  # keys and values grouped differently
-        if node in masks:
-            kind = masks[node]
+        if node in measured:
+            kind, group = measured[node]
             site.causal = kind is not None
             site.sliding_window = kind or None
             if kind is None:
                 site.action, site.reason = "skip", "not causal self-attention (bidirectional or unrecognised mask)"
+            if site.kv_heads == H and group > 1:
+                site.kv_heads, site.kv_stride = H // group, group
         sites.append(site)
     return sites
+
+
+def _attn_args(node: fx.Node) -> dict:
+    """Mask, causality, scale, GQA flag and soft-cap of an attention node, wherever they were passed."""
+    if node.target == SOFTCAP_SDPA:
+        _, _, _, mask, scale, softcap = node.args
+        return {"mask": mask, "causal": False, "scale": scale, "gqa": False, "softcap": softcap}
+    names = ("q", "k", "v", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    got = {**dict(zip(names, node.args, strict=False)), **node.kwargs}
+    return {
+        "mask": got.get("attn_mask"),
+        "causal": bool(got.get("is_causal", False)),
+        "scale": got.get("scale"),
+        "gqa": bool(got.get("enable_gqa", False)),
+        "softcap": 0.0,
+    }
 
 
 def _shape(node: fx.Node) -> tuple:
@@ -114,28 +145,44 @@ def _kv_source(node: fx.Node, heads: int) -> tuple[fx.Node, int]:
     return node, heads
 
 
-class _MaskProbe(fx.Interpreter):
+class _Probe(fx.Interpreter):
     def __init__(self, gm, nodes):
         super().__init__(gm)
-        self.watch, self.kinds = set(nodes), {}
+        self.watch, self.found = set(nodes), {}
 
     def run_node(self, n):
         out = super().run_node(n)
         if n in self.watch:
-            q, k = self.env[n.args[0]], self.env[n.args[1]]
-            mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
-            causal = n.args[5] if len(n.args) > 5 else n.kwargs.get("is_causal", False)
-            self.kinds[n] = _classify(
-                self.env[mask] if isinstance(mask, fx.Node) else None, causal, q.shape[2], k.shape[2]
-            )
+            a = _attn_args(n)
+            q, k, v = (self.env[x] for x in n.args[:3])
+            mask = self.env[a["mask"]] if isinstance(a["mask"], fx.Node) else None
+            self.found[n] = (_classify(mask, a["causal"], q.shape[2], k.shape[2]), _head_group(k, v))
         return out
 
 
-def _measure_masks(gm: fx.GraphModule, nodes: list[fx.Node], probe: tuple) -> dict:
+def _measure(gm: fx.GraphModule, nodes: list[fx.Node], probe: tuple) -> dict:
+    """For every attention node: (mask kind, see :func:`_classify`; head group size, see :func:`_head_group`)."""
     with torch.no_grad():
-        interp = _MaskProbe(gm, nodes)
+        interp = _Probe(gm, nodes)
         interp.run(*probe)
-    return interp.kinds
+    return interp.found
+
+
+def _head_group(k: torch.Tensor, v: torch.Tensor) -> int:
+    """The largest ``G`` such that heads ``[jG, (j+1)G)`` have identical keys and values (1 if none)."""
+    B, H, T, D = k.shape
+    for G in range(H, 1, -1):
+        if H % G == 0 and all(
+            bool(
+                (
+                    t.reshape(B, H // G, G, t.shape[2], t.shape[3])
+                    == t.reshape(B, H // G, G, t.shape[2], t.shape[3])[:, :, :1]
+                ).all()
+            )
+            for t in (k, v)
+        ):
+            return G
+    return 1
 
 
 def _classify(mask, is_causal: bool, Tq: int, Tk: int) -> int | None:

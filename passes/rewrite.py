@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import fx, nn
 
 from .find_attention import Site
@@ -15,19 +16,33 @@ def rewrite(
     """Replace every site marked ``rewrite`` by ``make_module(site)(q, k, v, positions)``.
 
     ``k`` and ``v`` are the per-KV-head tensors (before grouped-query repetition); ``positions``
-    names the graph input carrying true token positions. The model's own mask construction is left
-    without users and removed.
+    names the graph input carrying true token positions, ``-1`` for padding: the attention modules
+    read it as it is; every other use (RoPE, position embeddings) reads it clamped at 0, so a
+    padding token never indexes a table at -1. The model's own mask construction is left without
+    users and removed.
     """
-    pos = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == positions), None)
+    g = gm.graph
+    pos = next((n for n in g.nodes if n.op == "placeholder" and n.name == positions), None)
     if pos is None:
         raise ValueError(f"the captured graph has no input named {positions!r} to feed token positions from")
+    if pos.users:
+        with g.inserting_after(pos):
+            clamped = g.call_function(torch.ops.aten.clamp_min.default, (pos, 0))
+        clamped.meta = dict(pos.meta)
+        pos.replace_all_uses_with(clamped, delete_user_cb=lambda user: user is not clamped)
     for site in sites:
         if site.action != "rewrite":
             continue
         name = f"kvpass_attn_{site.layer}"
         gm.add_submodule(name, make_module(site))
-        with gm.graph.inserting_before(site.node):
-            call = gm.graph.call_module(name, (site.q, site.k, site.v, pos))
+        with g.inserting_before(site.node):
+            k, v = site.k, site.v
+            if site.kv_stride > 1:  # every head repeated kv_stride times: keep one of each
+                H = site.kv_heads * site.kv_stride
+                k, v = (g.call_function(torch.ops.aten.slice.Tensor, (t, 1, 0, H, site.kv_stride)) for t in (k, v))
+                for t in (k, v):
+                    t.meta["val"] = t.args[0].meta["val"][:, :: site.kv_stride]
+            call = g.call_module(name, (site.q, k, v, pos))
         call.meta = dict(site.node.meta)
         site.node.replace_all_uses_with(call)
         gm.graph.erase_node(site.node)

@@ -24,7 +24,7 @@ def feed(cache, g, B, Hkv, G, T, D, start, pad_rows=()):
 
 def brute_force_keep(cache, s, q, k, v, pos, scale):
     """Per (row, KV head): the positions of the top-``target`` candidates by (protected, score)."""
-    _, mass = attend(q, k, v, s.keys, s.values, s.valid, s.pos, pos, scale, 0, cache.policy.obs)
+    _, mass = attend(q, k, v, s.keys, s.values, s.valid, s.pos, pos, scale, 0, 0.0, cache.policy.obs)
     score = cache.policy.score(Chunk(s.score.clone(), k, v, pos, mass, s.pos.clone()))
     B, Hkv, T = k.shape[:3]
     cand_pos = torch.cat([s.pos, pos[:, None].expand(B, Hkv, T)], -1)

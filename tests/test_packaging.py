@@ -44,7 +44,7 @@ def test_top_level_kernels_from_the_source_tree_is_inert():
         "import gc; gc.collect()\n"
         "z = torch.zeros(1, 1, 2, 1)\n"
         "out, mass = kvpass.kernels.attend(torch.ones(1, 1, 1, 1), z[:, :, :1], z[:, :, :1], z, z,\n"
-        "    torch.zeros(1, 1, 2, dtype=torch.bool), torch.full((1, 1, 2), -1), torch.tensor([[0]]), 1.0, 0, 1)\n"
+        "    torch.zeros(1, 1, 2, dtype=torch.bool), torch.full((1, 1, 2), -1), torch.tensor([[0]]), 1.0, 0, 0.0, 1)\n"
         "assert mass.shape == (1, 1, 3)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

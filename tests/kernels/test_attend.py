@@ -8,7 +8,7 @@ import torch
 from kvpass.kernels import attend
 
 
-def dense_reference(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, obs):
+def dense_reference(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs):
     """Loop over every (row, head, query): gather what it may see, softmax, sum."""
     B, H, T, _ = q.shape
     Hkv, C = slot_k.shape[1], slot_k.shape[2]
@@ -32,6 +32,8 @@ def dense_reference(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, w
                     ok.append(see)
                 ok = torch.tensor(ok)
                 logits = (keys @ q[b, h, t].double()) * scale
+                if softcap:
+                    logits = softcap * torch.tanh(logits / softcap)
                 p = torch.where(ok, logits, -math.inf).softmax(0)
                 out[b, h, t] = (p @ vals).to(q.dtype)
                 if t >= T - min(obs, T):
@@ -57,12 +59,13 @@ def random_case(seed, B, Hkv, G, C, T, D, dtype, window=0, pad=False):
 @pytest.mark.parametrize("T", [1, 5])
 @pytest.mark.parametrize("obs", [1, 3, 100])
 @pytest.mark.parametrize("window", [0, 30])
-def test_matches_dense_reference(G, T, obs, window):
+@pytest.mark.parametrize("softcap", [0.0, 1.5])
+def test_matches_dense_reference(G, T, obs, window, softcap):
     seed = torch.randint(0, 2**31, ()).item()
     case = random_case(seed, B=2, Hkv=2, G=G, C=7, T=T, D=8, dtype=torch.float32, window=window, pad=T > 1)
     scale = 0.3
-    out, mass = attend(*case, scale, window, obs)
-    ref_out, ref_mass = dense_reference(*case, scale, window, obs)
+    out, mass = attend(*case, scale, window, softcap, obs)
+    ref_out, ref_mass = dense_reference(*case, scale, window, softcap, obs)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
     torch.testing.assert_close(mass, ref_mass, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
 
@@ -71,8 +74,8 @@ def test_matches_dense_reference(G, T, obs, window):
 def test_low_precision_inputs(dtype, tol):
     seed = torch.randint(0, 2**31, ()).item()
     case = random_case(seed, B=1, Hkv=2, G=2, C=6, T=3, D=8, dtype=dtype)
-    out, mass = attend(*case, 0.35, 0, 2)
-    ref_out, ref_mass = dense_reference(*case, 0.35, 0, 2)
+    out, mass = attend(*case, 0.35, 0, 0.0, 2)
+    ref_out, ref_mass = dense_reference(*case, 0.35, 0, 0.0, 2)
     assert out.dtype == dtype and mass.dtype == torch.float32
     torch.testing.assert_close(out.float(), ref_out.float(), rtol=tol, atol=tol, msg=f"seed {seed}")
     torch.testing.assert_close(mass, ref_mass, rtol=tol, atol=tol, msg=f"seed {seed}")
@@ -81,16 +84,16 @@ def test_low_precision_inputs(dtype, tol):
 def test_empty_cache_and_single_valid_slot():
     case = list(random_case(3, B=1, Hkv=1, G=2, C=4, T=1, D=4, dtype=torch.float32))
     case[5] = torch.zeros(1, 1, 4, dtype=torch.bool)  # nothing kept: the query sees only itself
-    out, mass = attend(*case, 0.5, 0, 1)
+    out, mass = attend(*case, 0.5, 0, 0.0, 1)
     torch.testing.assert_close(out, case[2].expand(1, 2, 1, 4))
     assert mass[0, 0, :4].abs().sum() == 0 and mass[0, 0, 4] == pytest.approx(2.0)
     case[5] = torch.tensor([[[False, False, True, False]]])
-    ref = dense_reference(*case, 0.5, 0, 1)
-    got = attend(*case, 0.5, 0, 1)
+    ref = dense_reference(*case, 0.5, 0, 0.0, 1)
+    got = attend(*case, 0.5, 0, 0.0, 1)
     torch.testing.assert_close(got[0], ref[0])
     torch.testing.assert_close(got[1], ref[1])
 
 
 def test_opcheck():
     case = random_case(5, B=1, Hkv=2, G=2, C=5, T=3, D=8, dtype=torch.float32)
-    torch.library.opcheck(torch.ops.kvpass.attend.default, (*case, 0.3, 0, 2))
+    torch.library.opcheck(torch.ops.kvpass.attend.default, (*case, 0.3, 0, 1.5, 2))
