@@ -14,7 +14,7 @@ from torch import Tensor
 
 @torch.library.custom_op("kvpass::softcap_sdpa", mutates_args=())
 def softcap_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, softcap: float) -> Tensor:
-    """``q [..., T, D]``, ``k, v [..., S, D]``; ``mask``: boolean (True = seen) or additive, broadcastable to ``[..., T, S]``."""
+    """``q [..., T, D]``, ``k, v [..., S, D]``; ``mask``: boolean (True = seen) or additive, to ``[..., T, S]``."""
     logits = (q.float() @ k.float().transpose(-1, -2)) * scale
     logits = softcap * torch.tanh(logits / softcap)
     if mask is not None:

@@ -170,17 +170,9 @@ def _measure(gm: fx.GraphModule, nodes: list[fx.Node], probe: tuple) -> dict:
 
 def _head_group(k: torch.Tensor, v: torch.Tensor) -> int:
     """The largest ``G`` such that heads ``[jG, (j+1)G)`` have identical keys and values (1 if none)."""
-    B, H, T, D = k.shape
+    H = k.shape[1]
     for G in range(H, 1, -1):
-        if H % G == 0 and all(
-            bool(
-                (
-                    t.reshape(B, H // G, G, t.shape[2], t.shape[3])
-                    == t.reshape(B, H // G, G, t.shape[2], t.shape[3])[:, :, :1]
-                ).all()
-            )
-            for t in (k, v)
-        ):
+        if H % G == 0 and all(bool((g == g[:, :, :1]).all()) for g in (t.unflatten(1, (H // G, G)) for t in (k, v))):
             return G
     return 1
 
