@@ -12,7 +12,17 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from kvpass import policies
 from kvpass.cache import EvictingCache
-from kvpass.passes import PROBE_LEN, Site, capture, drop_noops, eager_to_sdpa, find_attention, rewrite, split_head
+from kvpass.passes import (
+    PROBE_LEN,
+    Site,
+    capture,
+    check_token_local,
+    drop_noops,
+    eager_to_sdpa,
+    find_attention,
+    rewrite,
+    split_head,
+)
 
 
 class Binding:
@@ -100,6 +110,7 @@ def transform(
         raise ValueError(f"no attention site of {type(model).__name__} can be rewritten: {sites[0].reason}")
     binding = Binding()
     rewrite(gm, sites, lambda site: KVAttention(site, binding))
+    check_token_local(gm, exempt={s.node for s in sites if s.action == "rewrite"})
 
     new = copy.copy(model)
     for attr in ("_modules", "_parameters", "_buffers"):

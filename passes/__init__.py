@@ -6,6 +6,7 @@ from .eager_to_sdpa import eager_to_sdpa
 from .find_attention import PROBE_LEN, Site, find_attention
 from .rewrite import rewrite
 from .split_head import Head, split_head
+from .token_mixing import TokenMixingError, check_token_local
 
 __all__ = [
     "PROBE_LEN",
@@ -16,5 +17,7 @@ __all__ = [
     "eager_to_sdpa",
     "find_attention",
     "rewrite",
+    "TokenMixingError",
+    "check_token_local",
     "split_head",
 ]

@@ -85,3 +85,37 @@ class NanoGPT(nn.Module):
             x = x + proj(y)
             x = x + mlp(self.ln[2 * i + 1](x))
         return self.head(self.ln[-1](x))
+
+
+class Mixer(nn.Module):
+    """One causal attention layer plus, before it, an operation that mixes tokens (or not: ``"none"``)."""
+
+    def __init__(self, mix="none", vocab=50, dim=32, heads=4):
+        super().__init__()
+        self.mix, self.heads, self.hd = mix, heads, dim // heads
+        self.emb = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(512, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.conv = nn.Conv1d(dim, dim, 3, padding=2)
+        self.out = nn.Linear(dim, vocab)
+
+    def forward(self, input_ids, position_ids):
+        x = self.emb(input_ids)
+        B, T, C = x.shape
+        if self.mix == "arange":  # positions made inside the model, not taken from the input
+            x = x + self.pos(torch.arange(T, device=x.device))
+        else:
+            x = x + self.pos(position_ids)
+        if self.mix == "cumsum":
+            x = x.cumsum(dim=1)
+        elif self.mix == "mean":
+            x = x - x.mean(dim=1, keepdim=True)
+        elif self.mix == "conv":
+            x = self.conv(x.transpose(1, 2))[..., :T].transpose(1, 2)
+        elif self.mix == "shift":  # RWKV-style token shift
+            x = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.hd).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.mix == "bidirectional":  # a second, bidirectional attention: found, skipped, and refused
+            y = F.scaled_dot_product_attention(y, k, v)
+        return self.out(y.transpose(1, 2).reshape(B, T, C))
