@@ -1,7 +1,8 @@
 """Remove nodes that compute nothing: export's tensor-metadata assertions, full-range slices,
 casts to the dtype a tensor already has, and dropout in eval mode (which, being random in
-principle, dead-code elimination would otherwise keep alive along with everything feeding it). Every node costs a dispatch at each decode step; on the
-default model this removes ~380 of ~2,100 ops (~4 ms of a ~55 ms step on the dev CPU)."""
+principle, dead-code elimination would otherwise keep alive along with everything feeding it).
+Every node costs a dispatch at each decode step; on the default model this removes ~380 of
+~2,100 ops (~4 ms of a ~55 ms step on the dev CPU)."""
 
 from __future__ import annotations
 

@@ -122,7 +122,10 @@ def _mixes(node: fx.Node, seq: set) -> str:
             return ""  # weights, constants, per-batch values: no tokens involved
         if _name(node) in _FACTORIES:
             return ""
-        return "makes a tensor along the sequence from the chunk's length (e.g. positions by arange); pass positions as an input instead"
+        return (
+            "makes a tensor along the sequence from the chunk's length (e.g. positions by arange); "
+            "pass positions as an input instead"
+        )
     name = _name(node)
     op = node.target
     if isinstance(op, torch._ops.OpOverload) and (torch.Tag.pointwise in op.tags or name in _ELEMENTWISE):
