@@ -12,6 +12,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from kvpass import policies
 from kvpass.cache import EvictingCache
+from kvpass.generate import generate
 from kvpass.passes import (
     PROBE_LEN,
     Site,
@@ -134,6 +135,9 @@ class KVPassMixin:
         return EvictingCache(self.kvpass_policy, decode_reserve=decode_reserve, **self.kvpass_options)
 
     def generate(self, *args, **kwargs):
+        """A Hugging Face model's own ``generate()`` on an evicting cache; else :func:`kvpass.generate.generate`."""
+        if not hasattr(super(), "generate"):
+            return generate(self, *args, **kwargs)
         if kwargs.get("past_key_values") is None:
             config = kwargs.get("generation_config") or self.generation_config
             reserve = kwargs.get("max_new_tokens") or config.max_new_tokens or 256

@@ -7,22 +7,34 @@ import inspect
 import torch
 from torch import nn
 
+POSITION_NAMES = ("position_ids", "input_pos", "pos", "positions")
+
 
 class LogitsStep(nn.Module):
     """``(input_ids, position_ids) -> logits`` for a causal LM, with no cache of its own.
 
-    The model is called as ``model(input_ids=..., position_ids=...)`` (plus ``use_cache=False``
-    where its forward takes it, as Hugging Face models do) and may return logits or an output
-    with a ``logits`` field.
+    The model is called with the token ids as its first argument and the ``[batch, sequence]``
+    positions under the first of :data:`POSITION_NAMES` its forward takes (plus ``use_cache=False``
+    where it takes that, as Hugging Face models do); it may return logits or an output with a
+    ``logits`` field.
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+        params = inspect.signature(model.forward).parameters
+        self.pos_name = next((n for n in POSITION_NAMES if n in params), None)
+        if self.pos_name is None:
+            raise ValueError(
+                f"{type(model).__name__}.forward takes no token positions (an argument named one of "
+                f"{', '.join(POSITION_NAMES)}): kvpass runs a model a chunk or a token at a time, and each "
+                "call must be told where its tokens are. Add such an argument (used where the model makes "
+                "positions, e.g. torch.arange(T))."
+            )
+        self.extra = {"use_cache": False} if "use_cache" in params else {}
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, position_ids=position_ids, **self.extra)
+        out = self.model(input_ids, **{self.pos_name: position_ids}, **self.extra)
         return getattr(out, "logits", out)
 
 
@@ -37,13 +49,15 @@ def capture(model: nn.Module, vocab_size: int = 2) -> torch.fx.GraphModule:
     # prove for every length (torch 2.11 cannot prove min(8s, 16s) == 8s for s >= 1).
     dyn = {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC}
     dims = {"input_ids": dyn, "position_ids": dyn}
+    step = LogitsStep(model)
     try:
         with torch.no_grad():
-            program = torch.export.export(LogitsStep(model), (ids, pos), dynamic_shapes=dims, strict=False)
+            program = torch.export.export(step, (ids, pos), dynamic_shapes=dims, strict=False)
     except Exception as e:  # re-raised with what was attempted
         raise RuntimeError(
             f"kvpass could not capture {type(model).__name__} with torch.export "
-            f"(forward(input_ids, position_ids, use_cache=False) with dynamic batch and sequence): {e}"
+            f"(forward(input_ids, {step.pos_name}=...{', use_cache=False' if step.extra else ''}) with dynamic "
+            f"batch and sequence length): {e}"
         ) from e
     return program.module()
 

@@ -119,3 +119,39 @@ class Mixer(nn.Module):
         if self.mix == "bidirectional":  # a second, bidirectional attention: found, skipped, and refused
             y = F.scaled_dot_product_attention(y, k, v)
         return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+class EagerForms(nn.Module):
+    """One eager attention layer written as ``einsum``, ``bmm``, ``baddbmm`` or soft-capped ``matmul``."""
+
+    def __init__(self, form, vocab=50, dim=32, heads=4):
+        super().__init__()
+        self.form, self.heads, self.hd = form, heads, dim // heads
+        self.emb, self.pos = nn.Embedding(vocab, dim), nn.Embedding(512, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, vocab)
+
+    def forward(self, input_ids, position_ids):
+        x = self.emb(input_ids) + self.pos(position_ids)
+        B, T, C = x.shape
+        H, D = self.heads, self.hd
+        q, k, v = self.qkv(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
+        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+        if self.form == "einsum":
+            a = torch.einsum("bhqd,bhkd->bhqk", q, k) * D**-0.5
+            a = a.masked_fill(future, float("-inf")).softmax(-1)
+            y = torch.einsum("bhqk,bhkd->bhqd", a, v)
+        elif self.form in ("bmm", "baddbmm"):
+            q3, k3, v3 = (t.reshape(B * H, T, D) for t in (q, k, v))
+            if self.form == "bmm":
+                a = torch.bmm(q3, k3.transpose(1, 2)) / D**0.5
+            else:
+                a = torch.baddbmm(torch.zeros(B * H, T, T), q3, k3.transpose(1, 2), alpha=D**-0.5)
+            a = a + torch.zeros(T, T).masked_fill(future, float("-inf"))
+            y = torch.bmm(a.softmax(-1), v3).view(B, H, T, D)
+        elif self.form == "softcap":
+            a = (q @ k.transpose(-1, -2)) * D**-0.5
+            a = torch.tanh(a / 2.0) * 2.0
+            a = (a + torch.zeros(T, T).masked_fill(future, float("-inf"))).softmax(-1, dtype=torch.float32)
+            y = a.to(q.dtype) @ v
+        return self.out(y.transpose(1, 2).reshape(B, T, C))

@@ -3,7 +3,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 import kvpass
-from tests.models import NanoGPT
+from tests.models import EagerForms, NanoGPT
 
 
 @pytest.fixture(scope="module")
@@ -42,3 +42,25 @@ def test_nanogpt_masked_fill_attention():
     bounded = kvpass.transform(model, policy="streaming", budget=12, sink_tokens=2)
     assert bounded(ids).logits.shape == (1, 60, 50)
     assert all(layer.held == 4 * 12 for layer in kvpass.cache_stats(bounded).layers)
+
+
+@pytest.mark.parametrize("form,softcap", [("einsum", 0.0), ("bmm", 0.0), ("baddbmm", 0.0), ("softcap", 2.0)])
+def test_eager_forms(form, softcap):
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    model = EagerForms(form).eval()
+    (site,) = kvpass.find_attention(model)
+    assert (site.heads, site.kv_heads, site.head_dim, site.causal, site.action) == (4, 4, 8, True, "rewrite")
+    assert site.scale == pytest.approx(8**-0.5) and site.softcap == softcap
+    ids = torch.randint(0, 50, (2, 45))
+    exact = kvpass.transform(model, policy="full", chunk=16)
+    torch.testing.assert_close(exact(ids).logits, model(ids, torch.arange(45).expand(2, 45)), rtol=1e-5, atol=1e-5)
+
+
+def test_softcap_op_matches_eager():
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    q, k, v = torch.randn(3, 2, 4, 5, 8).unbind(0)
+    mask = torch.rand(5, 5) > 0.3
+    mask.fill_diagonal_(True)
+    ref = (torch.tanh(q @ k.transpose(-1, -2) * 0.3 / 1.5) * 1.5).masked_fill(~mask, float("-inf")).softmax(-1) @ v
+    torch.testing.assert_close(torch.ops.kvpass.softcap_sdpa(q, k, v, mask, 0.3, 1.5), ref)
+    torch.library.opcheck(torch.ops.kvpass.softcap_sdpa.default, (q, k, v, mask, 0.3, 1.5))

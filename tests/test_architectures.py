@@ -1,0 +1,78 @@
+"""The architecture matrix: for every model, full budget reproduces the original logits through
+chunked prefill and decoding, and a small budget runs with its cache bounded."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import kvpass
+from tests.architectures import ARCHITECTURES, build
+from tests.test_transform import prompt, step_logits
+
+# name -> (KV heads per site, sliding window per site, soft-cap per site)
+EXPECTED = {
+    "llama": (2, [None, None], 0.0),
+    "mistral": (2, [8, 8], 0.0),
+    "qwen2": (2, [None, None], 0.0),
+    "qwen3": (2, [None, None], 0.0),
+    "phi3": (2, [None, None], 0.0),
+    "gemma2": (2, [8, None], 50.0),
+    "gemma3": (2, [8, None], 0.0),
+    "gpt2": (4, [None, None], 0.0),
+    "gpt_neox": (4, [None, None], 0.0),
+    "opt": (4, [None, None], 0.0),
+    "falcon": (2, [None, None], 0.0),  # K/V repeated before RoPE: found by measuring
+}
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def arch(request):
+    return request.param, build(request.param)
+
+
+def test_sites_are_described(arch):
+    name, model = arch
+    kv_heads, windows, softcap = EXPECTED[name]
+    sites = kvpass.find_attention(model)
+    assert [s.action for s in sites] == ["rewrite", "rewrite"]
+    assert [s.kv_heads for s in sites] == [kv_heads] * 2
+    assert [s.sliding_window for s in sites] == windows
+    assert [s.softcap for s in sites] == [softcap] * 2
+
+
+def test_full_budget_reproduces_logits(arch):
+    name, model = arch
+    ids = prompt(int(torch.randint(0, 2**31, ())), B=2, T=40)
+    exact = kvpass.transform(model, policy="full", chunk=16)
+    ref = step_logits(model, ids, 12, DynamicCache(config=model.config))
+    got = step_logits(exact, ids, 12, None)
+    assert (got - ref).abs().max() <= 1e-4, name
+    windows = EXPECTED[name][1]
+    stats = kvpass.cache_stats(exact)
+    for layer, window in zip(stats.layers, windows, strict=True):
+        assert layer.capacity == window if window else layer.capacity >= 40 + 12  # a window layer holds its window
+
+
+def test_small_budget_runs_bounded(arch):
+    name, model = arch
+    ids = prompt(7, B=2, T=60)
+    small = kvpass.transform(model, policy="tova", budget=12, chunk=16)
+    out = small.generate(ids, max_new_tokens=10, do_sample=False)
+    assert out.shape == (2, 70)
+    kv_heads, windows, _ = EXPECTED[name]
+    stats = kvpass.cache_stats(small)
+    for layer, window in zip(stats.layers, windows, strict=True):
+        cap = min(12, window or 12)
+        assert layer.capacity == cap and 0 < layer.held <= 2 * kv_heads * cap
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt"])
+def test_left_padding_with_learned_positions(name):
+    """Padding tokens carry position -1 to the attention; position tables read them clamped at 0."""
+    model = build(name)
+    ids = prompt(11, B=2, T=24)
+    mask = torch.ones_like(ids)
+    ids[0, :7], mask[0, :7] = 0, 0
+    exact = kvpass.transform(model, policy="full", chunk=8)
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    torch.testing.assert_close(exact.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False), want)
