@@ -5,7 +5,7 @@ small = kvpass.transform(model, policy="snapkv", budget=512)
 small.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=32)
 """
 
-from kvpass import policies
+from kvpass import compile, policies
 from kvpass.cache import EvictingCache
 from kvpass.default_model import load_default_model
 from kvpass.stats import CacheStats, cache_stats
@@ -19,6 +19,8 @@ def find_attention(model):
 
     return sites_of(model)[1]
 
+
+compile.register()  # torch.compile(model, backend="kvpass")
 
 __all__ = [
     "CacheStats",

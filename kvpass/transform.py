@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from kvpass import policies
+from kvpass.attention import Binding, KVAttention
 from kvpass.cache import EvictingCache
 from kvpass.generate import generate
 from kvpass.passes import (
@@ -24,32 +25,6 @@ from kvpass.passes import (
     rewrite,
     split_head,
 )
-
-
-class Binding:
-    """The cache a transformed model is running with, shared by all its attention modules."""
-
-    cache: EvictingCache | None = None
-
-
-class KVAttention(nn.Module):
-    """One rewritten attention site: attends over and updates its layer's slots in the bound cache."""
-
-    def __init__(self, site: Site, binding: Binding) -> None:
-        super().__init__()
-        self.layer, self.scale, self.window, self.softcap = (
-            site.layer,
-            site.scale,
-            site.sliding_window or 0,
-            site.softcap,
-        )
-        self.binding = binding
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
-        return self.binding.cache.step(self.layer, q, k, v, pos, self.scale, self.window, self.softcap)
-
-    def extra_repr(self) -> str:
-        return f"layer={self.layer}, scale={self.scale:.4g}, window={self.window}, softcap={self.softcap}"
 
 
 def sites_of(model: nn.Module) -> tuple[torch.fx.GraphModule, list[Site]]:
@@ -157,26 +132,16 @@ class KVPassMixin:
         logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        if input_ids is None or inputs_embeds is not None:
-            raise ValueError("a kvpass model takes input_ids (inputs_embeds is not supported)")
-        if labels is not None:
-            raise ValueError("a kvpass model is for inference; compute losses with the original model")
-        if past_key_values is not None and not isinstance(past_key_values, EvictingCache):
-            raise TypeError(
-                f"a kvpass model keeps its KV in an EvictingCache, got {type(past_key_values).__name__}; "
-                "pass None (a fresh cache is made) or a cache this model returned"
-            )
         if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be a non-negative int, got {logits_to_keep!r}")
-        cache = past_key_values if past_key_values is not None else self.kvpass_new_cache()
-        B, T = input_ids.shape
-        if cache.seen == 0:
-            cache.begin(B, T, input_ids.device)
-        elif cache.lengths.shape[0] != B:
-            raise ValueError(f"this cache holds {cache.lengths.shape[0]} sequences, got a batch of {B}")
-        pos = _positions(attention_mask, position_ids, cache.lengths, T)
-        cache.lengths = cache.lengths + (pos >= 0).sum(dim=1)
+        cache, pos = self._kvpass_begin(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels)
+        return self._kvpass_run(input_ids, pos, cache, logits_to_keep, use_cache)
 
+    @torch.compiler.disable(recursive=False)
+    def _kvpass_run(self, input_ids: Tensor, pos: Tensor, cache: EvictingCache, logits_to_keep: int, use_cache):
+        """The chunk loop. Under ``torch.compile`` this frame runs eagerly but the step graph and the
+        head it calls are compiled: the bookkeeping around them never becomes graph guards."""
+        T = input_ids.shape[1]
         self._kvpass_binding.cache = cache
         cache.prefilling = cache.seen == 0
         logits: list[Tensor] = []
@@ -194,6 +159,28 @@ class KVPassMixin:
         self.kvpass_cache = cache
         use_cache = getattr(getattr(self, "config", None), "use_cache", True) if use_cache is None else use_cache
         return CausalLMOutputWithPast(logits=torch.cat(logits, dim=1), past_key_values=cache if use_cache else None)
+
+    @torch.compiler.disable
+    def _kvpass_begin(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels):
+        """Check the inputs, start or continue the cache, and work out the true positions."""
+        if input_ids is None or inputs_embeds is not None:
+            raise ValueError("a kvpass model takes input_ids (inputs_embeds is not supported)")
+        if labels is not None:
+            raise ValueError("a kvpass model is for inference; compute losses with the original model")
+        if past_key_values is not None and not isinstance(past_key_values, EvictingCache):
+            raise TypeError(
+                f"a kvpass model keeps its KV in an EvictingCache, got {type(past_key_values).__name__}; "
+                "pass None (a fresh cache is made) or a cache this model returned"
+            )
+        cache = past_key_values if past_key_values is not None else self.kvpass_new_cache()
+        B, T = input_ids.shape
+        if cache.seen == 0:
+            cache.begin(B, T, input_ids.device)
+        elif cache.lengths.shape[0] != B:
+            raise ValueError(f"this cache holds {cache.lengths.shape[0]} sequences, got a batch of {B}")
+        pos = _positions(attention_mask, position_ids, cache.lengths, T)
+        cache.lengths = cache.lengths + (pos >= 0).sum(dim=1)
+        return cache, pos
 
 
 def _positions(attention_mask: Tensor | None, position_ids: Tensor | None, lengths: Tensor, T: int) -> Tensor:
