@@ -62,8 +62,13 @@ def inspect(args: argparse.Namespace) -> None:
             model = AutoModelForCausalLM.from_pretrained(
                 args.model, attn_implementation="sdpa", local_files_only=True
             ).eval()
-    with console.status("capturing the forward step with torch.export"):
-        sites = kvpass.find_attention(model)
+    verdict = "ready to transform: the graph mixes tokens only in these attention sites"
+    with console.status("capturing the forward step with torch.export, rewriting, checking"):
+        try:
+            sites = kvpass.transform(model, policy="full").kvpass_sites
+        except ValueError as e:  # no attention, nothing rewritable, or tokens mixed elsewhere
+            verdict = f"[red]cannot be transformed:[/red] {e}"
+            sites = kvpass.find_attention(model)
     table = Table(title=f"{type(model).__name__}: {len(sites)} attention sites")
     for col in ("layer", "module", "heads", "KV heads", "head dim", "scale", "mask", "action"):
         table.add_column(col, justify="right" if col in ("layer", "heads", "KV heads", "head dim", "scale") else "left")
@@ -71,10 +76,14 @@ def inspect(args: argparse.Namespace) -> None:
         mask = "causal" if s.causal else "other"
         if s.sliding_window:
             mask += f", window {s.sliding_window}"
+        if s.softcap:
+            mask += f", soft-cap {s.softcap:g}"
+        kv = f"{s.kv_heads}" + (" (measured)" if s.kv_stride > 1 else "")
         action = s.action if not s.reason else f"{s.action}: {s.reason}"
-        row = [str(s.layer), s.module, str(s.heads), str(s.kv_heads), str(s.head_dim), f"{s.scale:.4g}", mask, action]
+        row = [str(s.layer), s.module, str(s.heads), kv, str(s.head_dim), f"{s.scale:.4g}", mask, action]
         table.add_row(*row)
     console.print(table)
+    console.print(verdict)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -79,8 +79,18 @@ def transform(
     if not sites:
         raise ValueError(
             f"no attention found in {type(model).__name__}: kvpass looked for scaled_dot_product_attention calls "
-            "(torch.nn.functional / aten) in its exported forward. For a transformers model, load it with "
-            "attn_implementation='sdpa'."
+            "and eager attention (q @ k^T, scale, mask, softmax, @ v) in its exported forward"
+            + (
+                f"; it has {n} softmax call(s) in no form kvpass knows (attention sinks and ALiBi are not supported)"
+                if (
+                    n := sum(
+                        node.target in (torch.ops.aten.softmax.int, torch.ops.aten._softmax.default)
+                        for node in gm.graph.nodes
+                    )
+                )
+                else ""
+            )
+            + ". For a transformers model, attn_implementation='sdpa' is the most direct form."
         )
     if not any(s.action == "rewrite" for s in sites):
         raise ValueError(f"no attention site of {type(model).__name__} can be rewritten: {sites[0].reason}")

@@ -76,3 +76,13 @@ def test_left_padding_with_learned_positions(name):
     exact = kvpass.transform(model, policy="full", chunk=8)
     want = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     torch.testing.assert_close(exact.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False), want)
+
+
+@pytest.mark.parametrize("name,impl", [("llama", "eager"), ("qwen2", "eager"), ("gpt2", "eager"), ("falcon", "sdpa")])
+def test_other_attention_implementation(name, impl):
+    model = build(name, attn_implementation=impl)
+    ids = prompt(int(torch.randint(0, 2**31, ())), B=2, T=40)
+    exact = kvpass.transform(model, policy="full", chunk=16)
+    ref = step_logits(model, ids, 6, DynamicCache(config=model.config))
+    assert (step_logits(exact, ids, 6, None) - ref).abs().max() <= 1e-4
+    assert [s.kv_heads for s in exact.kvpass_sites] == [EXPECTED[name][0]] * 2

@@ -34,6 +34,7 @@ def test_inspect_lists_the_sites_of_a_saved_model(tmp_path, llama, capsys, monke
     out = capsys.readouterr().out
     assert "2 attention sites" in out
     assert out.count("model.layers.") == 2 and out.count("rewrite") == 2 and "causal" in out
+    assert "ready to transform" in out
 
 
 def test_inspect_a_missing_model_is_a_clear_error(tmp_path):
