@@ -4,7 +4,8 @@ Recognised (every piece optional unless said):
 
 - scores (required): ``matmul(q, k.transpose(-2, -1))``, ``einsum("bhqd,bhkd->bhqk", q, k)``, or
   ``bmm`` / ``baddbmm(zeros, ...)`` of ``[B*H, T, D]`` reshapes of ``[B, H, T, D]`` tensors;
-- a scale by a constant (``mul`` or ``div``, in place or not; ``baddbmm``'s ``alpha``);
+- a scale by a constant (``mul`` or ``div`` by a number or a 0-dim constant tensor, in place or
+  not; ``baddbmm``'s ``alpha``);
 - logit soft-capping ``c * tanh(x / c)`` (Gemma 2);
 - an additive mask (``add``) or a boolean fill (``masked_fill(cond, -inf)``);
 - ``softmax(-1)`` (required; also computed in fp32 and cast back), ``dropout`` in eval mode;
@@ -55,6 +56,17 @@ def _only_user(n: fx.Node) -> fx.Node | None:
 
 def _const(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _scalar(x) -> float | None:
+    """``x`` as a number, if it is one or a 0-dim constant tensor (``torch.full([], c)``)."""
+    if _const(x):
+        return float(x)
+    if _call(x, aten.full.default) and list(x.args[0]) == [] and _const(x.args[1]):
+        return float(x.args[1])
+    if _call(x, aten.scalar_tensor.default) and _const(x.args[0]):
+        return float(x.args[0])
+    return None
 
 
 def _rank(n: fx.Node) -> int:
@@ -119,10 +131,10 @@ def _match(softmax: fx.Node) -> Match | None:
         inner = x.args[0].args[0]
         if _call(inner, *_DIV) and inner.args[1] == x.args[1] and x.args[1] > 0:
             x, softcap = inner.args[0], float(x.args[1])
-    if _call(x, *_MUL) and _const(x.args[1]):
-        x, scale = x.args[0], float(x.args[1])
-    elif _call(x, *_DIV) and _const(x.args[1]):
-        x, scale = x.args[0], 1.0 / float(x.args[1])
+    if _call(x, *_MUL) and _scalar(x.args[1]) is not None:
+        x, scale = x.args[0], _scalar(x.args[1])
+    elif _call(x, *_DIV) and _scalar(x.args[1]):
+        x, scale = x.args[0], 1.0 / _scalar(x.args[1])
     found = _scores(x)
     if found is None:
         return None

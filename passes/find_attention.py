@@ -162,9 +162,15 @@ class _Probe(fx.Interpreter):
 
 def _measure(gm: fx.GraphModule, nodes: list[fx.Node], probe: tuple) -> dict:
     """For every attention node: (mask kind, see :func:`_classify`; head group size, see :func:`_head_group`)."""
-    with torch.no_grad():
-        interp = _Probe(gm, nodes)
-        interp.run(*probe)
+    interp = _Probe(gm, nodes)
+    try:
+        with torch.no_grad():
+            interp.run(*probe)
+    except Exception as e:  # re-raised with what was being done
+        raise RuntimeError(
+            "the graph torch.export captured fails when run on a 16-token probe (which kvpass does to measure "
+            f"each attention site's mask): {type(e).__name__}: {e}"
+        ) from e
     return interp.found
 
 
