@@ -156,11 +156,11 @@ class EvictingCache(Cache):
         C = s.capacity
         cand_pos = torch.cat([s.pos, pos[:, None, :].expand(B, Hkv, T)], dim=-1)
         cand_valid = torch.cat([s.valid, (pos >= 0)[:, None, :].expand(B, Hkv, T)], dim=-1)
+        newest = cand_pos.amax(dim=(1, 2))  # [B]
         if window:  # the next query (newest + 1) sees positions > newest + 1 - window; the rest is dead
-            newest = cand_pos.amax(dim=(1, 2))[:, None, None]
-            cand_valid &= cand_pos > newest + 1 - window
+            cand_valid &= cand_pos > newest[:, None, None] + 1 - window
         score = self.policy.score(Chunk(old=s.score, keys=k, values=v, pos=pos, mass=mass, slot_pos=s.pos))
-        rank = torch.where(self.policy.protected(cand_pos, cand_pos.amax(dim=(1, 2))), torch.inf, score)
+        rank = torch.where(self.policy.protected(cand_pos, newest), torch.inf, score)
         rank = torch.where(cand_valid, rank, -torch.inf)
         s.score.copy_(score[..., :C])
         if T == 1 and not self.prefilling:
