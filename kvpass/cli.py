@@ -86,6 +86,59 @@ def inspect(args: argparse.Namespace) -> None:
     console.print(verdict)
 
 
+def evaluate(args: argparse.Namespace) -> None:
+    """Long-context tasks x policies x budgets x lengths on the default model: JSON, Markdown table, plot."""
+    import platform
+    import time
+    from pathlib import Path
+
+    import torch
+
+    import kvpass
+    from kvpass import report, tasks
+    from kvpass.evaluate import MODES, evaluate
+
+    console = Console()
+    for t in args.tasks:
+        if t not in tasks.TASKS:
+            raise ValueError(f"unknown task {t!r}; choose from {', '.join(tasks.TASKS)}")
+    for p in args.policies:
+        kvpass.policies.get(p, budget=0.5)  # fail on a bad name before loading anything
+    if args.mode not in MODES:
+        raise ValueError(f"unknown mode {args.mode!r}; choose from {', '.join(MODES)}")
+    torch.set_grad_enabled(False)
+    with console.status("loading SmolLM2-135M-Instruct"):
+        model, tok = kvpass.load_default_model()
+    start = time.time()
+    records = evaluate(
+        model,
+        tok,
+        task_names=args.tasks,
+        lengths=args.lengths,
+        policies=args.policies,
+        budgets=args.budgets,
+        samples=args.samples,
+        mode=args.mode,
+        max_new_tokens=args.new_tokens,
+        chunk=args.chunk,
+        seed=args.seed,
+    )
+    meta = {
+        "model": "SmolLM2-135M-Instruct",
+        "mode": args.mode,
+        "lengths": args.lengths,
+        "samples": args.samples,
+        "chunk": args.chunk,
+        "seed": args.seed,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "minutes": round((time.time() - start) / 60, 1),
+        "title": f"SmolLM2-135M, {args.mode}, {'/'.join(map(str, args.lengths))} tokens",
+    }
+    paths = report.write(records, Path(args.out), meta)
+    console.print(report.markdown(records))
+    console.print(f"{len(records)} answers in {meta['minutes']} min; wrote " + ", ".join(map(str, paths.values())))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="kvpass", description="Keep only the KV entries worth keeping.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -100,6 +153,20 @@ def main(argv: list[str] | None = None) -> None:
     i = sub.add_parser("inspect", help=inspect.__doc__)
     i.add_argument("model", help="'default' (SmolLM2-135M-Instruct) or a local transformers model directory")
     i.set_defaults(run=inspect)
+    e = sub.add_parser("eval", help=evaluate.__doc__)
+    e.add_argument(
+        "--tasks", nargs="+", default=["niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe", "fwe"]
+    )
+    e.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048], help="context lengths in tokens")
+    e.add_argument("--policies", nargs="+", default=["streaming", "h2o", "tova", "snapkv", "knorm"])
+    e.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.5, 0.25], help="fractions of the prompt kept")
+    e.add_argument("--samples", type=int, default=3, help="samples per task and length")
+    e.add_argument("--mode", default="aware", help="aware (question compressed too) or agnostic (context only)")
+    e.add_argument("--new-tokens", type=int, default=48)
+    e.add_argument("--chunk", type=int, default=512)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", default="eval-results", help="directory for results.json / .md / .png")
+    e.set_defaults(run=evaluate)
     p = sub.add_parser("policies", help="list the eviction policies")
     p.set_defaults(run=lambda _: print("\n".join(__import__("kvpass").policies())))
     args = ap.parse_args(argv)

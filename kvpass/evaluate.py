@@ -1,0 +1,132 @@
+"""``kvpass eval``: score policies x budgets x context lengths on the long-context tasks of
+:mod:`kvpass.tasks`, the unmodified model beside them.
+
+Two modes, as in kvpress's benchmarks:
+
+- ``aware``: the question is part of the prompt that is compressed (prefilled, evicting);
+- ``agnostic``: the context alone is prefilled and compressed; the question then comes as new
+  tokens and is kept, with the answer, in slots reserved for them.
+
+In both, eviction happens while the prompt (or context) is processed and not while answering,
+like kvpress. The score of an answer is RULER's ``string_match_all``: the fraction of expected
+answers that appear in it, case-insensitively.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from itertools import product
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+from transformers import DynamicCache
+
+from kvpass import tasks
+from kvpass.transform import transform
+
+MODES = ("aware", "agnostic")
+
+
+@dataclass
+class Record:
+    task: str
+    tokens: int  # requested context length
+    seed: int
+    mode: str
+    policy: str  # "full" (the unmodified model) or a kvpass policy
+    budget: float | None  # fraction of the prompt (or context) kept; None for the full cache
+    score: float  # 0..1
+    output: str
+    answers: list[str]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def score(output: str, answers: list[str]) -> float:
+    """RULER's ``string_match_all``: the fraction of ``answers`` found in ``output`` (case-insensitive)."""
+    if not answers:
+        raise ValueError("a sample needs at least one expected answer")
+    out = output.lower()
+    return sum(a.lower() in out for a in answers) / len(answers)
+
+
+def render(tokenizer, sample: tasks.Sample, mode: str) -> list[Tensor]:
+    """The sample as chat-formatted token ids: one piece (``aware``) or context, then question (``agnostic``)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    text = f"{sample.context}\n\n{sample.question}"
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
+    cut = prompt.rindex(sample.question)
+    pieces = [prompt] if mode == "aware" else [prompt[:cut], prompt[cut:]]
+    return [tokenizer(p, return_tensors="pt", add_special_tokens=False).input_ids for p in pieces]
+
+
+@torch.no_grad()
+def answer(model: nn.Module, pieces: list[Tensor], max_new_tokens: int, eos: int | None = None) -> Tensor:
+    """Feed the prompt pieces in order through one cache, then decode greedily; the new token ids."""
+    if hasattr(model, "kvpass_new_cache"):
+        cache = model.kvpass_new_cache(decode_reserve=sum(p.shape[1] for p in pieces[1:]) + max_new_tokens)
+    else:
+        cache = DynamicCache(config=getattr(model, "config", None))
+    for piece in pieces:
+        out = model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+    nxt = out.logits[:, -1:].argmax(-1)
+    tokens = [nxt]
+    for _ in range(max_new_tokens - 1):
+        if eos is not None and int(nxt) == eos:
+            break
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1:].argmax(-1)
+        tokens.append(nxt)
+    return torch.cat(tokens, dim=1)[0]
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    *,
+    task_names: list[str],
+    lengths: list[int],
+    policies: list[str],
+    budgets: list[float],
+    samples: int = 3,
+    mode: str = "aware",
+    max_new_tokens: int = 48,
+    chunk: int = 512,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[Record]:
+    """Every (task, length, sample) under the unmodified model and every (policy, budget)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    for b in budgets:
+        if not 0 < b <= 1:
+            raise ValueError(f"eval budgets are fractions of the prompt in (0, 1], got {b}")
+    runs: list[tuple[str, float | None, nn.Module]] = [("full", None, model)]
+    for policy, budget in product(policies, budgets):
+        runs.append((policy, budget, transform(model, policy, budget, chunk=chunk, evict_during_decode=False)))
+    cases = [tasks.make(t, tokenizer, n, seed + i) for t, n in product(task_names, lengths) for i in range(samples)]
+    eos = tokenizer.eos_token_id
+    records = []
+    bar = tqdm(total=len(cases) * len(runs), desc="eval", disable=not progress)
+    for case, n in zip(cases, [n for _, n in product(task_names, lengths) for _ in range(samples)], strict=True):
+        pieces = render(tokenizer, case, mode)
+        for policy, budget, m in runs:
+            t = time.perf_counter()
+            out = tokenizer.decode(answer(m, pieces, max_new_tokens, eos), skip_special_tokens=True)
+            seconds = time.perf_counter() - t
+            records.append(
+                Record(
+                    case.task, n, case.seed, mode, policy, budget, score(out, case.answers), out, case.answers, seconds
+                )
+            )
+            bar.update()
+    bar.close()
+    return records

@@ -1,0 +1,73 @@
+"""Write evaluation records as JSON, a Markdown table and a plot (score vs budget, one line per policy)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from kvpass.evaluate import Record
+
+
+def table(records: list[Record]) -> tuple[list[str], list[list[str]]]:
+    """Rows of mean scores (x100): one per (policy, budget), one column per task, then the average."""
+    task_names = sorted({r.task for r in records})
+    cells: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        cells[(r.policy, r.budget)][r.task].append(r.score)
+    order = sorted(cells, key=lambda k: (k[0] != "full", k[0], -(k[1] or 1.0)))
+    header = ["policy", "budget", *task_names, "average"]
+    rows = []
+    for policy, budget in order:
+        means = [100 * sum(v) / len(v) for t in task_names if (v := cells[(policy, budget)][t])]
+        per_task = [f"{100 * sum(v) / len(v):.1f}" if (v := cells[(policy, budget)][t]) else "" for t in task_names]
+        rows.append(
+            [policy, "100 %" if budget is None else f"{budget:.0%}", *per_task, f"{sum(means) / len(means):.1f}"]
+        )
+    return header, rows
+
+
+def markdown(records: list[Record]) -> str:
+    header, rows = table(records)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[Record], path: Path, title: str = "") -> None:
+    """Average score vs budget, one line per policy; the full cache as a dashed reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        per[r.policy][r.budget if r.budget is not None else 1.0].append(100 * r.score)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for policy in sorted(per):
+        xs = sorted(per[policy])
+        ys = [sum(per[policy][x]) / len(per[policy][x]) for x in xs]
+        if policy == "full":
+            ax.axhline(ys[0], color="black", linestyle="--", label="full cache")
+        else:
+            ax.plot([100 * x for x in xs], ys, marker="o", label=policy)
+    ax.set_xlabel("KV cache kept (% of the prompt)")
+    ax.set_ylabel("score (average over tasks)")
+    ax.set_ylim(-2, 102)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write(records: list[Record], out: Path, meta: dict) -> dict[str, Path]:
+    """``results.json`` (meta + every record), ``results.md`` and ``results.png`` under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "results.png"}
+    paths["json"].write_text(json.dumps({"meta": meta, "records": [r.to_dict() for r in records]}, indent=1))
+    paths["markdown"].write_text(markdown(records))
+    plot(records, paths["plot"], title=meta.get("title", ""))
+    return paths

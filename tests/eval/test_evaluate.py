@@ -1,0 +1,80 @@
+"""Scoring, prompt rendering, the eval grid on a tiny model, and the report writer."""
+
+import json
+
+import pytest
+import torch
+
+from kvpass import report, tasks
+from kvpass.evaluate import Record, answer, evaluate, render, score
+from tests.eval.stub import WordTokenizer
+
+
+def test_score_is_string_match_all():
+    assert score("The numbers are 123 and 456.", ["123", "456"]) == 1.0
+    assert score("Only 123 here", ["123", "456"]) == 0.5
+    assert score("TOZOF and mukig", ["tozof", "MUKIG", "ZEKOP"]) == pytest.approx(2 / 3)
+    assert score("nothing", ["1"]) == 0.0
+    with pytest.raises(ValueError):
+        score("x", [])
+
+
+def test_agnostic_rendering_splits_before_the_question():
+    tok = WordTokenizer()
+    s = tasks.make("niah_single", tok, 200, 3)
+    (whole,) = render(tok, s, "aware")
+    context, question = render(tok, s, "agnostic")
+    assert torch.equal(torch.cat([context, question], dim=1), whole)
+    assert question.shape[1] < 40 < context.shape[1]
+    with pytest.raises(ValueError, match="unknown mode"):
+        render(tok, s, "sideways")
+
+
+@pytest.mark.parametrize("mode", ["aware", "agnostic"])
+def test_eval_grid_on_a_tiny_model(llama, mode):
+    tok = WordTokenizer()
+    records = evaluate(
+        llama, tok, task_names=["niah_single", "vt"], lengths=[150], policies=["tova", "full"], budgets=[0.5],
+        samples=2, mode=mode, max_new_tokens=5, chunk=64, progress=False,
+    )  # fmt: skip
+    assert len(records) == 2 * 2 * 3  # (task x sample) x (original, tova@0.5, full@0.5)
+    assert {(r.policy, r.budget) for r in records} == {("full", None), ("tova", 0.5), ("full", 0.5)}
+    assert all(0 <= r.score <= 1 and r.mode == mode for r in records)
+    by = {(r.task, r.seed, r.policy, r.budget): r.output for r in records}
+    for task, seed in {(r.task, r.seed) for r in records}:  # kvpass's full policy answers like the original
+        assert by[(task, seed, "full", 0.5)] == by[(task, seed, "full", None)]
+
+
+def test_answer_matches_generate(llama):
+    ids = torch.randint(3, 97, (1, 30), generator=torch.Generator().manual_seed(1))
+    want = llama.generate(ids, max_new_tokens=6, do_sample=False)[0, 30:]
+    torch.testing.assert_close(answer(llama, [ids[:, :20], ids[:, 20:]], 6), want)
+
+
+def test_bad_budget_is_an_error(llama):
+    with pytest.raises(ValueError, match="fractions"):
+        evaluate(llama, WordTokenizer(), task_names=["vt"], lengths=[100], policies=["tova"], budgets=[64])
+
+
+def rec(policy, budget, task, s):
+    return Record(task, 1000, 0, "aware", policy, budget, s, "", ["x"], 0.1)
+
+
+def test_report_table_json_and_plot(tmp_path):
+    records = [
+        rec("full", None, "vt", 1.0), rec("full", None, "cwe", 0.5),
+        rec("tova", 0.5, "vt", 0.0), rec("tova", 0.5, "vt", 1.0), rec("tova", 0.5, "cwe", 0.25),
+        rec("tova", 0.25, "vt", 0.0), rec("tova", 0.25, "cwe", 0.0),
+    ]  # fmt: skip
+    header, rows = report.table(records)
+    assert header == ["policy", "budget", "cwe", "vt", "average"]
+    assert rows == [
+        ["full", "100 %", "50.0", "100.0", "75.0"],
+        ["tova", "50%", "25.0", "50.0", "37.5"],
+        ["tova", "25%", "0.0", "0.0", "0.0"],
+    ]
+    paths = report.write(records, tmp_path / "out", {"model": "tiny", "title": "t"})
+    data = json.loads(paths["json"].read_text())
+    assert data["meta"]["model"] == "tiny" and len(data["records"]) == 7
+    assert paths["markdown"].read_text().splitlines()[2] == "| full | 100 % | 50.0 | 100.0 | 75.0 |"
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["plot"].stat().st_size > 10_000
