@@ -139,6 +139,32 @@ def evaluate(args: argparse.Namespace) -> None:
     console.print(f"{len(records)} answers in {meta['minutes']} min; wrote " + ", ".join(map(str, paths.values())))
 
 
+def bench(args: argparse.Namespace) -> None:
+    """KV bytes, peak memory, prefill time and decode speed of each policy vs the full cache, per prompt length."""
+    import platform
+    from pathlib import Path
+
+    import torch
+
+    import kvpass
+    from kvpass.bench import run_all, table, to_json
+
+    for p in args.policies:
+        kvpass.policies.get(p, budget=args.budget if args.budget <= 1 else int(args.budget))
+    cases = run_all(args.lengths, args.policies, args.budget, args.new_tokens, args.chunk)
+    device = "CUDA" if torch.cuda.is_available() else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    md = (
+        f"SmolLM2-135M-Instruct fp32, budget {args.budget:g}, chunk {args.chunk}, {args.new_tokens} greedy decode "
+        f"steps; {device}, torch {torch.__version__}\n\n" + table(cases)
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(to_json(cases))
+    (out / "bench.md").write_text(md)
+    Console().print(md)
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="kvpass", description="Keep only the KV entries worth keeping.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -167,6 +193,14 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", default="eval-results", help="directory for results.json / .md / .png")
     e.set_defaults(run=evaluate)
+    b = sub.add_parser("bench", help=bench.__doc__)
+    b.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="prompt lengths")
+    b.add_argument("--policies", nargs="+", default=["tova", "snapkv", "streaming"])
+    b.add_argument("--budget", type=float, default=512, help="slots per layer and KV head, or a fraction (<= 1)")
+    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--chunk", type=int, default=512)
+    b.add_argument("--out", default="bench-results")
+    b.set_defaults(run=bench)
     p = sub.add_parser("policies", help="list the eviction policies")
     p.set_defaults(run=lambda _: print("\n".join(__import__("kvpass").policies())))
     args = ap.parse_args(argv)

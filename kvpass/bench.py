@@ -1,0 +1,112 @@
+"""``kvpass bench``: memory and speed of each policy against the full cache, measured side by side.
+
+For every prompt length, the unmodified model and each policy run in a fresh process (so one
+case's allocations never count in another's peak): one warm-up, then a timed prefill of the
+prompt and ``new`` greedy decode steps. Reported per case: the KV bytes the cache physically
+holds, the peak memory growth during prefill and decoding (process resident set on CPU,
+``torch.cuda.max_memory_allocated`` on CUDA), prefill seconds and decode tokens/s -- and each as a
+ratio against the full cache of the same length, in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+MiB = 2**20
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+@dataclass
+class Case:
+    tokens: int
+    policy: str  # "full": the unmodified model
+    budget: float | None
+    kv_bytes: int
+    peak_bytes: int
+    prefill_s: float
+    decode_tok_s: float
+    device: str
+
+
+def _peak(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(tokens: int, policy: str, budget: float | None, new: int, chunk: int = 512) -> Case:
+    """One case, in this process: load, (transform,) warm up, then time prefill and decoding."""
+    import kvpass
+    from kvpass.greedy import greedy
+
+    torch.set_grad_enabled(False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = kvpass.load_default_model()
+    model = model.to(device)
+    if policy != "full":
+        budget_arg = int(budget) if budget is not None and budget > 1 else budget
+        model = kvpass.transform(model, policy=policy, budget=budget_arg, chunk=chunk)
+    ids = tok(FILLER * (tokens // 20 + 1), return_tensors="pt").input_ids[:, :tokens].to(device)
+    if ids.shape[1] < tokens:
+        raise ValueError(f"could not build a {tokens}-token prompt")
+    greedy(model, ids[:, :64], 3)  # warm up allocator and kernels
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    before = _peak(device) if device.type == "cpu" else torch.cuda.memory_allocated(device)
+    run = greedy(model, ids, new)
+    _sync(device)
+    peak = _peak(device) - before
+    return Case(tokens, policy, budget, run.kv_bytes, peak, run.prefill_s, run.decode_tok_s, str(device))
+
+
+def run_all(lengths: list[int], policies: list[str], budget: float, new: int, chunk: int = 512) -> list[Case]:
+    """Every (length, policy) plus the full cache, each in a fresh process."""
+    from tqdm import tqdm
+
+    cases = [(n, p) for n in lengths for p in ["full", *policies]]
+    out = []
+    for n, p in tqdm(cases, desc="bench"):
+        cmd = [sys.executable, "-m", "kvpass.bench", str(n), p, str(budget), str(new), str(chunk)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"bench case {n} tokens / {p} failed:\n{done.stderr[-2000:]}")
+        out.append(Case(**json.loads(done.stdout.splitlines()[-1])))
+    return out
+
+
+def table(cases: list[Case]) -> str:
+    """Markdown: one row per case, with ratios against the full cache at the same length."""
+    full = {c.tokens: c for c in cases if c.policy == "full"}
+    head = ["prompt", "cache", "KV MiB", "KV ratio", "peak MiB", "peak ratio"]
+    head += ["prefill s", "prefill ratio", "decode tok/s", "decode ratio"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in cases:
+        f = full[c.tokens]
+        name = "full (original)" if c.policy == "full" else f"{c.policy} @ {c.budget:g}"
+        cells = [c.tokens, name, f"{c.kv_bytes / MiB:.1f}", f"{c.kv_bytes / f.kv_bytes:.3f}"]
+        cells += [f"{c.peak_bytes / MiB:.0f}", f"{c.peak_bytes / f.peak_bytes:.2f}"]
+        cells += [f"{c.prefill_s:.2f}", f"{c.prefill_s / f.prefill_s:.2f}"]
+        cells += [f"{c.decode_tok_s:.1f}", f"{c.decode_tok_s / f.decode_tok_s:.2f}"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_json(cases: list[Case]) -> str:
+    return json.dumps([asdict(c) for c in cases], indent=1)
+
+
+if __name__ == "__main__":  # one case: tokens policy budget new chunk -> a JSON line
+    n, p, b, k, ch = sys.argv[1:6]
+    print(json.dumps(asdict(measure(int(n), p, None if p == "full" else float(b), int(k), int(ch)))))

@@ -1,0 +1,26 @@
+"""The bench table's ratios, and one real case pair on the default model (slow)."""
+
+import pytest
+
+from kvpass.bench import Case, run_all, table
+
+
+def test_table_reports_ratios_against_the_full_cache_of_the_same_length():
+    cases = [
+        Case(1000, "full", None, 400, 1000, 2.0, 10.0, "cpu"),
+        Case(1000, "tova", 0.25, 100, 300, 1.0, 12.5, "cpu"),
+        Case(2000, "full", None, 800, 2000, 5.0, 8.0, "cpu"),
+        Case(2000, "tova", 0.25, 200, 500, 2.5, 16.0, "cpu"),
+    ]
+    rows = table(cases).splitlines()[2:]
+    assert rows[1].split(" | ")[3:] == ["0.250", "0", "0.30", "1.00", "0.50", "12.5", "1.25 |"]
+    assert rows[3].split(" | ")[3] == "0.250" and rows[3].endswith("| 2.00 |")
+    assert rows[0].split(" | ")[1] == "full (original)" and rows[2].split(" | ")[3] == "1.000"
+
+
+@pytest.mark.slow
+def test_one_length_on_the_default_model():
+    full, small = run_all([600], ["tova"], 128, 4)
+    assert (full.policy, small.policy) == ("full", "tova")
+    assert small.kv_bytes == 30 * 3 * 128 * 64 * 2 * 4  # layers x KV heads x slots x head dim x (K, V) x fp32
+    assert full.kv_bytes > 4 * small.kv_bytes and small.decode_tok_s > 0 and full.prefill_s > 0
