@@ -122,10 +122,12 @@ def evaluate(args: argparse.Namespace) -> None:
         max_new_tokens=args.new_tokens,
         chunk=args.chunk,
         seed=args.seed,
+        peer=args.peer,
     )
     meta = {
         "model": "SmolLM2-135M-Instruct",
         "mode": args.mode,
+        "peer": args.peer,
         "lengths": args.lengths,
         "samples": args.samples,
         "chunk": args.chunk,
@@ -191,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--new-tokens", type=int, default=48)
     e.add_argument("--chunk", type=int, default=512)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--peer", choices=["kvpress"], help="also run kvpress's presses (pip install 'kvpass[compare]')")
     e.add_argument("--out", default="eval-results", help="directory for results.json / .md / .png")
     e.set_defaults(run=evaluate)
     b = sub.add_parser("bench", help=bench.__doc__)

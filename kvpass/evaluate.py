@@ -14,6 +14,7 @@ answers that appear in it, case-insensitively.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 from itertools import product
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from kvpass import tasks
+from kvpass import peers, tasks
 from kvpass.transform import transform
 
 MODES = ("aware", "agnostic")
@@ -44,6 +45,12 @@ class Record:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def kvpass_names() -> list[str]:
+    from kvpass import policies
+
+    return policies()
 
 
 def score(output: str, answers: list[str]) -> float:
@@ -68,14 +75,18 @@ def render(tokenizer, sample: tasks.Sample, mode: str) -> list[Tensor]:
 
 
 @torch.no_grad()
-def answer(model: nn.Module, pieces: list[Tensor], max_new_tokens: int, eos: int | None = None) -> Tensor:
-    """Feed the prompt pieces in order through one cache, then decode greedily; the new token ids."""
+def answer(model: nn.Module, pieces: list[Tensor], max_new_tokens: int, eos: int | None = None, press=None) -> Tensor:
+    """Feed the prompt pieces in order through one cache, then decode greedily; the new token ids.
+
+    ``press``: a kvpress press, applied while the first piece is prefilled (how kvpress compresses).
+    """
     if hasattr(model, "kvpass_new_cache"):
         cache = model.kvpass_new_cache(decode_reserve=sum(p.shape[1] for p in pieces[1:]) + max_new_tokens)
     else:
         cache = DynamicCache(config=getattr(model, "config", None))
-    for piece in pieces:
-        out = model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    for i, piece in enumerate(pieces):
+        with peers.applied(press, model) if press is not None and i == 0 else contextlib.nullcontext():
+            out = model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
     nxt = out.logits[:, -1:].argmax(-1)
     tokens = [nxt]
@@ -101,26 +112,34 @@ def evaluate(
     max_new_tokens: int = 48,
     chunk: int = 512,
     seed: int = 0,
+    peer: str | None = None,
     progress: bool = True,
 ) -> list[Record]:
-    """Every (task, length, sample) under the unmodified model and every (policy, budget)."""
+    """Every (task, length, sample) under the unmodified model and every (policy, budget); with
+    ``peer="kvpress"``, also under kvpress's counterpart of every policy it has (policy ``kvpress:NAME``)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     for b in budgets:
         if not 0 < b <= 1:
             raise ValueError(f"eval budgets are fractions of the prompt in (0, 1], got {b}")
-    runs: list[tuple[str, float | None, nn.Module]] = [("full", None, model)]
+    if peer not in (None, "kvpress"):
+        raise ValueError(f"unknown peer {peer!r}; the one known is kvpress")
+    runs: list[tuple[str, float | None, nn.Module, object]] = [("full", None, model, None)]
     for policy, budget in product(policies, budgets):
-        runs.append((policy, budget, transform(model, policy, budget, chunk=chunk, evict_during_decode=False)))
+        small = transform(model, policy, budget, chunk=chunk, evict_during_decode=False)
+        runs.append((policy, budget, small, None))
+    if peer == "kvpress":  # imported after the transforms: kvpress patches transformers' attention on import
+        for policy, budget in product([p for p in peers.PRESSES if p in policies or p not in kvpass_names()], budgets):
+            runs.append((f"kvpress:{policy}", budget, model, peers.press(policy, budget)))
     cases = [tasks.make(t, tokenizer, n, seed + i) for t, n in product(task_names, lengths) for i in range(samples)]
     eos = tokenizer.eos_token_id
     records = []
     bar = tqdm(total=len(cases) * len(runs), desc="eval", disable=not progress)
     for case, n in zip(cases, [n for _, n in product(task_names, lengths) for _ in range(samples)], strict=True):
         pieces = render(tokenizer, case, mode)
-        for policy, budget, m in runs:
+        for policy, budget, m, press in runs:
             t = time.perf_counter()
-            out = tokenizer.decode(answer(m, pieces, max_new_tokens, eos), skip_special_tokens=True)
+            out = tokenizer.decode(answer(m, pieces, max_new_tokens, eos, press), skip_special_tokens=True)
             seconds = time.perf_counter() - t
             records.append(
                 Record(
