@@ -54,28 +54,49 @@ def measure(tokens: int, policy: str, budget: float | None, new: int, chunk: int
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = kvpass.load_default_model()
     model = model.to(device)
-    if policy != "full":
+    press = None
+    if policy.startswith("kvpress:"):
+        from kvpass import peers
+
+        press = peers.press(policy.removeprefix("kvpress:"), budget)
+    elif policy != "full":
         budget_arg = int(budget) if budget is not None and budget > 1 else budget
         model = kvpass.transform(model, policy=policy, budget=budget_arg, chunk=chunk)
     ids = tok(FILLER * (tokens // 20 + 1), return_tensors="pt").input_ids[:, :tokens].to(device)
     if ids.shape[1] < tokens:
         raise ValueError(f"could not build a {tokens}-token prompt")
-    greedy(model, ids[:, :64], 3)  # warm up allocator and kernels
+    for n in (80, 160, 320, 640):  # warm up allocator and kernels, as short as the policy allows
+        try:
+            greedy(model, ids[:, :n], 3, press=press)
+            break
+        except ValueError:  # a fractional budget too small for the policy's window: longer
+            continue
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     before = _peak(device) if device.type == "cpu" else torch.cuda.memory_allocated(device)
-    run = greedy(model, ids, new)
+    run = greedy(model, ids, new, press=press)
     _sync(device)
     peak = _peak(device) - before
     return Case(tokens, policy, budget, run.kv_bytes, peak, run.prefill_s, run.decode_tok_s, str(device))
 
 
-def run_all(lengths: list[int], policies: list[str], budget: float, new: int, chunk: int = 512) -> list[Case]:
-    """Every (length, policy) plus the full cache, each in a fresh process."""
+def run_all(
+    lengths: list[int], policies: list[str], budget: float, new: int, chunk: int = 512, peer: str | None = None
+) -> list[Case]:
+    """Every (length, policy) plus the full cache, each in a fresh process; with ``peer="kvpress"``,
+    kvpress's counterpart of each policy too (``budget`` must then be a fraction of the prompt)."""
     from tqdm import tqdm
 
-    cases = [(n, p) for n in lengths for p in ["full", *policies]]
+    from kvpass import peers
+
+    if peer is not None:
+        if peer != "kvpress":
+            raise ValueError(f"unknown peer {peer!r}; the one known is kvpress")
+        for p in policies:
+            peers.press(p, budget)  # a clear error now (not installed, no counterpart, budget not a fraction)
+    names = ["full", *policies, *([f"kvpress:{p}" for p in policies] if peer else [])]
+    cases = [(n, p) for n in lengths for p in names]
     out = []
     for n, p in tqdm(cases, desc="bench"):
         cmd = [sys.executable, "-m", "kvpass.bench", str(n), p, str(budget), str(new), str(chunk)]

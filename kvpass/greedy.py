@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -31,11 +32,22 @@ def kv_bytes(cache) -> int:
 
 @torch.no_grad()
 def greedy(
-    model: nn.Module, input_ids: Tensor, max_new_tokens: int, eos: int | None = None, desc: str | None = None
+    model: nn.Module,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    eos: int | None = None,
+    desc: str | None = None,
+    press=None,
 ) -> Run:
-    """Prefill ``input_ids``, then decode greedily one token at a time (stopping at ``eos``)."""
+    """Prefill ``input_ids``, then decode greedily one token at a time (stopping at ``eos``).
+
+    ``press``: a kvpress press applied during the prefill (see :mod:`kvpass.peers`).
+    """
+    from kvpass import peers
+
     t0 = time.perf_counter()
-    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+    with peers.applied(press, model) if press is not None else contextlib.nullcontext():
+        out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
     nxt = out.logits[:, -1:].argmax(-1)
     prefill = time.perf_counter() - t0
     cache, tokens = out.past_key_values, [nxt]
