@@ -123,6 +123,7 @@ def evaluate(args: argparse.Namespace) -> None:
         chunk=args.chunk,
         seed=args.seed,
         peer=args.peer,
+        ppl=args.ppl,
     )
     meta = {
         "model": "SmolLM2-135M-Instruct",
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--new-tokens", type=int, default=48)
     e.add_argument("--chunk", type=int, default=512)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--ppl", action="store_true", help="also the perplexity of documentation text at each length")
     e.add_argument("--peer", choices=["kvpress"], help="also run kvpress's presses (pip install 'kvpass[compare]')")
     e.add_argument("--out", default="eval-results", help="directory for results.json / .md / .png")
     e.set_defaults(run=evaluate)

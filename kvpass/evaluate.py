@@ -99,6 +99,13 @@ def answer(model: nn.Module, pieces: list[Tensor], max_new_tokens: int, eos: int
     return torch.cat(tokens, dim=1)[0]
 
 
+@torch.no_grad()
+def perplexity(model: nn.Module, ids: Tensor) -> float:
+    """exp(mean next-token NLL) over ``ids [1, n]``, prefilled in one call (a kvpass model evicts as it goes)."""
+    logits = model(input_ids=ids, use_cache=True).logits[0, :-1].float()
+    return float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]).exp())
+
+
 def evaluate(
     model: nn.Module,
     tokenizer,
@@ -113,6 +120,7 @@ def evaluate(
     chunk: int = 512,
     seed: int = 0,
     peer: str | None = None,
+    ppl: bool = False,
     progress: bool = True,
 ) -> list[Record]:
     """Every (task, length, sample) under the unmodified model and every (policy, budget); with
@@ -148,4 +156,13 @@ def evaluate(
             )
             bar.update()
     bar.close()
+    if ppl:
+        for n in lengths:
+            ids = tokenizer(tasks.documentation(tokenizer, n, seed), return_tensors="pt").input_ids[:, :n]
+            for policy, budget, m, press in runs:
+                if press is None:
+                    t = time.perf_counter()
+                    p = perplexity(m, ids)
+                    seconds = time.perf_counter() - t
+                    records.append(Record("perplexity", n, seed, mode, policy, budget, p, "", [], seconds))
     return records

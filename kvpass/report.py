@@ -8,22 +8,27 @@ from pathlib import Path
 
 from kvpass.evaluate import Record
 
+PPL = "perplexity"
+
 
 def table(records: list[Record]) -> tuple[list[str], list[list[str]]]:
-    """Rows of mean scores (x100): one per (policy, budget), one column per task, then the average."""
-    task_names = sorted({r.task for r in records})
+    """Rows of mean scores (x100): one per (policy, budget), one column per task, then the average
+    (and, where measured, the mean perplexity, which is not a score and not averaged in)."""
+    task_names = sorted({r.task for r in records} - {PPL})
+    has_ppl = any(r.task == PPL for r in records)
     cells: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         cells[(r.policy, r.budget)][r.task].append(r.score)
     order = sorted(cells, key=lambda k: (k[0] != "full", k[0], -(k[1] or 1.0)))
-    header = ["policy", "budget", *task_names, "average"]
+    header = ["policy", "budget", *task_names, "average", *([PPL] if has_ppl else [])]
     rows = []
     for policy, budget in order:
         means = [100 * sum(v) / len(v) for t in task_names if (v := cells[(policy, budget)][t])]
         per_task = [f"{100 * sum(v) / len(v):.1f}" if (v := cells[(policy, budget)][t]) else "" for t in task_names]
-        rows.append(
-            [policy, "100 %" if budget is None else f"{budget:.0%}", *per_task, f"{sum(means) / len(means):.1f}"]
-        )
+        kept = "100 %" if budget is None else f"{budget:.0%}"
+        avg = f"{sum(means) / len(means):.1f}" if means else ""
+        ppl = [f"{sum(v) / len(v):.2f}" if (v := cells[(policy, budget)][PPL]) else ""] if has_ppl else []
+        rows.append([policy, kept, *per_task, avg, *ppl])
     return header, rows
 
 
@@ -43,7 +48,8 @@ def plot(records: list[Record], path: Path, title: str = "") -> None:
 
     per: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
-        per[r.policy][r.budget if r.budget is not None else 1.0].append(100 * r.score)
+        if r.task != PPL:
+            per[r.policy][r.budget if r.budget is not None else 1.0].append(100 * r.score)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for policy in sorted(per):
         xs = sorted(per[policy])

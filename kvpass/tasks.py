@@ -140,6 +140,19 @@ def passkey(rng: random.Random, units: int) -> tuple[str, str, list[str]]:
     return FILLER * at + needle(key) + FILLER * (units - at), QUESTION, [key]
 
 
+def documentation(tokenizer, tokens: int, seed: int) -> str:
+    """About ``tokens`` tokens of running documentation text (for perplexity), from a seeded start."""
+    rng = random.Random(f"perplexity/{seed}")
+    units = max(1, tokens // 20)
+    for _ in range(6):
+        text = " ".join(_haystack(random.Random(rng.random()), units))
+        n = len(tokenizer(text, add_special_tokens=False).input_ids)
+        if n >= tokens:
+            return text
+        units = int(units * tokens / n) + 2
+    raise ValueError(f"could not make {tokens} tokens of text")
+
+
 TASKS: dict[str, Callable[[random.Random, int], tuple[str, str, list[str]]]] = {
     "niah_single": niah_single,
     "niah_multikey": niah_multikey,

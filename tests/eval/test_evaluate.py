@@ -78,3 +78,30 @@ def test_report_table_json_and_plot(tmp_path):
     assert data["meta"]["model"] == "tiny" and len(data["records"]) == 7
     assert paths["markdown"].read_text().splitlines()[2] == "| full | 100 % | 50.0 | 100.0 | 75.0 |"
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["plot"].stat().st_size > 10_000
+
+
+def test_perplexity_full_budget_matches_and_small_budget_differs(llama):
+    from kvpass import transform
+    from kvpass.evaluate import perplexity
+
+    ids = torch.randint(3, 97, (1, 120), generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()))))
+    logits = llama(ids).logits[0, :-1]
+    want = float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]).exp())
+    assert perplexity(llama, ids) == pytest.approx(want, rel=1e-5)
+    assert perplexity(transform(llama, "full", chunk=32), ids) == pytest.approx(want, rel=1e-4)
+    assert perplexity(transform(llama, "streaming", 16, chunk=32), ids) != pytest.approx(want, rel=1e-4)
+
+
+def test_eval_with_perplexity_and_its_column(llama, tmp_path):
+    tok = WordTokenizer()
+    records = evaluate(
+        llama, tok, task_names=["vt"], lengths=[150], policies=["tova"], budgets=[0.5],
+        samples=1, max_new_tokens=3, chunk=64, ppl=True, progress=False,
+    )  # fmt: skip
+    ppl = [r for r in records if r.task == "perplexity"]
+    assert [(r.policy, r.tokens) for r in ppl] == [("full", 150), ("tova", 150)] and all(r.score > 1 for r in ppl)
+    header, rows = report.table(records)
+    assert header == ["policy", "budget", "vt", "average", "perplexity"]
+    assert rows[0][-1] == f"{ppl[0].score:.2f}" and rows[0][-2] == f"{100 * records[0].score:.1f}"
+    report.write(records, tmp_path, {"title": "t"})  # the plot leaves perplexity out
+    assert len(tasks.documentation(tok, 500, 1).split()) >= 500
