@@ -52,3 +52,17 @@ def test_inspect_default_model_prints_30_sites():
         env={**__import__("os").environ, "COLUMNS": "200"},
     ).stdout
     assert "30 attention sites" in out and out.count("rewrite") == 30
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["eval", "--tasks", "sudoku"], "unknown task 'sudoku'"),
+        (["eval", "--policies", "nope"], "nope"),
+        (["eval", "--mode", "sideways"], "unknown mode"),
+        (["bench", "--policies", "nope"], "nope"),
+    ],
+)
+def test_eval_and_bench_refuse_bad_arguments_before_loading_anything(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        main(argv)
