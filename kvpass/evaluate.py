@@ -84,17 +84,23 @@ def answer(model: nn.Module, pieces: list[Tensor], max_new_tokens: int, eos: int
         cache = model.kvpass_new_cache(decode_reserve=sum(p.shape[1] for p in pieces[1:]) + max_new_tokens)
     else:
         cache = DynamicCache(config=getattr(model, "config", None))
+    # Positions are passed explicitly: a kvpress cache holds fewer entries than tokens seen, and
+    # transformers would otherwise number the next tokens by the entries held (as kvpress's own
+    # pipeline does, the true positions continue from the prompt's length).
+    seen = 0
     for i, piece in enumerate(pieces):
+        pos = torch.arange(seen, seen + piece.shape[1], device=piece.device)[None]
         with peers.applied(press, model) if press is not None and i == 0 else contextlib.nullcontext():
-            out = model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+            out = model(input_ids=piece, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache, seen = out.past_key_values, seen + piece.shape[1]
     nxt = out.logits[:, -1:].argmax(-1)
     tokens = [nxt]
     for _ in range(max_new_tokens - 1):
         if eos is not None and int(nxt) == eos:
             break
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        nxt = out.logits[:, -1:].argmax(-1)
+        pos = torch.full_like(nxt, seen)
+        out = model(input_ids=nxt, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nxt, seen = out.logits[:, -1:].argmax(-1), seen + 1
         tokens.append(nxt)
     return torch.cat(tokens, dim=1)[0]
 

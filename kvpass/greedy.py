@@ -55,7 +55,8 @@ def greedy(
     for _ in tqdm(range(max_new_tokens - 1), desc=desc, leave=False, disable=desc is None):
         if eos is not None and bool((nxt == eos).all()):
             break
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        pos = torch.full_like(nxt, input_ids.shape[1] + len(tokens) - 1)  # true positions (kvpress caches shrink)
+        out = model(input_ids=nxt, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1:].argmax(-1)
         tokens.append(nxt)
     decode = time.perf_counter() - t1

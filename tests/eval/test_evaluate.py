@@ -4,9 +4,11 @@ import json
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from kvpass import report, tasks
 from kvpass.evaluate import Record, answer, evaluate, render, score
+from tests.conftest import tiny_llama
 from tests.eval.stub import WordTokenizer
 
 
@@ -105,3 +107,48 @@ def test_eval_with_perplexity_and_its_column(llama, tmp_path):
     assert rows[0][-1] == f"{ppl[0].score:.2f}" and rows[0][-2] == f"{100 * records[0].score:.1f}"
     report.write(records, tmp_path, {"title": "t"})  # the plot leaves perplexity out
     assert len(tasks.documentation(tok, 500, 1).split()) >= 500
+
+
+class DropOldest:
+    """A stand-in for a kvpress press: after prefill, keep only the last ``keep`` entries of every layer."""
+
+    def __init__(self, keep):
+        self.keep = keep
+
+    def __call__(self, model):
+        press = self
+
+        class Hooked:
+            def __enter__(self):
+                self.handle = model.register_forward_hook(self.crop, with_kwargs=True)
+
+            def crop(self, module, args, kwargs, out):
+                for layer in kwargs["past_key_values"].layers:
+                    layer.keys, layer.values = layer.keys[:, :, -press.keep :], layer.values[:, :, -press.keep :]
+
+            def __exit__(self, *exc):
+                self.handle.remove()
+
+        return Hooked()
+
+
+def test_decoding_after_a_shrunken_cache_continues_at_true_positions():
+    """A cache that holds fewer entries than tokens seen (as kvpress leaves it) must not renumber the
+    next tokens: after the prompt's 50 tokens, the question is at positions 50-59, whatever is held."""
+    llama = tiny_llama(seed=3)
+    for layer in llama.model.layers:  # sharp attention, so that positions matter
+        layer.self_attn.q_proj.weight.mul_(30)
+        layer.self_attn.k_proj.weight.mul_(30)
+    ids = torch.randint(3, 97, (1, 60), generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()))))
+    got = answer(llama, [ids[:, :50], ids[:, 50:]], 6, press=DropOldest(20))
+    cache = DynamicCache(config=llama.config)
+    llama(input_ids=ids[:, :50], past_key_values=cache)
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, -20:], layer.values[:, :, -20:]
+    assert cache.get_seq_length() == 20
+    out = llama(input_ids=ids[:, 50:], position_ids=torch.arange(50, 60)[None], past_key_values=cache)
+    want = [out.logits[:, -1:].argmax(-1)]
+    for i in range(5):
+        out = llama(input_ids=want[-1], position_ids=torch.tensor([[60 + i]]), past_key_values=cache)
+        want.append(out.logits[:, -1:].argmax(-1))
+    assert torch.equal(got, torch.cat(want, dim=1)[0])
