@@ -50,20 +50,26 @@ def plot(records: list[Record], path: Path, title: str = "") -> None:
     for r in records:
         if r.task != PPL:
             per[r.policy][r.budget if r.budget is not None else 1.0].append(100 * r.score)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    bases = sorted({p.removeprefix("kvpass:").removeprefix("kvpress:") for p in per} - {"full"})
+    colors = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(bases)}
     for policy in sorted(per):
         xs = sorted(per[policy])
         ys = [sum(per[policy][x]) / len(per[policy][x]) for x in xs]
         if policy == "full":
             ax.axhline(ys[0], color="black", linestyle="--", label="full cache")
-        else:
-            ax.plot([100 * x for x in xs], ys, marker="o", label=policy)
+            continue
+        peer = policy.startswith("kvpress:")  # the peer's rows: same colour as ours, dotted, square markers
+        base = policy.removeprefix("kvpress:")
+        style = {"linestyle": ":" if peer else "-", "marker": "s" if peer else "o", "color": colors[base]}
+        ax.plot([100 * x for x in xs], ys, label=policy, **style)
+    ax.set_xlim(0, 105)
     ax.set_xlabel("KV cache kept (% of the prompt)")
     ax.set_ylabel("score (average over tasks)")
     ax.set_ylim(-2, 102)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
