@@ -130,7 +130,10 @@ def evaluate(
     progress: bool = True,
 ) -> list[Record]:
     """Every (task, length, sample) under the unmodified model and every (policy, budget); with
-    ``peer="kvpress"``, also under kvpress's counterpart of every policy it has (policy ``kvpress:NAME``)."""
+    ``peer="kvpress"``, also under kvpress's counterpart of every policy it has (policy ``kvpress:NAME``).
+    ``ppl=True`` adds, per length, the perplexity of documentation text (task ``perplexity``, its
+    ``score`` the perplexity) for the unmodified model and every kvpass policy; kvpress compresses
+    only after the prompt's logits are computed, so it has no such number."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     for b in budgets:
@@ -145,21 +148,19 @@ def evaluate(
     if peer == "kvpress":  # imported after the transforms: kvpress patches transformers' attention on import
         for policy, budget in product([p for p in peers.PRESSES if p in policies or p not in kvpass_names()], budgets):
             runs.append((f"kvpress:{policy}", budget, model, peers.press(policy, budget)))
-    cases = [tasks.make(t, tokenizer, n, seed + i) for t, n in product(task_names, lengths) for i in range(samples)]
+    cases = [
+        (n, tasks.make(t, tokenizer, n, seed + i)) for t, n in product(task_names, lengths) for i in range(samples)
+    ]
     eos = tokenizer.eos_token_id
     records = []
     bar = tqdm(total=len(cases) * len(runs), desc="eval", disable=not progress)
-    for case, n in zip(cases, [n for _, n in product(task_names, lengths) for _ in range(samples)], strict=True):
+    for n, case in cases:
         pieces = render(tokenizer, case, mode)
         for policy, budget, m, press in runs:
             t = time.perf_counter()
             out = tokenizer.decode(answer(m, pieces, max_new_tokens, eos, press), skip_special_tokens=True)
-            seconds = time.perf_counter() - t
-            records.append(
-                Record(
-                    case.task, n, case.seed, mode, policy, budget, score(out, case.answers), out, case.answers, seconds
-                )
-            )
+            seconds, s = time.perf_counter() - t, score(out, case.answers)
+            records.append(Record(case.task, n, case.seed, mode, policy, budget, s, out, case.answers, seconds))
             bar.update()
     bar.close()
     if ppl:
