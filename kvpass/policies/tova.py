@@ -11,13 +11,17 @@ from .base import Chunk, Policy
 class TOVA(Policy):
     """Token Omission Via Attention: keep the tokens the newest query attends to most.
 
-    score_j = sum over the query heads of the KV head of softmax(q_t k^T / sqrt(d))_j, for the
-    newest query t only, recomputed at every step (no accumulation).
+    score_j = sum over all query heads h of softmax(q_{t,h} k_h^T / sqrt(d))_j, for the newest
+    query t only, recomputed at every step (no accumulation). As in the paper, the attention is
+    averaged over the layer's heads and every head keeps the same tokens (so slot j holds the
+    same token in every KV head, and the sum can be taken slot by slot).
+    ``per_head=True`` scores each KV head by its own query heads instead (a kvpass variant).
     Oren et al., "Transformers are Multi-State RNNs", arXiv 2401.06104.
     """
 
     name = "tova"
     obs = 1
+    per_head: bool = False
 
     def score(self, chunk: Chunk) -> Tensor:
-        return chunk.mass
+        return chunk.mass if self.per_head else chunk.mass.sum(dim=1, keepdim=True).expand_as(chunk.mass)

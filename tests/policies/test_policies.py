@@ -108,7 +108,9 @@ def test_scores_are_pure_functions_of_their_inputs():
     )
     h2o = policies.get("h2o", budget=4, window=1).score(chunk)
     torch.testing.assert_close(h2o, torch.tensor([[[1.0, 3.0, 5.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0, 9.0]]]))
-    torch.testing.assert_close(policies.get("tova", budget=4).score(chunk), chunk.mass)
+    tova = policies.get("tova", budget=4).score(chunk)  # the paper's: all heads' attention, same for every head
+    torch.testing.assert_close(tova, torch.tensor([[[5.0, 7, 9, 11, 13], [5, 7, 9, 11, 13]]]))
+    torch.testing.assert_close(policies.get("tova", budget=4, per_head=True).score(chunk), chunk.mass)
     knorm = policies.get("knorm", budget=4).score(chunk)
     torch.testing.assert_close(knorm[..., C:], torch.full((B, Hkv, T), -2.0))
     stream = policies.get("streaming", budget=4, sink_tokens=1).score(chunk)
@@ -139,3 +141,18 @@ def test_unknown_policy_lists_names():
     with pytest.raises(ValueError, match=r"knob|unexpected"):
         policies.get("tova", budget=8, kernel_size=3)
     assert policies() == sorted(["full", "streaming", "h2o", "tova", "snapkv", "knorm", "random"])
+
+
+def test_tova_heads_keep_the_same_tokens_in_the_same_slots():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    cache = EvictingCache(policies.get("tova", budget=6), chunk=4)
+    cache.begin(2, 20, torch.device("cpu"))
+    for start in range(0, 24, 4):
+        cache.prefilling = start < 20
+        T = 4 if start < 20 else 1
+        q, k, v = (torch.randn(2, h, T, 8, generator=g) for h in (6, 2, 2))
+        cache.step(0, q, k, v, torch.arange(start, start + T).expand(2, T), 0.35, 0)
+        cache.seen = start + T
+    s = cache.slots[0]
+    assert s.valid.sum() == 2 * 2 * 6
+    assert torch.equal(s.pos[:, 0], s.pos[:, 1]) and torch.equal(s.valid[:, 0], s.valid[:, 1])
