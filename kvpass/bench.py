@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from kvpass.passkey import FILLER
+
 MiB = 2**20
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
 @dataclass

@@ -34,7 +34,7 @@ class TokenMixingError(ValueError):
 _SHAPE_ONLY = {
     "view", "reshape", "_unsafe_view", "permute", "transpose", "t", "numpy_T", "unsqueeze", "squeeze", "expand",
     "expand_as", "broadcast_to", "flatten", "unflatten", "contiguous", "clone", "alias", "detach", "lift_fresh_copy",
-    "_to_copy", "to", "type_as", "view_as", "repeat_interleave", "repeat", "movedim",
+    "_to_copy", "to", "type_as", "view_as", "repeat_interleave", "repeat", "movedim", "stack",
 }  # fmt: skip
 _ELEMENTWISE = {"where", "masked_fill", "clamp", "clamp_min", "clamp_max", "dropout", "type_as", "copy", "fill"}
 _FACTORIES = {"zeros", "ones", "full", "empty", "zeros_like", "ones_like", "full_like", "empty_like", "scalar_tensor"}
@@ -43,7 +43,7 @@ _REDUCE_DIM = {  # name -> index of the ``dim`` argument
     "sum": 1, "mean": 1, "amax": 1, "amin": 1, "max": 1, "min": 1, "prod": 1, "var": 1, "std": 1, "logsumexp": 1,
     "norm": 2, "linalg_vector_norm": 2, "softmax": 1, "_softmax": 1, "log_softmax": 1, "_log_softmax": 1,
     "cumsum": 1, "cumprod": 1, "argmax": 1, "argmin": 1, "any": 1, "all": 1, "topk": 2, "sort": 1, "var_mean": 1,
-    "cat": 1, "stack": 1, "split": 2, "split_with_sizes": 2, "chunk": 2, "unbind": 1, "select": 1, "slice": 1,
+    "cat": 1, "split": 2, "split_with_sizes": 2, "chunk": 2, "unbind": 1, "select": 1, "slice": 1,
     "narrow": 1, "index_select": 1, "gather": 1, "scatter": 1, "roll": 2, "flip": 1,
 }  # fmt: skip
 
@@ -112,6 +112,7 @@ def _mixes(node: fx.Node, seq: set) -> str:
         return "" if node.target == "_guards_fn" else "is a module call kvpass cannot see into"  # export's shape guards
     if node.target is operator.getitem:
         return ""
+    name = _name(node)
     ins = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
     in_tokens = {a: _token_dims(a.meta["val"], seq) for a in ins}
     out = node.meta.get("val")
@@ -120,13 +121,12 @@ def _mixes(node: fx.Node, seq: set) -> str:
     if not any(in_tokens.values()):
         if not out_tokens:
             return ""  # weights, constants, per-batch values: no tokens involved
-        if _name(node) in _FACTORIES:
+        if name in _FACTORIES:
             return ""
         return (
             "makes a tensor along the sequence from the chunk's length (e.g. positions by arange); "
             "pass positions as an input instead"
         )
-    name = _name(node)
     op = node.target
     if isinstance(op, torch._ops.OpOverload) and (torch.Tag.pointwise in op.tags or name in _ELEMENTWISE):
         return ""
@@ -156,7 +156,7 @@ def _mixes(node: fx.Node, seq: set) -> str:
         return _along({i for i, ix in enumerate(indices) if ix is not None} & set(xt), "indexes")
     if name in _REDUCE_DIM:
         i = _REDUCE_DIM[name]
-        if name in ("cat", "stack"):
+        if name == "cat":
             tensors = node.args[0]
             rank = len(tensors[0].meta["val"].shape)
             xt = sorted({d for t in tensors for d in in_tokens.get(t, [])})
@@ -165,8 +165,6 @@ def _mixes(node: fx.Node, seq: set) -> str:
             return ""  # the whole dimension
         if name in ("slice", "narrow", "select") and arg % max(rank, 1) in xt:
             return "takes part of the sequence (picks tokens by their place in the chunk)"
-        if name == "stack":
-            return ""
         return _along(set(_dims(arg, rank)) & set(xt), "reduces or rearranges")
     return "is an operation kvpass cannot show to keep tokens apart"
 
