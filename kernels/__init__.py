@@ -7,7 +7,8 @@ our ops are not registered a second time (which would tear down the first regist
 """
 
 if __name__ == "kvpass.kernels":
-    from .attend import attend, visible
+    from .attend import attend, attend_reference, visible
+    from .decode import decode, decode_reference
     from .softcap_sdpa import softcap_sdpa
 
-    __all__ = ["attend", "softcap_sdpa", "visible"]
+    __all__ = ["attend", "attend_reference", "decode", "decode_reference", "softcap_sdpa", "visible"]

@@ -43,7 +43,7 @@ def attend(
     (slots first, then the chunk), the attention probability it received from the last ``obs``
     queries of the chunk, summed over those queries and over the query heads sharing its KV head.
     """
-    return _attend(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs)
+    return attend_reference(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs)
 
 
 @attend.register_fake
@@ -67,7 +67,8 @@ def visible(slot_valid: Tensor, slot_pos: Tensor, pos: Tensor, window: int) -> T
     return torch.cat([old, new.expand(B, Hkv, T, T)], dim=-1)
 
 
-def _attend(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs):
+def attend_reference(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs):
+    """The op's torch implementation, callable without the dispatcher's per-call cost (eager runtime)."""
     T = q.shape[2]
     obs = min(obs, T)
     mask = visible(slot_valid, slot_pos, pos, window)

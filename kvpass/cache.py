@@ -1,9 +1,11 @@
 """The evicting KV cache: fixed-capacity slot tables per layer, filled and evicted per KV head.
 
 Every layer holds, for each batch row and KV head, ``C`` slots: key, value, true position, score
-and a valid flag. A step attends over the kept slots plus the new chunk, lets the policy score
-every candidate (slots and chunk), keeps the best ``C`` per KV head, and writes the chunk's kept
-tokens into the freed slots. Tensors keep their shapes from step to step.
+and a valid flag -- plus one *arrival* slot. A prefill chunk attends over the kept slots plus
+itself, the policy scores every candidate (slots and chunk), the best ``C`` per KV head stay,
+and the chunk's kept tokens move into the freed slots. A decoded token is written into the
+arrival slot, attends over all ``C + 1`` slots at once, and then takes the place of the
+lowest-ranked slot, unless it ranks lowest itself. Tensors keep their shapes from step to step.
 
 To ``transformers`` this is a :class:`~transformers.Cache` whose ``get_seq_length()`` is the
 number of tokens *seen*, so ``generate()`` feeds only new tokens and derives true positions.
@@ -12,58 +14,68 @@ number of tokens *seen*, so ``generate()`` feeds only new tokens and derives tru
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 from transformers import Cache
 
-from kvpass.kernels import attend
+from kvpass.kernels.attend import attend_reference
+from kvpass.kernels.decode import decode_reference
 from kvpass.policies.base import Chunk, Policy
 
 
 @dataclass
 class LayerSlots:
-    """One layer's slot tables, all ``[B, Hkv, C, ...]``."""
+    """One layer's slot tables, all ``[B, Hkv, C + arrival, ...]``: ``C`` slots, then (``arrival=1``)
+    the arrival slot, empty between steps."""
 
     keys: Tensor
     values: Tensor
     pos: Tensor
     score: Tensor
     valid: Tensor
-    evicted: Tensor  # entries (token x KV head x batch row) evicted so far, a 0-dim int64
+    arrival: int = 1
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("keys", "values", "pos", "score", "valid")
+    FILL: ClassVar[dict[str, float]] = {"keys": 0, "values": 0, "pos": -1, "score": 0, "valid": False}
 
     @classmethod
     def empty(cls, k: Tensor, capacity: int) -> LayerSlots:
         B, Hkv, _, D = k.shape
-        shape = (B, Hkv, capacity)
+        shape = (B, Hkv, capacity + 1)
         return cls(
             keys=k.new_zeros(*shape, D),
             values=k.new_zeros(*shape, D),
             pos=torch.full(shape, -1, dtype=torch.long, device=k.device),
             score=torch.zeros(shape, dtype=torch.float32, device=k.device),
             valid=torch.zeros(shape, dtype=torch.bool, device=k.device),
-            evicted=torch.zeros((), dtype=torch.long, device=k.device),
         )
 
     @property
     def capacity(self) -> int:
-        return self.keys.shape[2]
+        return self.keys.shape[2] - self.arrival
 
     @property
     def kv_bytes(self) -> int:
+        """Keys and values as allocated, the arrival slot included."""
         return self.keys.nbytes + self.values.nbytes
 
     @property
     def meta_bytes(self) -> int:
         return self.pos.nbytes + self.score.nbytes + self.valid.nbytes
 
+    def kept(self) -> LayerSlots:
+        """Views of the ``C`` slots without the arrival slot."""
+        return LayerSlots(*(getattr(self, f)[:, :, : self.capacity] for f in self.FIELDS), arrival=0)
+
     def grow(self, capacity: int) -> None:
         """Widen every table to ``capacity`` slots (only the non-evicting ``full`` policy does this)."""
         extra = capacity - self.capacity
-        for name, fill in (("keys", 0), ("values", 0), ("pos", -1), ("score", 0), ("valid", False)):
+        for name in self.FIELDS:
             t = getattr(self, name)
-            pad = t.new_full((*t.shape[:2], extra, *t.shape[3:]), fill)
-            setattr(self, name, torch.cat([t, pad], dim=2))
+            pad = t.new_full((*t.shape[:2], extra, *t.shape[3:]), self.FILL[name])
+            setattr(self, name, torch.cat([t[:, :, :-1], pad, t[:, :, -1:]], dim=2))
 
 
 class EvictingCache(Cache):
@@ -96,6 +108,9 @@ class EvictingCache(Cache):
         self.capacity = 0  # slots per layer and KV head
         self.prefilling = False
         self.lengths: Tensor | None = None  # real (non-padding) tokens seen, per batch row
+        self.deferred = False  # a forward is running: decoded tokens are admitted at its end (``flush``)
+        self._pending: dict[int, tuple[Tensor, ...]] = {}
+        self._stacks: dict[tuple[int, ...], LayerSlots] = {}
 
     # --- what transformers asks of a Cache ---------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -110,8 +125,15 @@ class EvictingCache(Cache):
 
     def reset(self) -> None:
         self.slots.clear()
+        self._pending.clear()
+        self._stacks.clear()
         self.seen = self.budget = self.capacity = 0
         self.lengths = None
+
+    def evicted(self, layer: int) -> int:
+        """Entries (token x KV head x batch row) that entered ``layer`` and are no longer held."""
+        s = self.slots[layer]
+        return int(self.lengths.sum()) * s.valid.shape[1] - int(s.valid.sum())
 
     # --- the runtime -------------------------------------------------------------------------
     def begin(self, batch: int, prompt_len: int, device: torch.device) -> None:
@@ -140,18 +162,68 @@ class EvictingCache(Cache):
         A sliding-window layer (``window > 0``) never holds more than ``window`` slots: tokens that
         no later query can see are dropped before the policy ranks the rest.
         """
-        slots = self.slots.get(layer)
-        if slots is None:
-            slots = self.slots[layer] = LayerSlots.empty(k, min(self.capacity, window) if window else self.capacity)
-        if not self.policy.evicts and not window and self.seen + k.shape[2] > slots.capacity:
-            slots.grow(max(2 * slots.capacity, self.seen + k.shape[2]))
-        out, mass = attend(
-            q, k, v, slots.keys, slots.values, slots.valid, slots.pos, pos, scale, window, softcap, self.policy.obs
+        s = self.slots.get(layer)
+        if s is None:
+            s = self.slots[layer] = LayerSlots.empty(k, min(self.capacity, window) if window else self.capacity)
+        T = k.shape[2]
+        if not self.policy.evicts and not window and self.seen + T > s.capacity:
+            s.grow(max(2 * s.capacity, self.seen + T))
+            self._stacks.clear()  # the grown layer has new tables: stack again at the next flush
+        if T == 1 and not self.prefilling:
+            # Decoding: the token enters the arrival slot, attends, and is admitted later (``flush``).
+            C = s.capacity
+            s.keys[:, :, C:].copy_(k)
+            s.values[:, :, C:].copy_(v)
+            s.pos[..., C:].copy_(pos[:, None])
+            s.valid[..., C:].copy_(pos[:, None] >= 0)
+            out, mass = decode_reference(q, s.keys, s.values, s.valid, s.pos, pos, scale, window, softcap)
+            self._pending[layer] = (k, v, pos, mass, window)
+            if not self.deferred:
+                self.flush()
+            return out
+        kept = s.kept()
+        out, mass = attend_reference(  # the op's body: eager, so no dispatcher cost per layer
+            q, k, v, kept.keys, kept.values, kept.valid, kept.pos, pos, scale, window, softcap, self.policy.obs
         )
-        self._update(slots, k, v, pos, mass, window)
+        self._update(kept, k, v, pos, mass, window)
         return out
 
+    @torch.compiler.disable  # bookkeeping: never traced, also when a compiled forward calls it
+    def flush(self) -> None:
+        """Admit the pending decoded tokens into their layers' slots.
+
+        A layer's admission only has to happen before that layer's next step, so a forward defers
+        them to its end (``deferred``) and admits all layers whose tables have the same shape in
+        one batch: their tables are stacked once into one tensor per field (each layer keeps a view
+        of its part) and the batch is the layers times the batch rows. Same result as admitting
+        layer by layer, in a thirtieth of the operations.
+        """
+        pending, self._pending = self._pending, {}
+        groups: dict[tuple, list[int]] = {}
+        for layer, (*_, window) in pending.items():
+            s = self.slots[layer]
+            groups.setdefault((s.keys.shape, s.keys.dtype, s.keys.device, window), []).append(layer)
+        for (*_, window), layers in groups.items():
+            layers = tuple(sorted(layers))
+            stacked = self._stacks.get(layers) or self._stack(layers)
+            k, v, pos, mass = (torch.cat(t) for t in list(zip(*(pending[i] for i in layers), strict=True))[:4])
+            _admit(stacked, k, v, pos, mass, self.policy, window)
+
+    def _stack(self, layers: tuple[int, ...]) -> LayerSlots:
+        """One tensor per field for ``layers`` (their slots become views into it), flattened to a
+        batch of ``len(layers) * B`` rows. A single layer is its own stack."""
+        tables = [self.slots[i] for i in layers]
+        if len(tables) == 1:
+            return tables[0]
+        whole = {f: torch.stack([getattr(t, f) for t in tables]) for f in LayerSlots.FIELDS}
+        for n, t in enumerate(tables):
+            for f in LayerSlots.FIELDS:
+                setattr(t, f, whole[f][n])
+        self._stacks[layers] = stacked = LayerSlots(**{f: w.flatten(0, 1) for f, w in whole.items()})
+        return stacked
+
     def _update(self, s: LayerSlots, k: Tensor, v: Tensor, pos: Tensor, mass: Tensor, window: int = 0) -> None:
+        """Keep the best ``C`` of the slots and the chunk (a prefill chunk; ``s``: the kept slots)."""
         B, Hkv, T, D = k.shape
         C = s.capacity
         cand_pos = torch.cat([s.pos, pos[:, None, :].expand(B, Hkv, T)], dim=-1)
@@ -163,30 +235,44 @@ class EvictingCache(Cache):
         rank = torch.where(self.policy.protected(cand_pos, newest), torch.inf, score)
         rank = torch.where(cand_valid, rank, -torch.inf)
         s.score.copy_(score[..., :C])
-        if T == 1 and not self.prefilling:
-            # One new token: it replaces the lowest-ranked slot, unless it ranks lower still.
-            dest = rank[..., :C].argmin(dim=-1, keepdim=True)
-            write = (rank[..., C:] >= rank.gather(-1, dest)) & cand_valid[..., C:]
-            s.evicted += (s.valid.gather(-1, dest) & write).sum() + (cand_valid[..., C:] & ~write).sum()
-            src = torch.zeros_like(dest)
-        else:
-            target = min(self.budget, C) if self.prefilling else C
-            keep = torch.zeros_like(cand_valid).scatter_(-1, rank.topk(min(target, C + T), dim=-1).indices, True)
-            keep &= cand_valid
-            s.evicted += cand_valid.sum() - keep.sum()
-            slot_keep, new_keep = keep[..., :C], keep[..., C:]
-            s.valid.copy_(slot_keep)
-            # Pair free slots (in slot order) with kept chunk tokens (in chunk order).
-            m = min(C, T)
-            dest = slot_keep.to(torch.int8).argsort(dim=-1, stable=True)[..., :m]
-            src = (~new_keep).to(torch.int8).argsort(dim=-1, stable=True)[..., :m]
-            write = new_keep.gather(-1, src)
-        m = dest.shape[-1]
+        target = min(self.budget, C) if self.prefilling else C
+        keep = torch.zeros_like(cand_valid).scatter_(-1, rank.topk(min(target, C + T), dim=-1).indices, True)
+        keep &= cand_valid
+        slot_keep, new_keep = keep[..., :C], keep[..., C:]
+        s.valid.copy_(slot_keep)
+        # Pair free slots (in slot order) with kept chunk tokens (in chunk order).
+        m = min(C, T)
+        dest = slot_keep.to(torch.int8).argsort(dim=-1, stable=True)[..., :m]
+        src = (~new_keep).to(torch.int8).argsort(dim=-1, stable=True)[..., :m]
+        write = new_keep.gather(-1, src)
         _put(s.keys, dest, write, k.gather(2, src[..., None].expand(B, Hkv, m, D)))
         _put(s.values, dest, write, v.gather(2, src[..., None].expand(B, Hkv, m, D)))
         _put(s.pos, dest, write, cand_pos[..., C:].gather(-1, src))
         _put(s.score, dest, write, score[..., C:].gather(-1, src))
         _put(s.valid, dest, write, write)
+
+
+def _admit(s: LayerSlots, k: Tensor, v: Tensor, pos: Tensor, mass: Tensor, policy: Policy, window: int = 0) -> None:
+    """Admit the token in each row's arrival slot (``k, v [B, Hkv, 1, D]``, ``pos [B, 1]``): it takes
+    the place of the lowest-ranked slot, unless it ranks lowest itself; the arrival slot is emptied."""
+    B, Hkv, _, D = k.shape
+    C = s.capacity
+    kept = s.kept()
+    score = policy.score(Chunk(old=kept.score, keys=k, values=v, pos=pos, mass=mass, slot_pos=kept.pos))
+    s.score.copy_(score)
+    rank, alive = score, s.valid
+    if policy.sink_tokens or policy.window or window:
+        newest = torch.maximum(pos[:, 0], kept.pos.amax(dim=(1, 2)))  # [B]
+        rank = torch.where(policy.protected(s.pos, newest), torch.inf, rank)
+        if window:  # dead slots (out of the next query's window) go first
+            alive = alive & (s.pos > newest[:, None, None] + 1 - window)
+    dest = torch.where(alive, rank, -torch.inf).argmin(dim=-1, keepdim=True)  # ties: an old slot goes
+    s.keys.scatter_(2, dest[..., None].expand(B, Hkv, 1, D), k)
+    s.values.scatter_(2, dest[..., None].expand(B, Hkv, 1, D), v)
+    s.pos.scatter_(-1, dest, pos[:, None].expand(B, Hkv, 1))
+    s.score.scatter_(-1, dest, score[..., C:])
+    s.valid.scatter_(-1, dest, (pos >= 0)[:, None].expand(B, Hkv, 1))
+    s.valid[..., C] = False
 
 
 def _put(table: Tensor, dest: Tensor, write: Tensor, new: Tensor) -> None:

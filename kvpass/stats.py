@@ -55,7 +55,7 @@ def cache_stats(model: nn.Module) -> CacheStats:
     if cache is None:
         return CacheStats(model.kvpass_policy.name, 0, [])
     layers = [
-        LayerStats(i, s.capacity, s.kv_bytes, s.meta_bytes, int(s.valid.sum()), int(s.evicted))
+        LayerStats(i, s.capacity, s.kv_bytes, s.meta_bytes, int(s.valid.sum()), cache.evicted(i))
         for i, s in sorted(cache.slots.items())
     ]
     return CacheStats(model.kvpass_policy.name, cache.seen, layers)

@@ -22,6 +22,7 @@ from kvpass.passes import (
     drop_noops,
     eager_to_sdpa,
     find_attention,
+    flatten_attrs,
     rewrite,
     split_head,
 )
@@ -97,6 +98,7 @@ def transform(
     binding = Binding()
     rewrite(gm, sites, lambda site: KVAttention(site, binding))
     check_token_local(gm, exempt={s.node for s in sites if s.action == "rewrite"})
+    flatten_attrs(gm)
 
     new = copy.copy(model)
     for attr in ("_modules", "_parameters", "_buffers"):
@@ -154,17 +156,19 @@ class KVPassMixin:
         T = input_ids.shape[1]
         self._kvpass_binding.cache = cache
         cache.prefilling = cache.seen == 0
+        cache.deferred = True
         logits: list[Tensor] = []
         try:
             for start in range(0, T, cache.chunk):
                 end = min(start + cache.chunk, T)
                 out = self.kvpass_graph(input_ids[:, start:end], pos[:, start:end])
+                cache.flush()
                 if not logits_to_keep or end > T - logits_to_keep:  # some rows of this chunk are wanted
                     out = out if not logits_to_keep else out[:, max(0, T - logits_to_keep - start) :]
                     logits.append(out if self.kvpass_head is None else self.kvpass_head(out))
                 cache.seen += end - start
         finally:
-            cache.prefilling = False
+            cache.prefilling = cache.deferred = False
             self._kvpass_binding.cache = None
         self.kvpass_cache = cache
         use_cache = getattr(getattr(self, "config", None), "use_cache", True) if use_cache is None else use_cache

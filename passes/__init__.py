@@ -4,6 +4,7 @@ from .capture import capture
 from .drop_noops import drop_noops
 from .eager_to_sdpa import eager_to_sdpa
 from .find_attention import PROBE_LEN, Site, find_attention
+from .flatten_attrs import flatten_attrs
 from .rewrite import rewrite
 from .split_head import Head, split_head
 from .token_mixing import TokenMixingError, check_token_local
@@ -18,6 +19,7 @@ __all__ = [
     "drop_noops",
     "eager_to_sdpa",
     "find_attention",
+    "flatten_attrs",
     "rewrite",
     "split_head",
 ]

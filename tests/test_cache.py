@@ -24,6 +24,7 @@ def feed(cache, g, B, Hkv, G, T, D, start, pad_rows=()):
 
 def brute_force_keep(cache, s, q, k, v, pos, scale):
     """Per (row, KV head): the positions of the top-``target`` candidates by (protected, score)."""
+    s = s.kept()
     _, mass = attend(q, k, v, s.keys, s.values, s.valid, s.pos, pos, scale, 0, 0.0, cache.policy.obs)
     score = cache.policy.score(Chunk(s.score.clone(), k, v, pos, mass, s.pos.clone()))
     B, Hkv, T = k.shape[:3]
@@ -69,6 +70,7 @@ def test_selection_matches_brute_force(policy):
             want, _, _ = brute_force_keep(cache, s, q, k, v, pos, 0.5)
         cache.step(0, q, k, v, pos, 0.5, 0)
         s = cache.slots[0]
+        assert not s.valid[..., C].any(), "the arrival slot is empty between steps"
         for b in range(B):
             for h in range(Hkv):
                 for t in range(T):
@@ -83,7 +85,7 @@ def test_selection_matches_brute_force(policy):
                 if s.valid[b, h, j]:
                     torch.testing.assert_close(s.keys[b, h, j], history[b, h, int(s.pos[b, h, j])])
         start += T
-    assert s.keys.shape[2] == C
+    assert s.capacity == C and s.keys.shape[2] == C + 1  # C slots and the arrival slot
     kept = kept_positions(s)
     assert len({tuple(p) for p in kept.values()}) > 1, f"heads should keep different tokens (seed {seed})"
 
@@ -102,7 +104,38 @@ def test_decode_fast_path_equals_general_path():
             c.step(0, q, k, v, pos, 0.5, 0)
         a, b = caches[0].slots[0], caches[1].slots[0]
         assert kept_positions(a) == kept_positions(b), f"seed {seed}, step {i}"
-        assert int(a.evicted) == int(b.evicted)
+
+
+@pytest.mark.parametrize("policy", ["h2o", "tova", "streaming", "full"])
+def test_deferred_batched_admission_equals_layer_by_layer(policy):
+    """A forward admits decoded tokens at its end, all layers in one batch (``flush``): the same
+    outputs and slots as admitting each layer right after its step."""
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    B, Hkv, G, D, C, L = 2, 2, 3, 4, 5, 3
+    knobs = {} if policy == "full" else {"budget": C, "window": 1 if policy != "streaming" else 0}
+    caches = [EvictingCache(policies.get(policy, **knobs)) for _ in range(2)]
+    for c in caches:
+        c.begin(B, 8, torch.device("cpu"))
+    for i in range(10):
+        T = 8 if i == 0 else 1
+        start = 0 if i == 0 else 7 + i
+        steps = [feed(None, g, B, Hkv, G, T, D, start) for _ in range(L)]
+        outs = []
+        for j, c in enumerate(caches):
+            c.prefilling, c.deferred = i == 0, j == 0
+            outs.append([c.step(layer, q, k, v, pos, 0.5, 0) for layer, (q, k, v, pos) in enumerate(steps)])
+            c.flush()
+            c.seen += T
+        for layer in range(L):
+            torch.testing.assert_close(outs[0][layer], outs[1][layer], rtol=0, atol=0)
+            a, b = caches[0].slots[layer], caches[1].slots[layer]
+            assert kept_positions(a) == kept_positions(b), f"seed {seed}, step {i}, layer {layer}"
+            for f in ("keys", "values", "pos", "score", "valid"):
+                torch.testing.assert_close(getattr(a, f), getattr(b, f), rtol=0, atol=0)
+    if policy != "full":  # the batched cache really stacked its layers' tables
+        views = [caches[0].slots[layer].keys for layer in range(L)]
+        assert len({v.untyped_storage().data_ptr() for v in views}) == 1
 
 
 def test_evicted_count_and_capacity():
@@ -112,9 +145,10 @@ def test_evicted_count_and_capacity():
     q, k, v, pos = feed(cache, g, 1, 2, 1, 10, 4, 0)
     cache.prefilling = True
     cache.step(0, q, k, v, pos, 0.5, 0)
+    cache.lengths += 10
     s = cache.slots[0]
-    assert int(s.evicted) == 2 * 6 and int(s.valid.sum()) == 2 * 4
-    assert s.kv_bytes == 2 * (1 * 2 * 4 * 4 * 4)
+    assert cache.evicted(0) == 2 * 6 and int(s.valid.sum()) == 2 * 4
+    assert s.kv_bytes == 2 * (1 * 2 * (4 + 1) * 4 * 4)  # K and V, 2 KV heads, 4 slots + arrival, D 4, fp32
 
 
 def test_prefill_only_eviction_keeps_room_for_decoding():
@@ -125,12 +159,15 @@ def test_prefill_only_eviction_keeps_room_for_decoding():
     cache.prefilling = True
     cache.step(0, *feed(cache, g, 1, 1, 1, 10, 4, 0)[:3], torch.arange(10)[None], 0.5, 0)
     cache.prefilling = False
+    cache.lengths += 10
     assert int(cache.slots[0].valid.sum()) == 4
     for i in range(3):  # the reserve takes the generated tokens without evicting
         cache.step(0, *feed(cache, g, 1, 1, 1, 1, 4, 0)[:3], torch.tensor([[10 + i]]), 0.5, 0)
-    assert int(cache.slots[0].valid.sum()) == 7 and int(cache.slots[0].evicted) == 6
+        cache.lengths += 1
+    assert int(cache.slots[0].valid.sum()) == 7 and cache.evicted(0) == 6
     cache.step(0, *feed(cache, g, 1, 1, 1, 1, 4, 0)[:3], torch.tensor([[13]]), 0.5, 0)
-    assert int(cache.slots[0].valid.sum()) == 7 and int(cache.slots[0].evicted) == 7
+    cache.lengths += 1
+    assert int(cache.slots[0].valid.sum()) == 7 and cache.evicted(0) == 7
 
 
 def test_float_budget_is_a_fraction_of_the_prompt():
