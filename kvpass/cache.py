@@ -232,7 +232,8 @@ class EvictingCache(Cache):
         if window:  # the next query (newest + 1) sees positions > newest + 1 - window; the rest is dead
             cand_valid &= cand_pos > newest[:, None, None] + 1 - window
         score = self.policy.score(Chunk(old=s.score, keys=k, values=v, pos=pos, mass=mass, slot_pos=s.pos))
-        rank = torch.where(self.policy.protected(cand_pos, newest), torch.inf, score)
+        p = self.policy
+        rank = torch.where(p.protected(cand_pos, newest), torch.inf, p.rank(score, cand_pos, newest))
         rank = torch.where(cand_valid, rank, -torch.inf)
         s.score.copy_(score[..., :C])
         target = min(self.budget, C) if self.prefilling else C
@@ -261,9 +262,9 @@ def _admit(s: LayerSlots, k: Tensor, v: Tensor, pos: Tensor, mass: Tensor, polic
     score = policy.score(Chunk(old=kept.score, keys=k, values=v, pos=pos, mass=mass, slot_pos=kept.pos))
     s.score.copy_(score)
     rank, alive = score, s.valid
-    if policy.sink_tokens or policy.window or window:
+    if policy.sink_tokens or policy.window or window or not policy.plain_rank:
         newest = torch.maximum(pos[:, 0], kept.pos.amax(dim=(1, 2)))  # [B]
-        rank = torch.where(policy.protected(s.pos, newest), torch.inf, rank)
+        rank = torch.where(policy.protected(s.pos, newest), torch.inf, policy.rank(score, s.pos, newest))
         if window:  # dead slots (out of the next query's window) go first
             alive = alive & (s.pos > newest[:, None, None] + 1 - window)
     dest = torch.where(alive, rank, -torch.inf).argmin(dim=-1, keepdim=True)  # ties: an old slot goes

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import contextlib
 
-# kvpass-style name -> kvpress class. ``h2o`` is kvpress's ObservedAttentionPress (accumulated
-# attention of the prompt's queries); the last two have no kvpass counterpart yet.
+# kvpass policy name -> the kvpress class with the same score; the last two have no kvpass
+# counterpart yet. (kvpress has no H2O as in its paper -- raw sum plus a protected recent window.)
 PRESSES = {
     "streaming": "StreamingLLMPress",
-    "h2o": "ObservedAttentionPress",
+    "observed": "ObservedAttentionPress",
     "tova": "TOVAPress",
     "snapkv": "SnapKVPress",
     "knorm": "KnormPress",

@@ -31,6 +31,7 @@ def brute_force_keep(cache, s, q, k, v, pos, scale):
     cand_pos = torch.cat([s.pos, pos[:, None].expand(B, Hkv, T)], -1)
     cand_ok = torch.cat([s.valid, (pos >= 0)[:, None].expand(B, Hkv, T)], -1)
     newest = int(cand_pos.max())
+    score = cache.policy.rank(score, cand_pos, torch.full((B,), newest))
     target = cache.budget if cache.prefilling else s.capacity
     keep = {}
     for b in range(B):
@@ -51,7 +52,7 @@ def kept_positions(s):
     return {(b, h): sorted(s.pos[b, h][s.valid[b, h]].tolist()) for b in range(B) for h in range(Hkv)}
 
 
-@pytest.mark.parametrize("policy", ["h2o", "tova", "snapkv", "knorm"])
+@pytest.mark.parametrize("policy", ["h2o", "observed", "tova", "snapkv", "knorm"])
 def test_selection_matches_brute_force(policy):
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)

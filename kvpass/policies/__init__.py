@@ -12,12 +12,13 @@ from .base import Chunk, Policy
 from .full import Full
 from .h2o import H2O
 from .knorm import KNorm
+from .observed import Observed
 from .random import Random
 from .snapkv import SnapKV
 from .streaming import Streaming
 from .tova import TOVA
 
-REGISTRY: dict[str, type[Policy]] = {p.name: p for p in (Full, Streaming, H2O, TOVA, SnapKV, KNorm, Random)}
+REGISTRY: dict[str, type[Policy]] = {p.name: p for p in (Full, Streaming, H2O, Observed, TOVA, SnapKV, KNorm, Random)}
 
 
 def names() -> list[str]:
@@ -54,6 +55,7 @@ __all__ = [
     "Chunk",
     "Full",
     "KNorm",
+    "Observed",
     "Policy",
     "Random",
     "SnapKV",

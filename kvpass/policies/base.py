@@ -45,6 +45,7 @@ class Policy:
     name: ClassVar[str] = ""
     obs: ClassVar[int] = 1 << 30  # how many of a chunk's last queries feed ``mass``
     evicts: ClassVar[bool] = True
+    plain_rank: ClassVar[bool] = True  # False: ``rank`` is overridden (and needs the newest position)
 
     def __post_init__(self) -> None:
         b = self.budget
@@ -78,6 +79,11 @@ class Policy:
     def score(self, chunk: Chunk) -> Tensor:
         """Scores ``[B, Hkv, C + T]`` (slots, then the chunk); the lowest are evicted first."""
         raise NotImplementedError
+
+    def rank(self, score: Tensor, pos: Tensor, newest: Tensor) -> Tensor:
+        """What candidates are ranked by, from their stored ``score`` and positions ``pos [B, Hkv, N]``
+        (``newest [B]``: the newest position); the score itself unless a policy says otherwise."""
+        return score
 
     def protected(self, pos: Tensor, newest: Tensor) -> Tensor:
         """Which positions the keep rule protects: sinks and the recent window. ``newest``: ``[B]``."""

@@ -30,7 +30,7 @@ def test_bad_peer_arguments():
 @pytest.mark.skipif(not HAVE_KVPRESS, reason="kvpress is not installed (pip install 'kvpass[compare]')")
 def test_kvpress_keeps_the_fraction_asked_for(llama):
     ids = torch.randint(3, 97, (1, 200), generator=torch.Generator().manual_seed(0))
-    for name in ("tova", "snapkv", "streaming", "knorm", "h2o"):
+    for name in ("tova", "snapkv", "streaming", "knorm", "observed"):
         cache = DynamicCache(config=llama.config)
         with peers.applied(peers.press(name, 0.25), llama):
             llama(input_ids=ids, past_key_values=cache, use_cache=True)

@@ -48,6 +48,14 @@ def test_h2o_keeps_heavy_hitters_and_window():
     assert kept == [0, 2, 6]
 
 
+def test_observed_ranks_by_mean_attention_not_by_sum():
+    # token 4 (key 1.5) draws ~half of the attention of the two queries that see it: mean 0.50;
+    # token 1 is seen by five queries, less each: sum 1.31 > token 4's 1.00, but mean 0.26.
+    keys = [0, 0, 0, 0, 1.5, 0]
+    assert run(policies.get("h2o", budget=2, window=0), keys, chunk=6)[0] == [0, 1]
+    assert run(policies.get("observed", budget=2), keys, chunk=6)[0] == [0, 4]
+
+
 def test_tova_follows_the_newest_query():
     # last query is negative: it prefers the *smallest* keys, so token 1 (key -8) is kept over token 3 (+8)
     keys = [0, -8, 0, 8, 0]
@@ -140,7 +148,7 @@ def test_unknown_policy_lists_names():
         policies.get("nonsense")
     with pytest.raises(ValueError, match=r"knob|unexpected"):
         policies.get("tova", budget=8, kernel_size=3)
-    assert policies() == sorted(["full", "streaming", "h2o", "tova", "snapkv", "knorm", "random"])
+    assert policies() == sorted(["full", "streaming", "h2o", "observed", "tova", "snapkv", "knorm", "random"])
 
 
 def test_tova_heads_keep_the_same_tokens_in_the_same_slots():
