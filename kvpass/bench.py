@@ -5,7 +5,9 @@ case's allocations never count in another's peak): one warm-up, then a timed pre
 prompt and ``new`` greedy decode steps. Reported per case: the KV bytes the cache physically
 holds, the peak memory growth during prefill and decoding (process resident set on CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA), prefill seconds and decode tokens/s -- and each as a
-ratio against the full cache of the same length, in the same run.
+ratio against the full cache of the same length, in the same run. A policy named ``NAME+compiled``
+is the transformed model compiled with the ``kvpass`` backend (warmed up at the prompt's length,
+so compilation is not timed).
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ def measure(tokens: int, policy: str, budget: float | None, new: int, chunk: int
         press = peers.press(policy.removeprefix("kvpress:"), budget)
     elif policy != "full":
         budget_arg = int(budget) if budget is not None and budget > 1 else budget
-        model = kvpass.transform(model, policy=policy, budget=budget_arg, chunk=chunk)
+        model = kvpass.transform(model, policy=policy.removesuffix("+compiled"), budget=budget_arg, chunk=chunk)
+        if policy.endswith("+compiled"):
+            model.compile(backend="kvpass")
     ids = tok(FILLER * (tokens // 20 + 1), return_tensors="pt").input_ids[:, :tokens].to(device)
     if ids.shape[1] < tokens:
         raise ValueError(f"could not build a {tokens}-token prompt")
@@ -72,6 +76,8 @@ def measure(tokens: int, policy: str, budget: float | None, new: int, chunk: int
             break
         except ValueError:  # a fractional budget too small for the policy's window: longer
             continue
+    if policy.endswith("+compiled"):  # compile for this prompt length too (shapes are dynamic after one change)
+        greedy(model, ids, 3)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -83,10 +89,17 @@ def measure(tokens: int, policy: str, budget: float | None, new: int, chunk: int
 
 
 def run_all(
-    lengths: list[int], policies: list[str], budget: float, new: int, chunk: int = 512, peer: str | None = None
+    lengths: list[int],
+    policies: list[str],
+    budget: float,
+    new: int,
+    chunk: int = 512,
+    peer: str | None = None,
+    compiled: bool = False,
 ) -> list[Case]:
     """Every (length, policy) plus the full cache, each in a fresh process; with ``peer="kvpress"``,
-    kvpress's counterpart of each policy too (``budget`` must then be a fraction of the prompt)."""
+    kvpress's counterpart of each policy too (``budget`` must then be a fraction of the prompt);
+    with ``compiled``, each policy compiled with the ``kvpass`` backend too."""
     from tqdm import tqdm
 
     from kvpass import peers
@@ -96,7 +109,8 @@ def run_all(
             raise ValueError(f"unknown peer {peer!r}; the one known is kvpress")
         for p in policies:
             peers.press(p, budget)  # a clear error now (not installed, no counterpart, budget not a fraction)
-    names = ["full", *policies, *([f"kvpress:{p}" for p in policies] if peer else [])]
+    names = ["full", *policies, *([f"{p}+compiled" for p in policies] if compiled else [])]
+    names += [f"kvpress:{p}" for p in policies] if peer else []
     cases = [(n, p) for n in lengths for p in names]
     out = []
     for n, p in tqdm(cases, desc="bench"):
@@ -116,7 +130,8 @@ def table(cases: list[Case]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cases:
         f = full[c.tokens]
-        name = "full (original)" if c.policy == "full" else f"{c.policy} @ {c.budget:g}"
+        name = "full (original)" if c.policy == "full" else f"{c.policy.removesuffix('+compiled')} @ {c.budget:g}"
+        name += ", compiled" if c.policy.endswith("+compiled") else ""
         cells = [c.tokens, name, f"{c.kv_bytes / MiB:.1f}", f"{c.kv_bytes / f.kv_bytes:.3f}"]
         cells += [f"{c.peak_bytes / MiB:.0f}", f"{c.peak_bytes / f.peak_bytes:.2f}"]
         cells += [f"{c.prefill_s:.2f}", f"{c.prefill_s / f.prefill_s:.2f}"]

@@ -154,7 +154,7 @@ def bench(args: argparse.Namespace) -> None:
 
     for p in args.policies:
         kvpass.policies.get(p, budget=args.budget if args.budget <= 1 else int(args.budget))
-    cases = run_all(args.lengths, args.policies, args.budget, args.new_tokens, args.chunk, args.peer)
+    cases = run_all(args.lengths, args.policies, args.budget, args.new_tokens, args.chunk, args.peer, args.compile)
     device = "CUDA" if torch.cuda.is_available() else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     md = (
         f"SmolLM2-135M-Instruct fp32, budget {args.budget:g}, chunk {args.chunk}, {args.new_tokens} greedy decode "
@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--chunk", type=int, default=512)
     b.add_argument("--out", default="bench-results")
     b.add_argument("--peer", choices=["kvpress"], help="also run kvpress's presses (needs a fractional --budget)")
+    b.add_argument("--compile", action="store_true", help="also each policy compiled with the kvpass backend")
     b.set_defaults(run=bench)
     p = sub.add_parser("policies", help="list the eviction policies")
     p.set_defaults(run=lambda _: print("\n".join(__import__("kvpass").policies())))

@@ -11,8 +11,10 @@ def test_table_reports_ratios_against_the_full_cache_of_the_same_length():
         Case(1000, "tova", 0.25, 100, 300, 1.0, 12.5, "cpu"),
         Case(2000, "full", None, 800, 2000, 5.0, 8.0, "cpu"),
         Case(2000, "tova", 0.25, 200, 500, 2.5, 16.0, "cpu"),
+        Case(2000, "tova+compiled", 0.25, 200, 500, 2.5, 20.0, "cpu"),
     ]
     rows = table(cases).splitlines()[2:]
+    assert rows[4].split(" | ")[1] == "tova @ 0.25, compiled" and rows[4].endswith("| 2.50 |")
     assert rows[1].split(" | ")[3:] == ["0.250", "0", "0.30", "1.00", "0.50", "12.5", "1.25 |"]
     assert rows[3].split(" | ")[3] == "0.250" and rows[3].endswith("| 2.00 |")
     assert rows[0].split(" | ")[1] == "full (original)" and rows[2].split(" | ")[3] == "1.000"
