@@ -30,6 +30,8 @@ def attend(
     window: int,
     softcap: float,
     obs: int,
+    entropy_k: int = 0,
+    value_weighted: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Attend ``q`` over the kept slots and the chunk; return ``(out, mass)``.
 
@@ -42,12 +44,17 @@ def attend(
     ``out [B, H, T, D]`` has ``q``'s dtype. ``mass [B, Hkv, C + T]`` (fp32) is, for every key
     (slots first, then the chunk), the attention probability it received from the last ``obs``
     queries of the chunk, summed over those queries and over the query heads sharing its KV head.
+    Two options change only the mass (what scoring reads), never ``out`` -- see :func:`mass_scale`
+    and :func:`value_weights`: ``entropy_k > 0`` computes it with an adaptive softmax scale,
+    ``value_weighted`` multiplies each key's mass by its value's squared norm.
     """
-    return attend_reference(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs)
+    return attend_reference(
+        q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k, value_weighted
+    )
 
 
 @attend.register_fake
-def _(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs):
+def _(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, *options):
     B, Hkv, C, _ = slot_k.shape
     return torch.empty_like(q), q.new_empty((B, Hkv, C + k.shape[2]), dtype=torch.float32)
 
@@ -67,7 +74,9 @@ def visible(slot_valid: Tensor, slot_pos: Tensor, pos: Tensor, window: int) -> T
     return torch.cat([old, new.expand(B, Hkv, T, T)], dim=-1)
 
 
-def attend_reference(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs):
+def attend_reference(
+    q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k=0, value_weighted=False
+):
     """The op's torch implementation, callable without the dispatcher's per-call cost (eager runtime)."""
     T = q.shape[2]
     obs = min(obs, T)
@@ -77,6 +86,7 @@ def attend_reference(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, 
         C = slot_k.shape[2]
         pg = probs.flatten(2, 3)  # [B, Hkv, G*T, C+T]
         out = (pg[..., :C] @ slot_v.float() + pg[..., C:] @ v.float()).view(q.shape).to(q.dtype)
+        probs = probs[:, :, :, T - obs :]
     else:
         # Few queries feed the mass: fused SDPA for the output, explicit softmax for those rows only.
         G = q.shape[1] // k.shape[1]
@@ -84,12 +94,36 @@ def attend_reference(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, 
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask.repeat_interleave(G, dim=1), scale=scale, enable_gqa=G > 1
         )
-        probs = _probs(q[:, :, T - obs :], (slot_k, k), mask[:, :, T - obs :], scale, softcap)
-    return out, probs[:, :, :, -obs:].sum(dim=(2, 3))
+        probs = None
+    if probs is None or entropy_k:
+        m = mask[:, :, T - obs :]
+        lam = mass_scale(m.sum(dim=-1), q.shape[-1], scale, entropy_k)[:, :, None, :, None] if entropy_k else scale
+        probs = _probs(q[:, :, T - obs :], (slot_k, k), m, lam, 0.0 if entropy_k else softcap)
+    mass = probs.sum(dim=(2, 3))
+    return out, mass * value_weights(torch.cat([slot_v, v], dim=2)) if value_weighted else mass
 
 
-def _probs(q: Tensor, keys: tuple[Tensor, ...], mask: Tensor, scale: float, softcap: float = 0.0) -> Tensor:
-    """Softmax probabilities ``[B, Hkv, G, T, N]`` (fp32) of ``q`` over the concatenated ``keys``."""
+def mass_scale(seen: Tensor, head_dim: int, scale: float, k: int) -> Tensor:
+    """AhaKV's adaptive softmax scale for a query that sees ``seen`` keys: ``sqrt(2 ln(seen / k) / d)``.
+
+    For ``n`` keys with independent Gaussian logits of variance ``s^2``, the softmax entropy is
+    about ``ln n - s^2 / 2``; this scale holds it near ``ln k`` however long the context. It is never
+    flatter than the model's own ``scale`` (reached below ~1.65 ``k`` keys).
+    """
+    lam = (2 * torch.log(seen.float().clamp_min(1) / k) / head_dim).clamp_min(0).sqrt()
+    return lam.clamp_min(scale)
+
+
+def value_weights(values: Tensor) -> Tensor:
+    """``||v_j||^2`` for every key ``[B, Hkv, N]`` (fp32): AhaKV's value refinement. The paper
+    divides by the largest norm among the keys; a common factor per head and step, it does not
+    change which tokens rank lowest, and is left out."""
+    return values.float().square().sum(dim=-1)
+
+
+def _probs(q: Tensor, keys: tuple[Tensor, ...], mask: Tensor, scale: float | Tensor, softcap: float = 0.0) -> Tensor:
+    """Softmax probabilities ``[B, Hkv, G, T, N]`` (fp32) of ``q`` over the concatenated ``keys``
+    (``scale``: a number, or per query ``[B, Hkv, 1, T, 1]``)."""
     B, H, T, D = q.shape
     Hkv = keys[0].shape[1]
     G = H // Hkv

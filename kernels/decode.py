@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .attend import mass_scale, value_weights
+
 
 @torch.library.custom_op("kvpass::decode", mutates_args=())
 def decode(
@@ -25,6 +27,8 @@ def decode(
     scale: float,
     window: int,
     softcap: float,
+    entropy_k: int = 0,
+    value_weighted: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Attend ``q [B, H, 1, D]`` over the valid slots ``slot_k, slot_v [B, Hkv, N, D]``.
 
@@ -32,17 +36,22 @@ def decode(
     sliding ``window > 0``, which hides slots ``window`` or more positions back). ``softcap > 0``
     caps the scaled logits ``x`` to ``softcap * tanh(x / softcap)``. Returns ``out [B, H, 1, D]``
     (``q``'s dtype) and ``mass [B, Hkv, N]`` (fp32): each slot's probability, summed over the query
-    heads that share its KV head. A row with no valid slot gets NaN.
+    heads that share its KV head. A row with no valid slot gets NaN. ``entropy_k`` and
+    ``value_weighted`` change only the mass, as in ``kvpass::attend``.
     """
-    return decode_reference(q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap)
+    return decode_reference(
+        q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, entropy_k, value_weighted
+    )
 
 
 @decode.register_fake
-def _(q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap):
+def _(q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, *options):
     return torch.empty_like(q), q.new_empty(slot_valid.shape, dtype=torch.float32)
 
 
-def decode_reference(q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap):
+def decode_reference(
+    q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, entropy_k=0, value_weighted=False
+):
     """The op's torch implementation, callable without the dispatcher's per-call cost (eager runtime)."""
     B, H, _, D = q.shape
     Hkv, N = slot_k.shape[1], slot_k.shape[2]
@@ -55,4 +64,9 @@ def decode_reference(q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window
     seen = slot_valid if not window else slot_valid & (pos[:, :, None] - slot_pos < window)
     probs = torch.where(seen[:, :, None], logits, float("-inf")).softmax(dim=-1)
     out = torch.bmm(probs.view(rows, G, N), slot_v.reshape(rows, N, D).float())
-    return out.view(B, H, 1, D).to(q.dtype), probs.sum(dim=2)
+    if entropy_k:  # the raw products q.k at the adaptive scale (soft-capping is left out of scoring)
+        raw = torch.bmm(q.reshape(rows, G, D).float(), slot_k.reshape(rows, N, D).float().mT).view(B, Hkv, G, N)
+        lam = mass_scale(seen.sum(dim=-1), D, scale, entropy_k)[:, :, None, None]
+        probs = torch.where(seen[:, :, None], raw * lam, float("-inf")).softmax(dim=-1)
+    mass = probs.sum(dim=2)
+    return out.view(B, H, 1, D).to(q.dtype), mass * value_weights(slot_v) if value_weighted else mass

@@ -176,15 +176,20 @@ class EvictingCache(Cache):
             s.values[:, :, C:].copy_(v)
             s.pos[..., C:].copy_(pos[:, None])
             s.valid[..., C:].copy_(pos[:, None] >= 0)
-            out, mass = decode_reference(q, s.keys, s.values, s.valid, s.pos, pos, scale, window, softcap)
+            p = self.policy
+            out, mass = decode_reference(
+                q, s.keys, s.values, s.valid, s.pos, pos, scale, window, softcap, p.mass_entropy_k, p.mass_by_value
+            )
             self._pending[layer] = (k, v, pos, mass, window)
             if not self.deferred:
                 self.flush()
             return out
         kept = s.kept()
+        p = self.policy
         out, mass = attend_reference(  # the op's body: eager, so no dispatcher cost per layer
-            q, k, v, kept.keys, kept.values, kept.valid, kept.pos, pos, scale, window, softcap, self.policy.obs
-        )
+            q, k, v, kept.keys, kept.values, kept.valid, kept.pos, pos, scale, window, softcap, p.obs,
+            p.mass_entropy_k, p.mass_by_value,
+        )  # fmt: skip
         self._update(kept, k, v, pos, mass, window)
         return out
 

@@ -25,7 +25,9 @@ def feed(cache, g, B, Hkv, G, T, D, start, pad_rows=()):
 def brute_force_keep(cache, s, q, k, v, pos, scale):
     """Per (row, KV head): the positions of the top-``target`` candidates by (protected, score)."""
     s = s.kept()
-    _, mass = attend(q, k, v, s.keys, s.values, s.valid, s.pos, pos, scale, 0, 0.0, cache.policy.obs)
+    p = cache.policy
+    options = (p.obs, p.mass_entropy_k, p.mass_by_value)
+    _, mass = attend(q, k, v, s.keys, s.values, s.valid, s.pos, pos, scale, 0, 0.0, *options)
     score = cache.policy.score(Chunk(s.score.clone(), k, v, pos, mass, s.pos.clone()))
     B, Hkv, T = k.shape[:3]
     cand_pos = torch.cat([s.pos, pos[:, None].expand(B, Hkv, T)], -1)
@@ -52,12 +54,13 @@ def kept_positions(s):
     return {(b, h): sorted(s.pos[b, h][s.valid[b, h]].tolist()) for b in range(B) for h in range(Hkv)}
 
 
-@pytest.mark.parametrize("policy", ["h2o", "observed", "tova", "snapkv", "knorm"])
+@pytest.mark.parametrize("policy", ["h2o", "observed", "tova", "snapkv", "knorm", "aha"])
 def test_selection_matches_brute_force(policy):
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     B, Hkv, G, D, C = 2, 3, 2, 4, 6
-    pol = policies.get(policy, budget=C, window=1) if policy != "snapkv" else policies.get(policy, budget=C, window=2)
+    knobs = {"snapkv": {"window": 2}, "aha": {"window": 1, "recent": 3, "k": 2}}.get(policy, {"window": 1})
+    pol = policies.get(policy, budget=C, **knobs)
     cache = EvictingCache(pol, chunk=4)
     cache.begin(B, 20, torch.device("cpu"))
     ptr = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 import types
 
+from .aha import AhaKV
 from .base import Chunk, Policy
 from .full import Full
 from .h2o import H2O
@@ -18,7 +19,8 @@ from .snapkv import SnapKV
 from .streaming import Streaming
 from .tova import TOVA
 
-REGISTRY: dict[str, type[Policy]] = {p.name: p for p in (Full, Streaming, H2O, Observed, TOVA, SnapKV, KNorm, Random)}
+_ALL = (Full, Streaming, H2O, Observed, TOVA, SnapKV, KNorm, AhaKV, Random)
+REGISTRY: dict[str, type[Policy]] = {p.name: p for p in _ALL}
 
 
 def names() -> list[str]:
@@ -52,6 +54,7 @@ __all__ = [
     "H2O",
     "REGISTRY",
     "TOVA",
+    "AhaKV",
     "Chunk",
     "Full",
     "KNorm",

@@ -8,8 +8,11 @@ import torch
 from kvpass.kernels import attend
 
 
-def dense_reference(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs):
-    """Loop over every (row, head, query): gather what it may see, softmax, sum."""
+def dense_reference(
+    q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k=0, value_weighted=False
+):
+    """Loop over every (row, head, query): gather what it may see, softmax, sum. The mass options
+    as AhaKV states them: scale sqrt(2 ln(n / k) / d), never below ``scale``; weights ||v||^2."""
     B, H, T, _ = q.shape
     Hkv, C = slot_k.shape[1], slot_k.shape[2]
     G = H // Hkv
@@ -36,6 +39,12 @@ def dense_reference(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, w
                     logits = softcap * torch.tanh(logits / softcap)
                 p = torch.where(ok, logits, -math.inf).softmax(0)
                 out[b, h, t] = (p @ vals).to(q.dtype)
+                if entropy_k:
+                    n = int(ok.sum())
+                    lam = max(scale, math.sqrt(max(0.0, 2 * math.log(n / entropy_k) / q.shape[-1])))
+                    p = torch.where(ok, (keys @ q[b, h, t].double()) * lam, -math.inf).softmax(0)
+                if value_weighted:
+                    p = p * (vals * vals).sum(-1)
                 if t >= T - min(obs, T):
                     mass[b, kv] += p
     return out, mass.float()
@@ -68,6 +77,21 @@ def test_matches_dense_reference(G, T, obs, window, softcap):
     ref_out, ref_mass = dense_reference(*case, scale, window, softcap, obs)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
     torch.testing.assert_close(mass, ref_mass, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("T,obs", [(1, 1), (6, 2), (6, 6)])
+@pytest.mark.parametrize("entropy_k", [0, 2])
+@pytest.mark.parametrize("value_weighted", [False, True])
+def test_mass_options(T, obs, entropy_k, value_weighted):
+    """AhaKV's scoring options change the mass only (the output stays the model's attention)."""
+    seed = torch.randint(0, 2**31, ()).item()
+    case = random_case(seed, B=2, Hkv=2, G=3, C=20, T=T, D=8, dtype=torch.float32, pad=T > 1)
+    got = attend(*case, 0.3, 0, 0.0, obs, entropy_k, value_weighted)
+    ref = dense_reference(*case, 0.3, 0, 0.0, obs, entropy_k, value_weighted)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+    if entropy_k or value_weighted:  # the option did something
+        assert not torch.allclose(got[1], attend(*case, 0.3, 0, 0.0, obs)[1], atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])

@@ -29,6 +29,17 @@ def test_matches_dense_reference(G, window, softcap):
     torch.testing.assert_close(mass, ref_mass, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
 
 
+@pytest.mark.parametrize("entropy_k", [0, 2])
+@pytest.mark.parametrize("value_weighted", [False, True])
+def test_mass_options(entropy_k, value_weighted):
+    seed = torch.randint(0, 2**31, ()).item()
+    case = random_case(seed, B=2, Hkv=3, G=2, C=20, T=1, D=8, dtype=torch.float32)
+    out, mass = decode(*with_arrival(case), 0.3, 0, 0.0, entropy_k, value_weighted)
+    ref_out, ref_mass = dense_reference(*case, 0.3, 0, 0.0, 1, entropy_k, value_weighted)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+    torch.testing.assert_close(mass, ref_mass, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
 def test_low_precision_inputs(dtype, tol):
     seed = torch.randint(0, 2**31, ()).item()

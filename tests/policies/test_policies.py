@@ -5,6 +5,8 @@ attention is controlled by the key values: with query 1 and scale 1, a key of +8
 all attention, keys of 0 share what is left.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from kvpass.policies.base import Chunk
 from kvpass.policies.snapkv import pool_by_position
 
 
-def run(policy, keys, *, chunk, prompt=None, queries=None):
+def run(policy, keys, *, chunk, prompt=None, queries=None, values=None):
     """Feed ``keys`` (one float per token) in pieces of ``chunk``; return the kept positions, sorted."""
     n = len(keys)
     cache = EvictingCache(policy, chunk=chunk)
@@ -25,7 +27,7 @@ def run(policy, keys, *, chunk, prompt=None, queries=None):
         end = min(start + chunk, n)
         cache.prefilling = end <= (prompt or n)
         pos = torch.arange(start, end)[None]
-        v = torch.randn(1, 1, end - start, 1)
+        v = torch.randn(1, 1, end - start, 1) if values is None else torch.tensor(values[start:end]).view(1, 1, -1, 1)
         cache.step(0, q_all[:, :, start:end], k_all[:, :, start:end], v, pos, 1.0, 0)
         cache.seen, cache.lengths = end, cache.lengths + (pos >= 0).sum(dim=1)
     s = cache.slots[0]
@@ -54,6 +56,49 @@ def test_observed_ranks_by_mean_attention_not_by_sum():
     keys = [0, 0, 0, 0, 1.5, 0]
     assert run(policies.get("h2o", budget=2, window=0), keys, chunk=6)[0] == [0, 1]
     assert run(policies.get("observed", budget=2), keys, chunk=6)[0] == [0, 4]
+
+
+def test_aha_recent_accumulation_removes_the_early_token_bias():
+    # token 4 (key 1) draws 0.41 and 0.35 of the last two queries' attention; token 0 gets 0.15 and
+    # 0.13 from them, but 2.08 more from the four queries before: H2O's sum keeps it.
+    keys = [0, 0, 0, 0, 1, 0]
+    plain = {"k": 0, "value_norms": False}
+    assert run(policies.get("aha", budget=1, recent=0, **plain), keys, chunk=6)[0] == [0]
+    assert run(policies.get("aha", budget=1, recent=2, **plain), keys, chunk=6)[0] == [4]
+
+
+def test_aha_value_refinement():
+    # uniform attention; token 1's value has norm^2 9: 9 x (1/2 + 1/3 + 1/4) = 9.75 > token 0's 2.08
+    keys, values = [0.0] * 4, [1.0, 3.0, 1.0, 1.0]
+    plain = {"recent": 0, "k": 0}
+    assert run(policies.get("aha", budget=1, value_norms=False, **plain), keys, chunk=4, values=values)[0] == [0]
+    assert run(policies.get("aha", budget=1, value_norms=True, **plain), keys, chunk=4, values=values)[0] == [1]
+
+
+def test_aha_adaptive_scale():
+    from kvpass.kernels.attend import mass_scale
+
+    seen = torch.tensor([64, 6, 4, 1])
+    got = mass_scale(seen, head_dim=8, scale=0.3, k=4)
+    # sqrt(2 ln(64/4) / 8) = 0.8326; sqrt(2 ln(6/4) / 8) = 0.3183; 4 and 1 keys: the model's 0.3
+    torch.testing.assert_close(got, torch.tensor([0.8326, 0.3183, 0.3, 0.3]), rtol=0, atol=1e-4)
+    # in the cache: 8 keys seen, k = 1, d = 1 -> scale sqrt(2 ln 8) = 2.04 instead of 1, a sharper
+    # scoring softmax: the most attended key gains mass from the newest query, the others lose
+    keys = [0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    low = run(policies.get("aha", budget=8, recent=1, k=0, value_norms=False), keys, chunk=8)[1].slots[0].score
+    high = run(policies.get("aha", budget=8, recent=1, k=1, value_norms=False), keys, chunk=8)[1].slots[0].score
+    e = math.exp
+    torch.testing.assert_close(low[0, 0, 1].item(), e(0.5) / (7 + e(0.5)), rtol=1e-5, atol=0)
+    lam = math.sqrt(2 * math.log(8))
+    torch.testing.assert_close(high[0, 0, 1].item(), e(0.5 * lam) / (7 + e(0.5 * lam)), rtol=1e-5, atol=0)
+    assert high[0, 0, 0] < low[0, 0, 0]
+
+
+def test_aha_knobs_are_checked():
+    with pytest.raises(ValueError, match="recent"):
+        policies.get("aha", recent=-1)
+    with pytest.raises(ValueError, match="k must"):
+        policies.get("aha", k=1.5)
 
 
 def test_tova_follows_the_newest_query():
@@ -148,7 +193,8 @@ def test_unknown_policy_lists_names():
         policies.get("nonsense")
     with pytest.raises(ValueError, match=r"knob|unexpected"):
         policies.get("tova", budget=8, kernel_size=3)
-    assert policies() == sorted(["full", "streaming", "h2o", "observed", "tova", "snapkv", "knorm", "random"])
+    names = ["full", "streaming", "h2o", "observed", "tova", "snapkv", "knorm", "aha", "random"]
+    assert policies() == sorted(names)
 
 
 def test_tova_heads_keep_the_same_tokens_in_the_same_slots():
