@@ -48,14 +48,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(tokens: int, policy: str, budget: float | None, new: int, chunk: int = 512) -> Case:
+def measure(tokens: int, policy: str, budget: float | None, new: int, chunk: int = 512, model_name="default") -> Case:
     """One case, in this process: load, (transform,) warm up, then time prefill and decoding."""
     import kvpass
+    from kvpass.default_model import load_model
     from kvpass.greedy import greedy
 
     torch.set_grad_enabled(False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = kvpass.load_default_model()
+    model, tok = load_model(model_name)
     model = model.to(device)
     press = None
     if policy.startswith("kvpress:"):
@@ -96,6 +97,7 @@ def run_all(
     chunk: int = 512,
     peer: str | None = None,
     compiled: bool = False,
+    model: str = "default",
 ) -> list[Case]:
     """Every (length, policy) plus the full cache, each in a fresh process; with ``peer="kvpress"``,
     kvpress's counterpart of each policy too (``budget`` must then be a fraction of the prompt);
@@ -114,7 +116,7 @@ def run_all(
     cases = [(n, p) for n in lengths for p in names]
     out = []
     for n, p in tqdm(cases, desc="bench"):
-        cmd = [sys.executable, "-m", "kvpass.bench", str(n), p, str(budget), str(new), str(chunk)]
+        cmd = [sys.executable, "-m", "kvpass.bench", str(n), p, str(budget), str(new), str(chunk), model]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"bench case {n} tokens / {p} failed:\n{done.stderr[-2000:]}")
@@ -144,6 +146,6 @@ def to_json(cases: list[Case]) -> str:
     return json.dumps([asdict(c) for c in cases], indent=1)
 
 
-if __name__ == "__main__":  # one case: tokens policy budget new chunk -> a JSON line
-    n, p, b, k, ch = sys.argv[1:6]
-    print(json.dumps(asdict(measure(int(n), p, None if p == "full" else float(b), int(k), int(ch)))))
+if __name__ == "__main__":  # one case: tokens policy budget new chunk model -> a JSON line
+    n, p, b, k, ch, m = sys.argv[1:7]
+    print(json.dumps(asdict(measure(int(n), p, None if p == "full" else float(b), int(k), int(ch), m))))

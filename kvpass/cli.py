@@ -51,17 +51,11 @@ def demo(args: argparse.Namespace) -> None:
 def inspect(args: argparse.Namespace) -> None:
     """List the attention sites kvpass finds in a model and what it will do with each."""
     import kvpass
+    from kvpass.default_model import load_model
 
     console = Console()
     with console.status(f"loading {args.model}"):
-        if args.model == "default":
-            model, _ = kvpass.load_default_model()
-        else:
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(
-                args.model, attn_implementation="sdpa", local_files_only=True
-            ).eval()
+        model, _ = load_model(args.model, tokenizer=False)
     verdict = "ready to transform: the graph mixes tokens only in these attention sites"
     with console.status("capturing the forward step with torch.export, rewriting, checking"):
         try:
@@ -96,6 +90,7 @@ def evaluate(args: argparse.Namespace) -> None:
 
     import kvpass
     from kvpass import report, tasks
+    from kvpass.default_model import load_model
     from kvpass.evaluate import MODES, evaluate
 
     console = Console()
@@ -107,8 +102,9 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.mode not in MODES:
         raise ValueError(f"unknown mode {args.mode!r}; choose from {', '.join(MODES)}")
     torch.set_grad_enabled(False)
-    with console.status("loading SmolLM2-135M-Instruct"):
-        model, tok = kvpass.load_default_model()
+    name = "SmolLM2-135M-Instruct" if args.model == "default" else args.model
+    with console.status(f"loading {name}"):
+        model, tok = load_model(args.model)
     start = time.time()
     records = evaluate(
         model,
@@ -126,7 +122,7 @@ def evaluate(args: argparse.Namespace) -> None:
         ppl=args.ppl,
     )
     meta = {
-        "model": "SmolLM2-135M-Instruct",
+        "model": name,
         "mode": args.mode,
         "peer": args.peer,
         "lengths": args.lengths,
@@ -154,10 +150,13 @@ def bench(args: argparse.Namespace) -> None:
 
     for p in args.policies:
         kvpass.policies.get(p, budget=args.budget if args.budget <= 1 else int(args.budget))
-    cases = run_all(args.lengths, args.policies, args.budget, args.new_tokens, args.chunk, args.peer, args.compile)
+    name = "SmolLM2-135M-Instruct" if args.model == "default" else args.model
+    cases = run_all(
+        args.lengths, args.policies, args.budget, args.new_tokens, args.chunk, args.peer, args.compile, args.model
+    )
     device = "CUDA" if torch.cuda.is_available() else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     md = (
-        f"SmolLM2-135M-Instruct fp32, budget {args.budget:g}, chunk {args.chunk}, {args.new_tokens} greedy decode "
+        f"{name} fp32, budget {args.budget:g}, chunk {args.chunk}, {args.new_tokens} greedy decode "
         f"steps; {device}, torch {torch.__version__}\n\n" + table(cases)
     )
     out = Path(args.out)
@@ -187,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         "--tasks", nargs="+", default=["niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe", "fwe"]
     )
     e.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048], help="context lengths in tokens")
-    e.add_argument("--policies", nargs="+", default=["streaming", "h2o", "tova", "snapkv", "knorm"])
+    e.add_argument("--policies", nargs="+", default=["streaming", "h2o", "tova", "snapkv", "aha"])
     e.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.5, 0.25], help="fractions of the prompt kept")
     e.add_argument("--samples", type=int, default=3, help="samples per task and length")
     e.add_argument("--mode", default="aware", help="aware (question compressed too) or agnostic (context only)")
@@ -196,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--ppl", action="store_true", help="also the perplexity of documentation text at each length")
     e.add_argument("--peer", choices=["kvpress"], help="also run kvpress's presses (pip install 'kvpass[compare]')")
+    e.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model directory")
     e.add_argument("--out", default="eval-results", help="directory for results.json / .md / .png")
     e.set_defaults(run=evaluate)
     b = sub.add_parser("bench", help=bench.__doc__)
@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--out", default="bench-results")
     b.add_argument("--peer", choices=["kvpress"], help="also run kvpress's presses (needs a fractional --budget)")
     b.add_argument("--compile", action="store_true", help="also each policy compiled with the kvpass backend")
+    b.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model directory")
     b.set_defaults(run=bench)
     p = sub.add_parser("policies", help="list the eviction policies")
     p.set_defaults(run=lambda _: print("\n".join(__import__("kvpass").policies())))

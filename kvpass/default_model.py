@@ -49,6 +49,21 @@ def load_default_model(dtype: torch.dtype = torch.float32):
     return model.eval(), tokenizer
 
 
+def load_model(name: str = "default", dtype: torch.dtype = torch.float32, tokenizer: bool = True):
+    """``(model, tokenizer)``: the default model for ``"default"``, else a local transformers model
+    directory (nothing is downloaded), in eval mode with SDPA attention. ``tokenizer=False``: the
+    model only, ``(model, None)``."""
+    if name == "default":
+        return load_default_model(dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(name).is_dir():
+        raise ValueError(f"model {name!r}: not 'default' and not a local model directory")
+    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True) if tokenizer else None
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa", local_files_only=True)
+    return model.eval(), tokenizer
+
+
 def _convert(target: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
