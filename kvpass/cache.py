@@ -266,12 +266,11 @@ def _admit(s: LayerSlots, k: Tensor, v: Tensor, pos: Tensor, mass: Tensor, polic
     kept = s.kept()
     score = policy.score(Chunk(old=kept.score, keys=k, values=v, pos=pos, mass=mass, slot_pos=kept.pos))
     s.score.copy_(score)
-    rank, alive = score, s.valid
-    if policy.sink_tokens or policy.window or window or not policy.plain_rank:
-        newest = torch.maximum(pos[:, 0], kept.pos.amax(dim=(1, 2)))  # [B]
-        rank = torch.where(policy.protected(s.pos, newest), torch.inf, policy.rank(score, s.pos, newest))
-        if window:  # dead slots (out of the next query's window) go first
-            alive = alive & (s.pos > newest[:, None, None] + 1 - window)
+    newest = torch.maximum(pos[:, 0], kept.pos.amax(dim=(1, 2)))  # [B]
+    rank = torch.where(policy.protected(s.pos, newest), torch.inf, policy.rank(score, s.pos, newest))
+    alive = s.valid
+    if window:  # dead slots (out of the next query's window) go first
+        alive = alive & (s.pos > newest[:, None, None] + 1 - window)
     dest = torch.where(alive, rank, -torch.inf).argmin(dim=-1, keepdim=True)  # ties: an old slot goes
     s.keys.scatter_(2, dest[..., None].expand(B, Hkv, 1, D), k)
     s.values.scatter_(2, dest[..., None].expand(B, Hkv, 1, D), v)

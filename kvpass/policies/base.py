@@ -47,7 +47,6 @@ class Policy:
     evicts: ClassVar[bool] = True
     mass_entropy_k: ClassVar[int] = 0  # > 0: ``mass`` at AhaKV's adaptive softmax scale (kvpass::attend)
     mass_by_value: ClassVar[bool] = False  # ``mass`` weighted by each key's squared value norm
-    plain_rank: ClassVar[bool] = True  # False: ``rank`` is overridden (and needs the newest position)
 
     def __post_init__(self) -> None:
         b = self.budget

@@ -21,7 +21,6 @@ class Observed(Policy):
     """
 
     name = "observed"
-    plain_rank = False
 
     def score(self, chunk: Chunk) -> Tensor:
         return accumulated(chunk)  # the sum is what accumulates; ``rank`` divides by the count
