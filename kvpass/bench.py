@@ -48,7 +48,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(tokens: int, policy: str, budget: float | None, new: int, chunk: int = 512, model_name="default") -> Case:
+def measure(
+    tokens: int, policy: str, budget: float | None, new: int, chunk: int = 512, model_name: str = "default"
+) -> Case:
     """One case, in this process: load, (transform,) warm up, then time prefill and decoding."""
     import kvpass
     from kvpass.default_model import load_model

@@ -90,7 +90,7 @@ def evaluate(args: argparse.Namespace) -> None:
 
     import kvpass
     from kvpass import report, tasks
-    from kvpass.default_model import load_model
+    from kvpass.default_model import label, load_model
     from kvpass.evaluate import MODES, evaluate
 
     console = Console()
@@ -102,7 +102,7 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.mode not in MODES:
         raise ValueError(f"unknown mode {args.mode!r}; choose from {', '.join(MODES)}")
     torch.set_grad_enabled(False)
-    name = "SmolLM2-135M-Instruct" if args.model == "default" else args.model
+    name = label(args.model)
     with console.status(f"loading {name}"):
         model, tok = load_model(args.model)
     start = time.time()
@@ -147,10 +147,11 @@ def bench(args: argparse.Namespace) -> None:
 
     import kvpass
     from kvpass.bench import run_all, table, to_json
+    from kvpass.default_model import label
 
     for p in args.policies:
         kvpass.policies.get(p, budget=args.budget if args.budget <= 1 else int(args.budget))
-    name = "SmolLM2-135M-Instruct" if args.model == "default" else args.model
+    name = label(args.model)
     cases = run_all(
         args.lengths, args.policies, args.budget, args.new_tokens, args.chunk, args.peer, args.compile, args.model
     )

@@ -49,6 +49,11 @@ def load_default_model(dtype: torch.dtype = torch.float32):
     return model.eval(), tokenizer
 
 
+def label(name: str) -> str:
+    """How results name the model ``name`` (as ``load_model`` takes it)."""
+    return NAME if name == "default" else name
+
+
 def load_model(name: str = "default", dtype: torch.dtype = torch.float32, tokenizer: bool = True):
     """``(model, tokenizer)``: the default model for ``"default"``, else a local transformers model
     directory (nothing is downloaded), in eval mode with SDPA attention. ``tokenizer=False``: the
