@@ -32,6 +32,8 @@ def attend(
     obs: int,
     entropy_k: int = 0,
     value_weighted: bool = False,
+    chunk_keep: Tensor | None = None,
+    keep_window: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Attend ``q`` over the kept slots and the chunk; return ``(out, mass)``.
 
@@ -47,10 +49,14 @@ def attend(
     Two options change only the mass (what scoring reads), never ``out`` -- see :func:`mass_scale`
     and :func:`value_weights`: ``entropy_k > 0`` computes it with an adaptive softmax scale,
     ``value_weighted`` multiplies each key's mass by its value's squared norm.
+
+    ``chunk_keep [B, Hkv, T]`` (bool, optional): in-context eviction -- a chunk token that is not
+    kept is seen only by itself and the queries at most ``keep_window`` positions after it.
     """
     return attend_reference(
-        q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k, value_weighted
-    )
+        q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k, value_weighted,
+        chunk_keep, keep_window,
+    )  # fmt: skip
 
 
 @attend.register_fake
@@ -59,7 +65,7 @@ def _(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap
     return torch.empty_like(q), q.new_empty((B, Hkv, C + k.shape[2]), dtype=torch.float32)
 
 
-def visible(slot_valid: Tensor, slot_pos: Tensor, pos: Tensor, window: int) -> Tensor:
+def visible(slot_valid, slot_pos, pos, window: int, chunk_keep=None, keep_window: int = 0) -> Tensor:
     """Boolean ``[B, Hkv, T, C + T]``: which key each query of the chunk may see."""
     B, Hkv, C = slot_valid.shape
     T = pos.shape[1]
@@ -70,17 +76,34 @@ def visible(slot_valid: Tensor, slot_pos: Tensor, pos: Tensor, window: int) -> T
     if window > 0:
         old = old & (qpos - slot_pos[:, :, None, :] < window)
         new = new & (qpos - pos[:, None, None, :] < window)
+    if chunk_keep is not None:
+        new = new & (chunk_keep[:, :, None, :] | (qpos - pos[:, None, None, :] <= keep_window))
     new = new | torch.eye(T, dtype=torch.bool, device=pos.device)  # a query always sees itself
     return torch.cat([old, new.expand(B, Hkv, T, T)], dim=-1)
 
 
 def attend_reference(
-    q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k=0, value_weighted=False
+    q,
+    k,
+    v,
+    slot_k,
+    slot_v,
+    slot_valid,
+    slot_pos,
+    pos,
+    scale,
+    window,
+    softcap,
+    obs,
+    entropy_k=0,
+    value_weighted=False,
+    chunk_keep=None,
+    keep_window=0,
 ):
     """The op's torch implementation, callable without the dispatcher's per-call cost (eager runtime)."""
     T = q.shape[2]
     obs = min(obs, T)
-    mask = visible(slot_valid, slot_pos, pos, window)
+    mask = visible(slot_valid, slot_pos, pos, window, chunk_keep, keep_window)
     if T == 1 or obs == T or softcap:
         probs = _probs(q, (slot_k, k), mask, scale, softcap)
         C = slot_k.shape[2]

@@ -180,17 +180,23 @@ class EvictingCache(Cache):
             out, mass = decode_reference(
                 q, s.keys, s.values, s.valid, s.pos, pos, scale, window, softcap, p.mass_entropy_k, p.mass_by_value
             )
-            self._pending[layer] = (k, v, pos, mass, window)
+            # a gated policy's keep probability is needed only at admission: computed there, for all layers at once
+            self._pending[layer] = (k, v, pos, mass, q if p.gated else None, (window, scale))
             if not self.deferred:
                 self.flush()
             return out
         kept = s.kept()
         p = self.policy
+        gate = chunk_keep = None
+        if p.gated:  # keep probabilities first: a token flagged out is hidden from the chunk's later queries
+            args = (k, v, kept.keys, kept.values, kept.valid, kept.pos, pos, scale, window, 0.0, 1)
+            gate = p.keep_prob(layer, q, k, v, lambda a: attend_reference(a, *args)[0])
+            chunk_keep = ~p.drops(gate) | (pos < p.sink_tokens)[:, None, :]
         out, mass = attend_reference(  # the op's body: eager, so no dispatcher cost per layer
             q, k, v, kept.keys, kept.values, kept.valid, kept.pos, pos, scale, window, softcap, p.obs,
-            p.mass_entropy_k, p.mass_by_value,
+            p.mass_entropy_k, p.mass_by_value, chunk_keep, p.window,
         )  # fmt: skip
-        self._update(kept, k, v, pos, mass, window)
+        self._update(kept, k, v, pos, mass, window, gate)
         return out
 
     @torch.compiler.disable  # bookkeeping: never traced, also when a compiled forward calls it
@@ -201,18 +207,27 @@ class EvictingCache(Cache):
         them to its end (``deferred``) and admits all layers whose tables have the same shape in
         one batch: their tables are stacked once into one tensor per field (each layer keeps a view
         of its part) and the batch is the layers times the batch rows. Same result as admitting
-        layer by layer, in a thirtieth of the operations.
+        layer by layer, in a thirtieth of the operations. A gated policy's keep probabilities are
+        computed here too, for all layers at once (a decoded token sees itself whatever its flag).
         """
         pending, self._pending = self._pending, {}
         groups: dict[tuple, list[int]] = {}
-        for layer, (*_, window) in pending.items():
+        for layer, (*_, site) in pending.items():
             s = self.slots[layer]
-            groups.setdefault((s.keys.shape, s.keys.dtype, s.keys.device, window), []).append(layer)
-        for (*_, window), layers in groups.items():
+            groups.setdefault((s.keys.shape, s.keys.dtype, s.keys.device, site), []).append(layer)
+        p = self.policy
+        for (*_, (window, scale)), layers in groups.items():
             layers = tuple(sorted(layers))
-            stacked = self._stacks.get(layers) or self._stack(layers)
-            k, v, pos, mass = (torch.cat(t) for t in list(zip(*(pending[i] for i in layers), strict=True))[:4])
-            _admit(stacked, k, v, pos, mass, self.policy, window)
+            s = self._stacks.get(layers) or self._stack(layers)
+            k, v, pos, mass, q = (
+                None if t[0] is None else torch.cat(t)
+                for t in list(zip(*(pending[i] for i in layers), strict=True))[:5]
+            )
+            gate = None
+            if p.gated:  # the gate queries attend over the same slots (the token is in its arrival slot)
+                args = (s.keys, s.values, s.valid, s.pos, pos, scale, window, 0.0)
+                gate = p.keep_prob(layers, q, k, v, lambda a, args=args: decode_reference(a, *args)[0])
+            _admit(s, k, v, pos, mass, p, window, gate)
 
     def _stack(self, layers: tuple[int, ...]) -> LayerSlots:
         """One tensor per field for ``layers`` (their slots become views into it), flattened to a
@@ -227,7 +242,7 @@ class EvictingCache(Cache):
         self._stacks[layers] = stacked = LayerSlots(**{f: w.flatten(0, 1) for f, w in whole.items()})
         return stacked
 
-    def _update(self, s: LayerSlots, k: Tensor, v: Tensor, pos: Tensor, mass: Tensor, window: int = 0) -> None:
+    def _update(self, s: LayerSlots, k, v, pos, mass, window: int = 0, gate: Tensor | None = None) -> None:
         """Keep the best ``C`` of the slots and the chunk (a prefill chunk; ``s``: the kept slots)."""
         B, Hkv, T, D = k.shape
         C = s.capacity
@@ -236,8 +251,9 @@ class EvictingCache(Cache):
         newest = cand_pos.amax(dim=(1, 2))  # [B]
         if window:  # the next query (newest + 1) sees positions > newest + 1 - window; the rest is dead
             cand_valid &= cand_pos > newest[:, None, None] + 1 - window
-        score = self.policy.score(Chunk(old=s.score, keys=k, values=v, pos=pos, mass=mass, slot_pos=s.pos))
+        score = self.policy.score(Chunk(old=s.score, keys=k, values=v, pos=pos, mass=mass, slot_pos=s.pos, gate=gate))
         p = self.policy
+        cand_valid &= ~_dropped(p, score, cand_pos, newest)
         rank = torch.where(p.protected(cand_pos, newest), torch.inf, p.rank(score, cand_pos, newest))
         rank = torch.where(cand_valid, rank, -torch.inf)
         s.score.copy_(score[..., :C])
@@ -258,13 +274,23 @@ class EvictingCache(Cache):
         _put(s.valid, dest, write, write)
 
 
-def _admit(s: LayerSlots, k: Tensor, v: Tensor, pos: Tensor, mass: Tensor, policy: Policy, window: int = 0) -> None:
+def _admit(
+    s: LayerSlots,
+    k: Tensor,
+    v: Tensor,
+    pos: Tensor,
+    mass: Tensor,
+    policy: Policy,
+    window: int = 0,
+    gate: Tensor | None = None,
+) -> None:
     """Admit the token in each row's arrival slot (``k, v [B, Hkv, 1, D]``, ``pos [B, 1]``): it takes
-    the place of the lowest-ranked slot, unless it ranks lowest itself; the arrival slot is emptied."""
+    the place of the lowest-ranked slot, unless it ranks lowest itself or the policy drops it; the
+    arrival slot is emptied."""
     B, Hkv, _, D = k.shape
     C = s.capacity
     kept = s.kept()
-    score = policy.score(Chunk(old=kept.score, keys=k, values=v, pos=pos, mass=mass, slot_pos=kept.pos))
+    score = policy.score(Chunk(old=kept.score, keys=k, values=v, pos=pos, mass=mass, slot_pos=kept.pos, gate=gate))
     s.score.copy_(score)
     newest = torch.maximum(pos[:, 0], kept.pos.amax(dim=(1, 2)))  # [B]
     rank = torch.where(policy.protected(s.pos, newest), torch.inf, policy.rank(score, s.pos, newest))
@@ -272,12 +298,25 @@ def _admit(s: LayerSlots, k: Tensor, v: Tensor, pos: Tensor, mass: Tensor, polic
     if window:  # dead slots (out of the next query's window) go first
         alive = alive & (s.pos > newest[:, None, None] + 1 - window)
     dest = torch.where(alive, rank, -torch.inf).argmin(dim=-1, keepdim=True)  # ties: an old slot goes
+    if gate is not None:  # a dropped token stays in the arrival slot, which is emptied below; flagged
+        # tokens that just left the policy's window leave their slots
+        dropped = _dropped(policy, score, s.pos, newest)
+        dest = torch.where(dropped[..., C:], C, dest)
+        s.valid[..., :C] &= ~dropped[..., :C]
     s.keys.scatter_(2, dest[..., None].expand(B, Hkv, 1, D), k)
     s.values.scatter_(2, dest[..., None].expand(B, Hkv, 1, D), v)
     s.pos.scatter_(-1, dest, pos[:, None].expand(B, Hkv, 1))
     s.score.scatter_(-1, dest, score[..., C:])
     s.valid.scatter_(-1, dest, (pos >= 0)[:, None].expand(B, Hkv, 1))
     s.valid[..., C] = False
+
+
+def _dropped(policy: Policy, score: Tensor, pos: Tensor, newest: Tensor) -> Tensor:
+    """Candidates the policy drops at once (in-context eviction), unless protected; all-False if none."""
+    drop = policy.drops(score)
+    if drop is None:
+        return torch.zeros_like(pos, dtype=torch.bool)
+    return drop & ~policy.protected(pos, newest)
 
 
 def _put(table: Tensor, dest: Tensor, write: Tensor, new: Tensor) -> None:

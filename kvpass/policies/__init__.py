@@ -11,6 +11,7 @@ import types
 from .aha import AhaKV
 from .base import Chunk, Policy
 from .full import Full
+from .gate import AttentionGate
 from .h2o import H2O
 from .knorm import KNorm
 from .observed import Observed
@@ -19,7 +20,7 @@ from .snapkv import SnapKV
 from .streaming import Streaming
 from .tova import TOVA
 
-_ALL = (Full, Streaming, H2O, Observed, TOVA, SnapKV, KNorm, AhaKV, Random)
+_ALL = (Full, Streaming, H2O, Observed, TOVA, SnapKV, KNorm, AhaKV, AttentionGate, Random)
 REGISTRY: dict[str, type[Policy]] = {p.name: p for p in _ALL}
 
 
@@ -55,6 +56,7 @@ __all__ = [
     "REGISTRY",
     "TOVA",
     "AhaKV",
+    "AttentionGate",
     "Chunk",
     "Full",
     "KNorm",

@@ -18,7 +18,8 @@ class Chunk:
     ``[B, Hkv, T, D]`` (after RoPE); ``pos``: their true positions ``[B, T]`` (-1 = padding);
     ``mass``: attention probability each key (slots, then the chunk) received from the chunk's
     last ``policy.obs`` queries, summed over the query heads of its KV head ``[B, Hkv, C + T]``;
-    ``slot_pos``: the slots' positions ``[B, Hkv, C]``.
+    ``slot_pos``: the slots' positions ``[B, Hkv, C]``; ``gate``: the chunk's keep probabilities
+    ``[B, Hkv, T]`` (gated policies only).
     """
 
     old: Tensor
@@ -27,6 +28,7 @@ class Chunk:
     pos: Tensor
     mass: Tensor
     slot_pos: Tensor
+    gate: Tensor | None = None
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Policy:
     evicts: ClassVar[bool] = True
     mass_entropy_k: ClassVar[int] = 0  # > 0: ``mass`` at AhaKV's adaptive softmax scale (kvpass::attend)
     mass_by_value: ClassVar[bool] = False  # ``mass`` weighted by each key's squared value norm
+    gated: ClassVar[bool] = False  # computes keep probabilities before attention (``keep_prob``)
 
     def __post_init__(self) -> None:
         b = self.budget
@@ -76,6 +79,20 @@ class Policy:
         if isinstance(self.budget, float):
             return max(1, math.ceil(self.budget * prompt_len))
         return self.budget
+
+    def bind(self, model, sites) -> None:
+        """Called by ``transform`` with the model and its attention sites (a learned policy loads here)."""
+
+    def keep_prob(self, layer: int | tuple[int, ...], q: Tensor, k: Tensor, v: Tensor, attend) -> Tensor:
+        """A gated policy's keep probabilities ``[B, Hkv, T]`` for the chunk, before the layer attends:
+        ``q [B, H, T, D]``, ``k, v [B, Hkv, T, D]``; ``attend(a)`` runs queries ``a [B, Hkv, T, D]`` over
+        what the layer can see (kept slots, then the chunk causally) and returns their output. A tuple
+        of layers: the rows are those layers' batches, one after the other (decode, all layers at once)."""
+        raise NotImplementedError
+
+    def drops(self, score: Tensor) -> Tensor | None:
+        """Which new tokens leave at once, whatever room is left (in-context eviction); None: none."""
+        return None
 
     def score(self, chunk: Chunk) -> Tensor:
         """Scores ``[B, Hkv, C + T]`` (slots, then the chunk); the lowest are evicted first."""

@@ -193,7 +193,7 @@ def test_unknown_policy_lists_names():
         policies.get("nonsense")
     with pytest.raises(ValueError, match=r"knob|unexpected"):
         policies.get("tova", budget=8, kernel_size=3)
-    names = ["full", "streaming", "h2o", "observed", "tova", "snapkv", "knorm", "aha", "random"]
+    names = ["full", "streaming", "h2o", "observed", "tova", "snapkv", "knorm", "aha", "gate", "random"]
     assert policies() == sorted(names)
 
 

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .base import Chunk, Policy
+
+
+@dataclass
+class AttentionGate(Policy):
+    """Attention-Gate: a learned gate flags, per token and KV head, what to evict -- in context.
+
+    A small gate per layer (:mod:`kvpass.gates`) gives every token t a keep probability p_t per KV
+    head from the layer's queries, keys and values: a gate query attends over the layer's keys,
+    and a linear readout of its output, v_t and three norms gives the logit. The flag is
+    p_t >= ``threshold``. A flagged-out token is seen by itself and by the ``window`` queries after
+    it (default: the window the gate was trained with; 0 = only itself), then by no later query of
+    that head -- also within its own prefill chunk -- and leaves the cache. If more tokens want to
+    stay than the budget holds, the lowest p go. ``sink_tokens`` is off by default: the gate learns
+    which tokens to keep.
+
+    ``checkpoint``: a gate file from ``kvpass train-gates``; default: the gate shipped for the
+    default model whose keep target (``target``; default the budget if it is a fraction, else 0.5)
+    is nearest. ``gates``: a :class:`kvpass.gates.Gates` object instead of a file.
+
+    From the paper: a learned per-layer gate before attention, per-token per-head flags, in-context
+    eviction, training on a frozen model with a keep-rate penalty. Ours: the gate reads the
+    layer's q, k, v instead of its hidden states (no graph surgery, no second cache; see
+    :mod:`kvpass.gates`), self-distillation as the main loss, and the grace ``window``. Zeng et
+    al., "In-context KV-Cache Eviction for LLMs via Attention-Gate", arXiv 2410.12876.
+    """
+
+    window: int | None = None  # type: ignore[assignment]
+    threshold: float = 0.5
+    checkpoint: str | None = None
+    target: float | None = None
+    gates: object = field(default=None, repr=False)  # kvpass.gates.Gates; loaded by bind() if None
+    name = "gate"
+    gated = True
+    obs = 1  # the attention mass is not used: the op's fused path
+
+    def __post_init__(self) -> None:
+        self._window_given = self.window is not None
+        self.window = self.window or 0
+        super().__post_init__()
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"gate: threshold must be in (0, 1), got {self.threshold!r}")
+        if self.target is not None and not 0.0 < self.target < 1.0:
+            raise ValueError(f"gate: target must be in (0, 1), got {self.target!r}")
+
+    def bind(self, model, sites) -> None:
+        from kvpass import gates
+
+        base = gates.BaseModel.of(model, sites)
+        if self.gates is not None:  # given as an object (e.g. just trained): its shapes must fit
+            q = self.gates.query
+            want = (base.layers, base.kv_heads, base.head_dim * base.heads // base.kv_heads, base.head_dim)
+            if tuple(q.shape) != want:
+                raise ValueError(f"gate: these gates have shape {tuple(q.shape)}, this model needs {want}")
+            return
+        if self.checkpoint is None:
+            target = self.target or (self.budget if isinstance(self.budget, float) else 0.5)
+            path = gates.shipped(target)
+            try:
+                net, info, _ = gates.load(path, base)
+            except ValueError as e:
+                raise ValueError(
+                    f"policy 'gate' has a trained gate only for the default model; for this one pass "
+                    f"checkpoint= a gate trained with `kvpass train-gates` ({e})"
+                ) from None
+        else:
+            net, info, _ = gates.load(self.checkpoint, base)
+        if not self._window_given:  # the window the gate was trained with
+            self.window = info.get("window", 0)
+            if isinstance(self.budget, int):
+                self.check_fits(self.budget)
+        device = next(model.parameters()).device
+        self.gates = net.to(device)
+
+    def keep_prob(self, layer: int | tuple[int, ...], q: Tensor, k: Tensor, v: Tensor, attend) -> Tensor:
+        if self.gates is None:
+            raise RuntimeError("the gate policy is not bound to a model; use it through kvpass.transform")
+        return self.gates.keep_prob(layer, attend(self.gates.queries(layer, q)), k, v)
+
+    def drops(self, score: Tensor) -> Tensor:
+        return score < self.threshold
+
+    def score(self, chunk: Chunk) -> Tensor:
+        return torch.cat([chunk.old, chunk.gate], dim=-1)
