@@ -9,6 +9,7 @@ from kvpass import compile, policies
 from kvpass.cache import EvictingCache
 from kvpass.default_model import load_default_model
 from kvpass.stats import CacheStats, cache_stats
+from kvpass.train import train_gates
 from kvpass.transform import transform
 
 
@@ -29,6 +30,7 @@ __all__ = [
     "find_attention",
     "load_default_model",
     "policies",
+    "train_gates",
     "transform",
 ]
 __version__ = "0.1.0"

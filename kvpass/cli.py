@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -168,6 +169,23 @@ def bench(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}")
 
 
+def train_gates(args: argparse.Namespace) -> None:
+    """Train Attention-Gates for a frozen model (self-distillation); resumes an unfinished run."""
+    import torch
+
+    from kvpass.default_model import load_model
+    from kvpass.train import train_gates as run
+
+    torch.manual_seed(args.seed)
+    model, tok = load_model(args.model)
+    run(
+        model, tok, args.out, target=args.target, steps=args.steps, seq_len=args.seq_len, lr=args.lr,
+        rate_weight=args.rate_weight, window=args.window, answer_weight=args.answer_weight, seed=args.seed,
+        resume=not args.restart,
+    )  # fmt: skip
+    print(f"wrote {args.out} (loss curves: {Path(args.out).with_suffix('.png')})")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="kvpass", description="Keep only the KV entries worth keeping.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -187,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         "--tasks", nargs="+", default=["niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe", "fwe"]
     )
     e.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048], help="context lengths in tokens")
-    e.add_argument("--policies", nargs="+", default=["streaming", "h2o", "tova", "snapkv", "aha"])
+    e.add_argument("--policies", nargs="+", default=["streaming", "h2o", "tova", "snapkv", "aha", "gate"])
     e.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.5, 0.25], help="fractions of the prompt kept")
     e.add_argument("--samples", type=int, default=3, help="samples per task and length")
     e.add_argument("--mode", default="aware", help="aware (question compressed too) or agnostic (context only)")
@@ -210,6 +228,19 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--compile", action="store_true", help="also each policy compiled with the kvpass backend")
     b.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model directory")
     b.set_defaults(run=bench)
+    t = sub.add_parser("train-gates", help=train_gates.__doc__)
+    t.add_argument("--target", type=float, default=0.5, help="mean keep rate to train for (default 0.5)")
+    t.add_argument("--steps", type=int, default=200)
+    t.add_argument("--seq-len", type=int, default=512, help="training sequence length in tokens")
+    t.add_argument("--lr", type=float, default=1e-2)
+    t.add_argument("--rate-weight", type=float, default=100.0, help="weight of the keep-rate penalty")
+    t.add_argument("--window", type=int, default=32, help="queries that still see a flagged-out token")
+    t.add_argument("--answer-weight", type=float, default=20.0, help="KL weight of retrieval-answer positions")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--restart", action="store_true", help="start over instead of resuming --out")
+    t.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model directory")
+    t.add_argument("--out", default="gate.safetensors", help="checkpoint to write (and resume from)")
+    t.set_defaults(run=train_gates)
     p = sub.add_parser("policies", help="list the eviction policies")
     p.set_defaults(run=lambda _: print("\n".join(__import__("kvpass").policies())))
     args = ap.parse_args(argv)

@@ -1,0 +1,250 @@
+"""Training Attention-Gates on a frozen model: self-distillation under in-context eviction.
+
+Each step runs a sequence twice through the frozen model: once as it is (the teacher), once with
+every attention layer replaced by :func:`gated_attention`, in which the layer's gate flags each
+token per KV head and flagged-out tokens are hidden from all later queries of that head. The
+flags are hard in the forward pass; their gradient is the keep probability's (straight-through).
+
+    loss = KL(teacher || student) + rate_weight * mean_layers (keep rate - target)^2
+
+The KL is averaged over positions, those predicting the answer of a retrieval sample weighted
+``answer_weight`` times: they are the few whose prediction needs a distant fact.
+
+Only the gates learn. Checkpoints (gates, optimizer state, step, log) are safetensors, so a run
+resumes where it stopped; ``loss.png`` plots the curves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import AttentionInterface
+
+from kvpass import corpus, gates
+
+ATTENTION = "kvpass_gate"
+
+
+def in_context_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float, window: int = 0) -> Tensor:
+    """Causal attention in which a token with ``keep`` false (``[B, Hkv, T]``, per KV head; float
+    flags carry gradients) is seen only by itself and the ``window`` queries after it.
+    ``q [B, H, T, D]``, ``k, v [B, Hkv, T, D]``."""
+    H, T = q.shape[1], q.shape[2]
+    G = H // k.shape[1]
+    k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    logits = (q @ k.transpose(-1, -2)).float() * scale
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    probs = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    earlier = torch.ones(T, T, device=q.device).tril(-1)
+    recent = torch.ones(T, T, device=q.device).tril(-1).triu(-window) if window else 0  # 0 < i - j <= window
+    flags = keep.float().repeat_interleave(G, dim=1)[:, :, None, :]
+    weight = earlier * flags + recent * (1 - flags) + torch.eye(T, device=q.device)
+    probs = probs * weight
+    return (probs / probs.sum(dim=-1, keepdim=True)).to(v.dtype) @ v
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, p: Tensor, threshold: float) -> Tensor:
+        return (p >= threshold).to(p.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+def hard_flags(p: Tensor, threshold: float) -> Tensor:
+    """Exactly 0/1 flags ``p >= threshold`` whose gradient is the one of ``p`` (straight-through)."""
+    return _StraightThrough.apply(p, threshold)
+
+
+@dataclass
+class _Gating:
+    gates: gates.Gates | None = None
+    threshold: float = 0.5
+    window: int = 0
+    rates: list[Tensor] = field(default_factory=list)
+
+
+_ACTIVE = _Gating()
+
+
+def gated_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A transformers attention function: the layer's gate, then in-context eviction (unpadded input)."""
+    g = _ACTIVE.gates
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    p = g(module.layer_idx, query, key, value, scale)
+    flags = hard_flags(p, _ACTIVE.threshold)
+    _ACTIVE.rates.append(flags.mean())
+    out = in_context_attention(query, key, value, flags, scale, _ACTIVE.window)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, gated_attention)
+
+
+@contextlib.contextmanager
+def gated(model: nn.Module, g: gates.Gates, threshold: float = 0.5, window: int = 0):
+    """Within the block, ``model``'s attention runs through ``g`` (see :func:`gated_attention`)."""
+    before = model.config._attn_implementation
+    _ACTIVE.gates, _ACTIVE.threshold, _ACTIVE.window, _ACTIVE.rates = g, threshold, window, []
+    model.set_attn_implementation(ATTENTION)
+    try:
+        yield _ACTIVE.rates
+    finally:
+        model.set_attn_implementation(before)
+        _ACTIVE.gates = None
+
+
+def distill_loss(student: Tensor, teacher: Tensor, weight: Tensor | None = None) -> Tensor:
+    """KL(teacher || student) per position from logits ``[B, T, V]``, averaged with ``weight [B, T]``."""
+    s = F.log_softmax(student.float(), dim=-1)
+    t = F.log_softmax(teacher.float(), dim=-1)
+    kl = (t.exp() * (t - s)).sum(-1)
+    return kl.mean() if weight is None else (kl * weight).sum() / weight.sum()
+
+
+@torch.enable_grad()
+def train_step(
+    model,
+    g: gates.Gates,
+    opt,
+    ids: Tensor,
+    target: float,
+    rate_weight: float,
+    threshold: float,
+    window: int = 0,
+    weight: Tensor | None = None,
+) -> dict:
+    """One optimisation step on ``ids [B, T]`` (``weight [B, T]``: of each position's KL); returns
+    the losses and the mean keep rate."""
+    with torch.no_grad():
+        teacher = model(ids, use_cache=False).logits
+    with gated(model, g, threshold, window) as rates:
+        student = model(ids, use_cache=False).logits
+        kl = distill_loss(student, teacher, weight)
+        rate = torch.stack(rates)
+        penalty = (rate - target).square().mean()
+        loss = kl + rate_weight * penalty
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return {name: float(t.detach()) for name, t in (("loss", loss), ("kl", kl), ("keep", rate.mean()))}
+
+
+def train_gates(
+    model: nn.Module,
+    tokenizer,
+    out: str | Path,
+    *,
+    target: float = 0.5,
+    steps: int = 200,
+    seq_len: int = 512,
+    lr: float = 1e-2,
+    rate_weight: float = 100.0,
+    threshold: float = 0.5,
+    window: int = 32,
+    answer_weight: float = 20.0,
+    seed: int = 0,
+    save_every: int = 25,
+    resume: bool = True,
+    progress: bool = True,
+) -> gates.Gates:
+    """Train gates for ``model`` (frozen) and write them to ``out`` (safetensors); return them.
+
+    ``window``: a token the gate flags out stays visible to the ``window`` queries after it (the
+    policy's ``window`` at inference); ``threshold``: keep when p >= threshold; ``answer_weight``:
+    the KL weight of the positions that predict a retrieval answer (1 elsewhere).
+
+    An existing ``out`` from an earlier run is resumed (``resume=False``: start over). Beside it:
+    ``<out>.optim.safetensors`` (optimizer state), ``<out>.log.json`` (every step) and ``<out>.png``
+    (loss and keep rate).
+    """
+    from kvpass.transform import sites_of
+
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"target keep rate must be in (0, 1), got {target}")
+    out = Path(out)
+    model.eval().requires_grad_(False)
+    base = gates.BaseModel.of(model, sites_of(model)[1])
+    g = gates.Gates(base.layers, base.heads, base.kv_heads, base.head_dim, seed=seed)
+    opt = torch.optim.Adam(g.parameters(), lr=lr)
+    log: list[dict] = []
+    spent = 0.0
+    if resume and out.is_file():
+        loaded, info, _ = gates.load(out, base)
+        g.load_state_dict(loaded.state_dict())
+        opt.load_state_dict(_optimizer_state(opt, load_file(str(out.with_suffix(".optim.safetensors")))))
+        logfile = out.with_suffix(".log.json")
+        log = json.loads(logfile.read_text())[: info["step"]] if logfile.is_file() else []
+        spent = info.get("seconds", 0.0)
+    device = next(model.parameters()).device
+    g.to(device).train()
+    info = {"target": target, "threshold": threshold, "window": window, "seq_len": seq_len}
+    info |= {"lr": lr, "rate_weight": rate_weight, "answer_weight": answer_weight}
+    data = corpus.samples(tokenizer, seq_len, seed)
+    for _ in range(len(log)):  # the samples already seen
+        next(data)
+    started = time.perf_counter()
+    bar = tqdm(range(len(log), steps), initial=len(log), total=steps, disable=not progress, desc="train gates")
+    for step in bar:
+        tokens, answer = next(data)
+        ids = torch.tensor([tokens], device=device)
+        weight = torch.ones(ids.shape, device=device)
+        if answer:  # the positions that predict the answer's tokens
+            weight[0, -answer - 1 : -1] = answer_weight
+        row = train_step(model, g, opt, ids, target, rate_weight, threshold, window, weight)
+        log.append({"step": step + 1, **row})
+        bar.set_postfix(kl=f"{row['kl']:.3f}", keep=f"{row['keep']:.2f}")
+        if (step + 1) % save_every == 0 or step + 1 == steps:
+            seconds = spent + time.perf_counter() - started
+            _save(out, g, opt, base, {**info, "step": step + 1, "seconds": round(seconds, 1)}, log)
+    return g.eval().requires_grad_(False)
+
+
+def _save(out: Path, g: gates.Gates, opt, base: gates.BaseModel, info: dict, log: list[dict]) -> None:
+    state = opt.state_dict()["state"]
+    optim = {f"optim.{i}.{name}": t for i, s in state.items() for name, t in s.items() if torch.is_tensor(t)}
+    save_file(optim, str(out.with_suffix(".optim.safetensors")))
+    gates.save(g, out, base, info)
+    out.with_suffix(".log.json").write_text(json.dumps(log))
+    _plot(out.with_suffix(".png"), log)
+
+
+def _optimizer_state(opt, extra: dict[str, Tensor]) -> dict:
+    state = opt.state_dict()
+    n = len(state["param_groups"][0]["params"])
+    names = ("exp_avg", "exp_avg_sq", "step")
+    state["state"] = {i: {k: extra[f"optim.{i}.{k}"] for k in names if f"optim.{i}.{k}" in extra} for i in range(n)}
+    state["state"] = {i: s for i, s in state["state"].items() if s}
+    return state
+
+
+def _plot(path: Path, log: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in log]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.plot(steps, [r["kl"] for r in log], label="KL(teacher || gated)")
+    a.plot(steps, [r["loss"] for r in log], label="loss", alpha=0.6)
+    a.set_xlabel("step")
+    a.set_yscale("log")
+    a.legend()
+    b.plot(steps, [r["keep"] for r in log])
+    b.set_xlabel("step")
+    b.set_ylabel("mean keep rate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,202 @@
+"""Attention-Gate: in-context eviction semantics, the gate network, training and checkpoints."""
+
+import math
+
+import pytest
+import torch
+
+import kvpass
+from kvpass import gates, train
+from kvpass.policies import AttentionGate
+from kvpass.transform import sites_of
+from tests.conftest import tiny_llama
+
+
+def brute_in_context(q, k, v, keep, scale, window=0):
+    """Per head and query, softmax over exactly the keys it may see: itself, earlier kept tokens, and
+    flagged-out tokens at most ``window`` positions back."""
+    B, H, T, _ = q.shape
+    G = H // k.shape[1]
+    out = torch.full_like(q, float("nan"))
+    for b in range(B):
+        for h in range(H):
+            for i in range(T):
+                seen = [j for j in range(i) if keep[b, h // G, j] or i - j <= window] + [i]
+                w = torch.softmax(torch.stack([q[b, h, i] @ k[b, h // G, j] * scale for j in seen]), dim=0)
+                out[b, h, i] = sum(wj * v[b, h // G, j] for wj, j in zip(w, seen, strict=True))
+    return out
+
+
+@pytest.mark.parametrize("G, window", [(1, 0), (3, 0), (3, 2)])
+def test_in_context_attention_hides_flagged_tokens_per_head(G, window):
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    B, Hkv, T, D = 2, 2, 7, 4
+    q = torch.randn(B, Hkv * G, T, D, generator=gen)
+    k, v = torch.randn(B, Hkv, T, D, generator=gen), torch.randn(B, Hkv, T, D, generator=gen)
+    keep = torch.rand(B, Hkv, T, generator=gen) > 0.5
+    keep[0, 0, :] = False  # a head that keeps nothing: every query sees only itself
+    out = train.in_context_attention(q, k, v, keep.float(), 0.5, window)
+    torch.testing.assert_close(out, brute_in_context(q, k, v, keep, 0.5, window))
+    if not window:
+        torch.testing.assert_close(out[0, :G], v[0, :1].expand(G, T, D))  # head 0 of row 0: each token itself
+
+
+def test_flag_gradients_flow_straight_through():
+    torch.manual_seed(1)
+    g = gates.Gates(layers=1, heads=4, kv_heads=2, head_dim=8)
+    with torch.no_grad():
+        g.bias.zero_()
+    q, k, v = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    p = g(0, q, k, v, 0.35)
+    flags = train.hard_flags(p, 0.5)
+    assert torch.equal(flags.detach(), (p >= 0.5).float())  # hard in the forward pass
+    assert 0 < int(flags.sum()) < flags.numel()
+    with torch.enable_grad():
+        p = g(0, q, k, v, 0.35)
+        train.in_context_attention(q, k, v, train.hard_flags(p, 0.5), 0.35).square().sum().backward()
+    for name, param in g.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_gate_starts_as_the_mean_query_of_its_group():
+    torch.manual_seed(2)
+    g = gates.Gates(layers=2, heads=6, kv_heads=2, head_dim=4)
+    q = torch.randn(1, 6, 5, 4)
+    torch.testing.assert_close(g.queries(1, q), q.view(1, 2, 3, 5, 4).mean(dim=2))
+
+
+def _bound_gate(model, **knobs):
+    """A gate policy bound to ``model`` with fresh random gates (readout scaled up: mixed flags)."""
+    torch.manual_seed(3)
+    base = gates.BaseModel.of(model, sites_of(model)[1])
+    net = gates.Gates(base.layers, base.heads, base.kv_heads, base.head_dim)
+    with torch.no_grad():
+        net.readout.mul_(8)
+        net.bias.zero_()
+    policy = AttentionGate(**knobs)
+    policy.gates = net.requires_grad_(False)
+    return policy, net
+
+
+@pytest.mark.parametrize("window", [0, 3])
+def test_inference_matches_the_training_forward(llama, window):
+    """One prefill chunk through the evicting cache gives the same logits as the training forward with
+    hard flags: the cache hides flagged tokens exactly as training does."""
+    policy, net = _bound_gate(llama, budget=1.0, window=window)
+    small = kvpass.transform(llama, policy=policy, chunk=64)
+    ids = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(torch.seed() % 2**31))
+    with torch.no_grad(), train.gated(llama, net, window=window) as rates:
+        expected = llama(ids, use_cache=False).logits
+    kept = torch.stack(rates)
+    assert 0.2 < float(kept.mean()) < 0.8  # the test exercises eviction, not a trivial gate
+    out = small(ids)
+    torch.testing.assert_close(out.logits, expected, atol=2e-4, rtol=2e-4)
+    valid = out.past_key_values.slots[0].kept().valid
+    if not window:
+        assert abs(float(valid.float().mean()) - float(rates[0])) < 1e-6  # layer 0 holds what its gate kept
+
+
+def test_dropped_decode_tokens_never_take_a_slot(llama):
+    policy, net = _bound_gate(llama, budget=64)
+    with torch.no_grad():
+        net.readout.zero_()
+        net.bias[:, 0] = -5.0  # KV head 0 drops everything, head 1 keeps everything
+        net.bias[:, 1] = 5.0
+    small = kvpass.transform(llama, policy=policy)
+    ids = torch.randint(3, 97, (1, 10))
+    out = small.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.shape[1] == 16
+    for s in small.kvpass_cache.slots.values():
+        assert int(s.valid[0, 0].sum()) == 0 and int(s.valid[0, 1].sum()) == 15  # the last token is not cached yet
+
+
+def test_a_training_step_lowers_the_loss_and_resume_continues(tmp_path):
+    model = tiny_llama(seed=4)
+    tok = _CharTokenizer()
+    path = tmp_path / "g.safetensors"
+    kw = dict(target=0.5, seq_len=48, lr=3e-2, save_every=2, progress=False)
+    train.train_gates(model, tok, path, steps=2, **kw)
+    g = train.train_gates(model, tok, path, steps=4, **kw)  # resumes at step 2
+    straight = train.train_gates(model, tok, tmp_path / "h.safetensors", steps=4, **kw)
+    for a, b in zip(g.parameters(), straight.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    # on one fixed sequence, steps lower the loss
+    torch.manual_seed(5)
+    net = gates.Gates(2, 4, 2, 16)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-2)
+    ids = torch.randint(3, 97, (1, 48))
+    losses = [train.train_step(model, net, opt, ids, 0.5, 10.0, 0.5)["loss"] for _ in range(12)]
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+class _CharTokenizer:
+    """Enough of a tokenizer for the training corpus on a 97-token model."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return type("E", (), {"input_ids": [3 + ord(c) % 94 for c in text]})()
+
+    def apply_chat_template(self, chat, tokenize=False):
+        return "".join(f"<{m['role']}>{m['content']}" for m in chat)
+
+
+def test_checkpoints_name_their_model(tmp_path, llama):
+    base = gates.BaseModel.of(llama, sites_of(llama)[1])
+    net = gates.Gates(base.layers, base.heads, base.kv_heads, base.head_dim)
+    path = tmp_path / "gate.safetensors"
+    gates.save(net, path, base, {"target": 0.5})
+    loaded, info, _ = gates.load(path, base)
+    assert info == {"target": 0.5}
+    for a, b in zip(loaded.parameters(), net.parameters(), strict=True):
+        assert torch.equal(a, b)
+    other = tiny_llama(seed=9)  # same shapes, other weights
+    with pytest.raises(ValueError, match="different weights"):
+        gates.load(path, gates.BaseModel.of(other, sites_of(other)[1]))
+    bigger = tiny_llama(layers=3)
+    with pytest.raises(ValueError, match="layers 2 vs 3"):
+        gates.load(path, gates.BaseModel.of(bigger, sites_of(bigger)[1]))
+    with pytest.raises(ValueError, match="another model"):
+        kvpass.transform(bigger, policy="gate", checkpoint=str(path))
+    with pytest.raises(ValueError, match="has a trained gate only for the default model"):
+        kvpass.transform(bigger, policy="gate")
+    with pytest.raises(ValueError, match="these gates have shape"):
+        kvpass.transform(bigger, policy=AttentionGate(gates=net))
+
+
+def test_bad_gate_files_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        gates.load(tmp_path / "missing.safetensors")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json" + bytes(64))
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        gates.load(corrupt)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a kvpass gate"):
+        gates.load(tmp_path / "other.safetensors")
+    path = tmp_path / "truncated.safetensors"
+    base = gates.BaseModel("X", 1, 2, 1, 4, 8, (1.0,) * 8)
+    gates.save(gates.Gates(1, 2, 1, 4), path, base, {})
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="not a readable"):
+        gates.load(path)
+
+
+def test_gate_knobs_and_unbound_use():
+    with pytest.raises(ValueError, match="threshold"):
+        AttentionGate(threshold=1.0)
+    with pytest.raises(ValueError, match="target"):
+        AttentionGate(target=0.0)
+    with pytest.raises(RuntimeError, match="not bound"):
+        AttentionGate().keep_prob(0, *[torch.ones(1, 1, 1, 1)] * 3, None)
+
+
+def test_shipped_gates_cover_half_and_quarter():
+    found = {round(gates._target_of(p), 2) for p in gates.SHIPPED.glob("*.safetensors")}
+    assert {0.5, 0.25} <= found
+    assert gates.shipped(0.3).name.endswith("keep25.safetensors")
+    for p in gates.SHIPPED.glob("*.safetensors"):
+        assert p.stat().st_size < 3 * 2**20  # a few MB at most
+        _, info, base = gates.load(p)
+        assert base.architecture == "LlamaForCausalLM" and base.layers == 30
+        assert math.isclose(info["target"], gates._target_of(p))
