@@ -54,3 +54,25 @@ def test_long_prompt_kv_bytes_are_the_budget(default_model):
     assert stats.tokens_seen == 4096
     assert stats.kv_bytes == 30 * (512 + 1) * per_slot  # the slots and each layer's arrival slot
     assert all(layer.held == 3 * 512 for layer in stats.layers)
+
+
+def test_shipped_gate_runs_without_arguments_and_evicts_in_context(default_model):
+    """`policy="gate"` on the default model uses the shipped gate nearest the budget; tokens it flags
+    leave once out of its window, so layers hold fewer entries than the budget allows."""
+    model, tok = default_model
+    prompt, _ = passkey_prompt(tok, 1000, seed=7, depth=0.5)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    small = kvpass.transform(model, policy="gate", budget=0.5)
+    assert small.kvpass_policy.gates is not None
+    out = small.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > ids.shape[1]
+    cache = small.kvpass_cache
+    newest = cache.seen - 1
+    window = small.kvpass_policy.window
+    assert window == 32  # the window the shipped gate was trained with
+    for s in cache.slots.values():
+        kept = s.kept()
+        old = kept.valid & (kept.pos <= newest - window)
+        assert bool((kept.score[old] >= 0.5).all())  # beyond the window, only what the gate kept holds a slot
+    held = sum(int(s.valid.sum()) for s in cache.slots.values())
+    assert held < 0.9 * 30 * 3 * cache.capacity  # in-context eviction, not only overflow

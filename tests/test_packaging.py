@@ -32,6 +32,8 @@ def test_wheel_layout(tmp_path):
     assert top == {"kvpass"}
     for module in ("kvpass/passes/find_attention.py", "kvpass/kernels/attend.py", "kvpass/policies/h2o.py"):
         assert module in names
+    shipped = [n for n in names if n.startswith("kvpass/weights/") and n.endswith(".safetensors")]
+    assert len(shipped) >= 2, "the trained gates of the default model are package data"
 
 
 def test_top_level_kernels_from_the_source_tree_is_inert():
