@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 SHIPPED = Path(__file__).parent / "weights"  # trained gates for the default model
@@ -144,11 +144,9 @@ def load(path: str | Path, base: BaseModel | None = None) -> tuple[Gates, dict, 
     if not path.is_file():
         raise FileNotFoundError(f"no gate checkpoint at {path}")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        tensors = load_file(str(path))
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
     if meta.get("format") != "kvpass-gate/1":

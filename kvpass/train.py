@@ -178,19 +178,23 @@ def train_gates(
     base = gates.BaseModel.of(model, sites_of(model)[1])
     g = gates.Gates(base.layers, base.heads, base.kv_heads, base.head_dim, seed=seed)
     opt = torch.optim.Adam(g.parameters(), lr=lr)
+    info = {"target": target, "threshold": threshold, "window": window, "seq_len": seq_len}
+    info |= {"lr": lr, "rate_weight": rate_weight, "answer_weight": answer_weight}
     log: list[dict] = []
     spent = 0.0
     if resume and out.is_file():
-        loaded, info, _ = gates.load(out, base)
+        loaded, before, _ = gates.load(out, base)
+        if changed := [f"{k} {before.get(k)} -> {v}" for k, v in info.items() if before.get(k) != v]:
+            raise ValueError(
+                f"{out} was trained with other settings ({', '.join(changed)}); start over: --restart (resume=False)"
+            )
         g.load_state_dict(loaded.state_dict())
         opt.load_state_dict(_optimizer_state(opt, load_file(str(out.with_suffix(".optim.safetensors")))))
         logfile = out.with_suffix(".log.json")
-        log = json.loads(logfile.read_text())[: info["step"]] if logfile.is_file() else []
-        spent = info.get("seconds", 0.0)
+        log = json.loads(logfile.read_text())[: before["step"]] if logfile.is_file() else []
+        spent = before.get("seconds", 0.0)
     device = next(model.parameters()).device
     g.to(device).train()
-    info = {"target": target, "threshold": threshold, "window": window, "seq_len": seq_len}
-    info |= {"lr": lr, "rate_weight": rate_weight, "answer_weight": answer_weight}
     data = corpus.samples(tokenizer, seq_len, seed)
     for _ in range(len(log)):  # the samples already seen
         next(data)

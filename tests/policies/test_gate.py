@@ -120,6 +120,8 @@ def test_a_training_step_lowers_the_loss_and_resume_continues(tmp_path):
     straight = train.train_gates(model, tok, tmp_path / "h.safetensors", steps=4, **kw)
     for a, b in zip(g.parameters(), straight.parameters(), strict=True):
         torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match=r"other settings \(target 0.5 -> 0.25\)"):
+        train.train_gates(model, tok, path, steps=6, **{**kw, "target": 0.25})
     # on one fixed sequence, steps lower the loss
     torch.manual_seed(5)
     net = gates.Gates(2, 4, 2, 16)
