@@ -8,7 +8,10 @@ small.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=32)
 from kvpass import compile, policies
 from kvpass.cache import EvictingCache
 from kvpass.default_model import load_default_model
+from kvpass.onnx_engine import OnnxEngine
+from kvpass.onnx_export import export_onnx
 from kvpass.stats import CacheStats, cache_stats
+from kvpass.tensorrt_export import export_tensorrt
 from kvpass.train import train_gates
 from kvpass.transform import transform
 
@@ -26,7 +29,10 @@ compile.register()  # torch.compile(model, backend="kvpass")
 __all__ = [
     "CacheStats",
     "EvictingCache",
+    "OnnxEngine",
     "cache_stats",
+    "export_onnx",
+    "export_tensorrt",
     "find_attention",
     "load_default_model",
     "policies",

@@ -186,6 +186,36 @@ def train_gates(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} (loss curves: {Path(args.out).with_suffix('.png')})")
 
 
+def export(args: argparse.Namespace) -> None:
+    """Export a transformed model as an engine with a budget-sized KV cache: ONNX (onnxruntime) or TensorRT."""
+    import torch
+
+    import kvpass
+    from kvpass.default_model import load_model
+    from kvpass.tensorrt_export import missing
+
+    kvpass.policies.get(args.policy, budget=args.budget)  # fail on a bad name or budget before loading anything
+    if args.format == "tensorrt" and (lacks := missing()):
+        sys.exit("kvpass: the TensorRT export needs " + " and ".join(lacks))
+    torch.set_grad_enabled(False)
+    model, _ = load_model(args.model, tokenizer=False)
+    small = kvpass.transform(model, args.policy, args.budget, chunk=args.chunk)
+    console = Console()
+    with console.status(f"exporting {args.policy} at {args.budget} slots to {args.format} (minutes for 30 layers)"):
+        if args.format == "onnx":
+            path = kvpass.export_onnx(small, args.out)
+            engine = kvpass.OnnxEngine(path)
+            size = path.stat().st_size + path.with_name(path.name + ".data").stat().st_size
+            console.print(
+                f"wrote {path} (+ {path.name}.data), {size / 2**20:.0f} MiB; KV cache per sequence: "
+                f"{engine.cache_bytes() / 2**20:.1f} MiB at {engine.capacity} slots per layer and KV head"
+            )
+        else:
+            small.cuda()
+            for path in kvpass.export_tensorrt(small, args.out):
+                console.print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="kvpass", description="Keep only the KV entries worth keeping.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -241,6 +271,14 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model directory")
     t.add_argument("--out", default="gate.safetensors", help="checkpoint to write (and resume from)")
     t.set_defaults(run=train_gates)
+    x = sub.add_parser("export", help=export.__doc__)
+    x.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
+    x.add_argument("--policy", default="tova", help="eviction policy (default tova)")
+    x.add_argument("--budget", type=int, default=512, help="KV slots per layer and KV head (default 512)")
+    x.add_argument("--chunk", type=int, default=512, help="longest prefill chunk the engine takes (default 512)")
+    x.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model directory")
+    x.add_argument("--out", default="kvpass.onnx", help="ONNX file, or a directory for TensorRT (default kvpass.onnx)")
+    x.set_defaults(run=export)
     p = sub.add_parser("policies", help="list the eviction policies")
     p.set_defaults(run=lambda _: print("\n".join(__import__("kvpass").policies())))
     args = ap.parse_args(argv)

@@ -62,5 +62,5 @@ class AhaKV(Policy):
         if not self.recent:
             return accumulated(chunk)
         T, C = chunk.keys.shape[2], chunk.old.shape[-1]
-        keep = max(0.0, 1.0 - T / self.recent)  # how much of the window the older queries still fill
+        keep = torch.sym_max(0.0, 1.0 - T / self.recent)  # how much of the window the older queries still fill
         return torch.cat([chunk.old * keep + chunk.mass[..., :C], chunk.mass[..., C:]], dim=-1)
