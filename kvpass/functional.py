@@ -1,10 +1,11 @@
 """The evicting cache as a pure function: one step of one layer, from explicit slot tables to new
 ones. Exported engines (ONNX, TensorRT) run this, so the cache is the graph's input and output.
 
-A chunk of ``T`` tokens (``T = 1``: a decoded token) attends over the layer's ``C`` kept slots
-and itself, the policy scores the ``C + T`` candidates, and the best ``C`` become the new slots --
-gathered by ``topk``, not written in place, so the step has no side effects and only standard
-operators (MatMul, Softmax, TopK, GatherElements, Where). Slot order carries no meaning, so this
+A chunk of ``T`` tokens attends over the layer's ``C`` kept slots and itself, the policy scores
+the ``C + T`` candidates, and the best ``C`` become the new slots -- gathered by ``topk``; a
+decoded token (``T = 1``) replaces the lowest-ranked slot by a select. Nothing is written in
+place, so the step has no side effects and uses only standard operators (MatMul, Softmax, TopK,
+GatherElements, Where). Slot order carries no meaning, so this
 keeps the same *set* of tokens as :class:`kvpass.cache.EvictingCache`, which runs the same policy
 code on tables it updates in place (tested to give the same tokens).
 """
@@ -59,16 +60,19 @@ def attend(
     branch on the chunk length ``T`` (it may be a symbolic size): every query's probabilities
     are computed and the last ``policy.obs`` queries' are summed into ``mass``."""
     B, H, T, D = q.shape
+    C = slots.keys.shape[2]
     mask = visible(slots.valid, slots.pos, pos, window, chunk_keep, policy.window if chunk_keep is not None else 0)
     probs = _probs(q, (slots.keys, k), mask, scale, softcap)  # [B, Hkv, G, T, C + T]
-    values = torch.cat([slots.values, v], dim=2).float()
-    out = (probs.flatten(2, 3) @ values).view(B, H, T, D).to(q.dtype)
+    pg = probs.flatten(2, 3)
+    out = (pg[..., :C] @ slots.values.float() + pg[..., C:] @ v.float()).view(B, H, T, D).to(q.dtype)
     if policy.mass_entropy_k:  # AhaKV's adaptive scale, for the mass only (soft-capping left out, as in the op)
         lam = mass_scale(mask.sum(dim=-1), D, scale, policy.mass_entropy_k)[:, :, None, :, None]
         probs = _probs(q, (slots.keys, k), mask, lam)
     observed = torch.arange(T, device=q.device) >= T - policy.obs  # the last ``obs`` queries
     mass = (probs * observed[:, None]).sum(dim=(2, 3))
-    return out, mass * value_weights(values) if policy.mass_by_value else mass
+    if policy.mass_by_value:
+        mass = mass * torch.cat([value_weights(slots.values), value_weights(v)], dim=-1)
+    return out, mass
 
 
 def step(
@@ -102,6 +106,17 @@ def step(
     cand_valid = cand_valid & ~_dropped(policy, score, cand_pos, newest)
     rank = torch.where(policy.protected(cand_pos, newest), torch.inf, policy.rank(score, cand_pos, newest))
     rank = torch.where(cand_valid, rank, -torch.inf)
+    if T == 1:  # a decoded token takes the place of the lowest-ranked slot (the first, on ties), unless it
+        # ranks lowest itself: one select over the tables instead of a gather of C + 1 candidates
+        hit = (torch.arange(C, device=k.device) == rank.argmin(dim=-1, keepdim=True))[..., None]  # [B, Hkv, C, 1]
+        new = Slots(
+            keys=torch.where(hit, k, slots.keys),
+            values=torch.where(hit, v, slots.values),
+            pos=torch.where(hit[..., 0], cand_pos[..., C:], slots.pos),
+            score=torch.where(hit[..., 0], score[..., C:], score[..., :C]),
+            valid=(hit[..., 0] & cand_valid[..., C:]) | (~hit[..., 0] & cand_valid[..., :C]),  # no bool Where in ORT
+        )
+        return out, new
     keep = rank.topk(C, dim=-1).indices  # [B, Hkv, C]
     rows = keep[..., None].expand(B, Hkv, C, D)
     new = Slots(
