@@ -5,10 +5,13 @@ The new token has already been written into the cache (its arrival slot), so thi
 of one query per head over ``N`` slots under a validity mask, with grouped-query heads: one
 batched product per (row, KV head) for the logits, one for the output, no concatenation. At
 decode sizes the step is bound by per-operation cost, so this is the fewest operations torch
-allows. This file is the torch reference.
+allows. This file is the torch reference and the dispatch (``decode_attention``: Triton on CUDA).
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.util
 
 import torch
 from torch import Tensor
@@ -39,9 +42,39 @@ def decode(
     heads that share its KV head. A row with no valid slot gets NaN. ``entropy_k`` and
     ``value_weighted`` change only the mass, as in ``kvpass::attend``.
     """
+    return decode_attention(
+        q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, entropy_k, value_weighted
+    )
+
+
+def decode_attention(
+    q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window=0, softcap=0.0, entropy_k=0, value_weighted=False
+):
+    """``kvpass::decode`` without the dispatcher: the Triton kernel (:mod:`.decode_triton`) for CUDA
+    tensors where Triton is installed and the head dim is a power of two >= 16, else the torch
+    reference. Returns ``(out, mass)``. The cache calls this eagerly (its bookkeeping is never
+    traced), so compile and export see only the opaque op. ``BACKEND`` overrides the choice."""
+    if (BACKEND == "triton" or (BACKEND == "auto" and q.is_cuda)) and _triton_fits(q.shape[-1]):
+        from .decode_triton import decode_triton
+
+        return decode_triton(
+            q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, entropy_k, value_weighted
+        )
     return decode_reference(
         q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, entropy_k, value_weighted
     )
+
+
+BACKEND = "auto"  # "triton": the kernel for any tensors (CPU ones under TRITON_INTERPRET=1); "torch": the reference
+
+
+@functools.cache
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_fits(head_dim: int) -> bool:
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and _triton_available()
 
 
 @decode.register_fake

@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers import Cache
 
 from kvpass.kernels.attend import attend_reference
-from kvpass.kernels.decode import decode_reference
+from kvpass.kernels.decode import decode_attention
 from kvpass.policies.base import Chunk, Policy
 
 
@@ -177,7 +177,7 @@ class EvictingCache(Cache):
             s.pos[..., C:].copy_(pos[:, None])
             s.valid[..., C:].copy_(pos[:, None] >= 0)
             p = self.policy
-            out, mass = decode_reference(
+            out, mass = decode_attention(
                 q, s.keys, s.values, s.valid, s.pos, pos, scale, window, softcap, p.mass_entropy_k, p.mass_by_value
             )
             # a gated policy's keep probability is needed only at admission: computed there, for all layers at once
@@ -226,7 +226,7 @@ class EvictingCache(Cache):
             gate = None
             if p.gated:  # the gate queries attend over the same slots (the token is in its arrival slot)
                 args = (s.keys, s.values, s.valid, s.pos, pos, scale, window, 0.0)
-                gate = p.keep_prob(layers, q, k, v, lambda a, args=args: decode_reference(a, *args)[0])
+                gate = p.keep_prob(layers, q, k, v, lambda a, args=args: decode_attention(a, *args)[0])
             _admit(s, k, v, pos, mass, p, window, gate)
 
     def _stack(self, layers: tuple[int, ...]) -> LayerSlots:

@@ -1,5 +1,10 @@
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU tensors; it must be set before
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # anything imports triton (torch._dynamo does, via kvpass)
 
 from kvpass.passes import capture  # noqa: F401  (imported early so a broken install fails fast)
 

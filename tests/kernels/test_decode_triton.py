@@ -1,0 +1,119 @@
+"""The Triton decode kernel against the torch reference: on a GPU where there is one, else in
+Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, set by ``tests/conftest.py``)."""
+
+import os
+
+import pytest
+import torch
+
+from kvpass.kernels.decode import decode_attention, decode_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytest.importorskip("triton")
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+from kvpass.kernels.decode_triton import decode_triton  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def close(got, want, rtol, atol, seed):
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{m}\nseed {seed}")
+
+
+def ragged_case(seed: int, B: int, Hkv: int, G: int, N: int, D: int, dtype, block: int = 16):
+    """Random q, K, V and a ragged mask: random slots, a whole block nobody sees, a row with a single
+    visible slot; positions a random permutation (slot order means nothing)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hkv * G, 1, D, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, N, D, generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, N, D, generator=gen).to(dtype)
+    valid = torch.rand(B, Hkv, N, generator=gen) < 0.6
+    valid[:, :, block : 2 * block] = False  # an all-invalid block
+    valid[-1, -1] = False
+    one = int(torch.randint(0, N, (1,), generator=gen))
+    valid[-1, -1, one] = True  # a single valid slot
+    slot_pos = torch.stack([torch.randperm(N, generator=gen) for _ in range(B * Hkv)]).view(B, Hkv, N)
+    where = (slot_pos[-1, -1] == N - 1).nonzero().item()  # the single slot is the newest: inside any window
+    slot_pos[-1, -1, [one, where]] = slot_pos[-1, -1, [where, one]]
+    pos = torch.full((B, 1), N)
+    return [t.to(DEVICE) for t in (q, k, v, valid, slot_pos, pos)]
+
+
+@pytest.mark.parametrize("G", [1, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_matches_reference(G, dtype):
+    seed = torch.randint(0, 2**31, ()).item()
+    case = ragged_case(seed, B=2, Hkv=2, G=G, N=83, D=32, dtype=dtype)
+    out, mass = decode_triton(*case, 0.2, 0, 0.0, block_n=16, splits=3, poison=True)
+    ref_out, ref_mass = decode_reference(*case, 0.2, 0, 0.0)
+    assert out.dtype == dtype and mass.dtype == torch.float32
+    tol = TOL[dtype]
+    close(out.float(), ref_out.float(), tol, tol, seed)
+    close(mass, ref_mass, tol, tol, seed)
+
+
+@pytest.mark.parametrize("D", [16, 64])
+@pytest.mark.parametrize(("window", "softcap"), [(30, 0.0), (0, 1.5), (25, 2.0)])
+def test_window_and_softcap(D, window, softcap):
+    seed = torch.randint(0, 2**31, ()).item()
+    case = ragged_case(seed, B=2, Hkv=3, G=2, N=70, D=D, dtype=torch.float32)
+    out, mass = decode_triton(*case, 0.3, window, softcap, block_n=16, poison=True)
+    ref_out, ref_mass = decode_reference(*case, 0.3, window, softcap)
+    close(out, ref_out, 1e-5, 1e-5, seed)
+    close(mass, ref_mass, 1e-5, 1e-5, seed)
+
+
+@pytest.mark.parametrize("entropy_k", [0, 4])
+@pytest.mark.parametrize("value_weighted", [False, True])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_mass_options_and_splits(entropy_k, value_weighted, splits):
+    seed = torch.randint(0, 2**31, ()).item()
+    case = ragged_case(seed, B=1, Hkv=2, G=4, N=100, D=16, dtype=torch.float32)
+    out, mass = decode_triton(*case, 0.25, 0, 0.0, entropy_k, value_weighted, block_n=16, splits=splits, poison=True)
+    ref_out, ref_mass = decode_reference(*case, 0.25, 0, 0.0, entropy_k, value_weighted)
+    close(out, ref_out, 1e-5, 1e-5, seed)
+    close(mass, ref_mass, 1e-5, 1e-4, seed)
+
+
+def test_a_row_that_sees_nothing_gets_nan_like_the_reference():
+    case = ragged_case(1, B=1, Hkv=1, G=2, N=32, D=16, dtype=torch.float32)
+    case[3][:] = False
+    out, _ = decode_triton(*case, 0.25, 0, 0.0, block_n=16)
+    assert torch.isnan(out).all() and torch.isnan(decode_reference(*case, 0.25, 0, 0.0)[0]).all()
+
+
+def test_dispatch_and_bad_shapes():
+    case = ragged_case(2, B=1, Hkv=1, G=2, N=20, D=16, dtype=torch.float32)
+    out, mass = decode_attention(*case, 0.25)  # Triton on CUDA, the reference on CPU: the same numbers
+    ref_out, ref_mass = decode_reference(*case, 0.25, 0, 0.0)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mass, ref_mass, rtol=1e-5, atol=1e-5)
+    small = ragged_case(2, B=1, Hkv=1, G=2, N=20, D=8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="power-of-two head dim"):
+        decode_triton(*small, 0.25, 0, 0.0)
+
+
+def test_a_transformed_model_gives_the_same_tokens_with_the_kernel(monkeypatch):
+    import importlib
+
+    dispatch = importlib.import_module("kvpass.kernels.decode")  # the module (the package exports the op by its name)
+    kernel = importlib.import_module("kvpass.kernels.decode_triton")
+    from kvpass.transform import transform
+    from tests.conftest import tiny_llama
+
+    calls = []
+    launch = kernel.decode_triton
+    monkeypatch.setattr(kernel, "decode_triton", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
+    model = tiny_llama(seed=3).to(DEVICE)
+    ids = torch.randint(3, 97, (2, 40), device=DEVICE)
+    runs = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setattr(dispatch, "BACKEND", backend)
+        for policy, knobs in (("h2o", {"window": 4}), ("aha", {"recent": 8, "k": 4}), ("streaming", {})):
+            small = transform(model, policy, 24, chunk=16, **knobs)
+            runs[backend, policy] = small.generate(ids, max_new_tokens=8, do_sample=False)
+    assert len(calls) == 3 * 7 * 2  # policies x decode steps x layers: the kernel really ran
+    for policy in ("h2o", "aha", "streaming"):
+        assert torch.equal(runs["triton", policy], runs["torch", policy]), policy
