@@ -1,8 +1,10 @@
-"""The Triton decode kernel on a CUDA GPU: achieved bandwidth against the device's copy bandwidth,
-and time against full-cache SDPA, side by side in one run (Llama-3-8B shapes: 32 query heads,
+"""The Triton kernels on a CUDA GPU: the decode kernel's achieved bandwidth against the device's copy
+bandwidth and its time against full-cache SDPA; the chunk-scoring kernel's time and peak memory
+against the torch reference's mass; side by side in one run (Llama-3-8B shapes: 32 query heads,
 8 KV heads, head dim 128, bf16).
 
-    python benchmarks/decode_kernel.py --slots 8192 16384 32768 --batch 1 8 --context 32768 --budget 0.25
+    python benchmarks/decode_kernel.py --slots 8192 16384 32768 --batch 1 8 --context 32768 --budget 0.25 \
+        --chunk 512 --obs 64
 
 Bandwidth = bytes of kept K and V (valid slots) / kernel time; the reference is a device-to-device
 copy of a 1 GiB tensor (read + write, counted once each). The time target compares the kernel over
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +58,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--budget", type=float, default=0.25)
+    ap.add_argument("--chunk", type=int, default=512, help="prefill chunk length for the scoring kernel")
+    ap.add_argument("--obs", type=int, default=64, help="observed queries (SnapKV / AhaKV window)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/decode_kernel.py needs a CUDA GPU (none here)")
@@ -101,7 +106,49 @@ def main() -> None:
         lines.append(
             f"| {B} | {args.context} | {full * 1e6:.1f} | {t * 1e6:.1f} | {t / full:.2f} | <= {1.1 * args.budget:.2f} |"
         )
+    lines += chunk_scoring(args.batch, args.slots, args.chunk, args.obs, scale)
     print("\n".join(lines))
+
+
+def chunk_scoring(batches, slots, T: int, obs: int, scale: float) -> list[str]:
+    """The mass of a prefill chunk's last ``obs`` queries over ``N`` kept slots plus the chunk:
+    the Triton kernel against the torch reference's way (mask, probability rows, column sums)."""
+    from kvpass.kernels.attend import _probs, visible
+    from kvpass.kernels.mass_triton import chunk_mass_triton
+
+    def reference(q, k, slot_k, valid, spos, pos):
+        mask = visible(valid, spos, pos, 0)[:, :, T - obs :]
+        return _probs(q[:, :, T - obs :], (slot_k, k), mask, scale).sum(dim=(2, 3))
+
+    lines = [
+        "",
+        "| batch | kept slots | chunk | observed | torch mass µs | kernel µs | speed-up | torch MiB | kernel MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for B in batches:
+        for N in slots:
+            _, k, v, valid, spos, _ = case(B, N)
+            _, kc, vc, *_ = case(B, T)
+            q = torch.randn(B, 32, T, 128, device="cuda", dtype=k.dtype)
+            pos = torch.arange(N, N + T, device="cuda").expand(B, T).contiguous()
+            ref, ref_mib = timed_peak(partial(reference, q, kc, k, valid, spos, pos))
+            ker, ker_mib = timed_peak(partial(chunk_mass_triton, q, kc, vc, k, v, valid, spos, pos, scale, 0, 0.0, obs))
+            lines.append(
+                f"| {B} | {N} | {T} | {obs} | {ref * 1e6:.0f} | {ker * 1e6:.0f} | {ref / ker:.1f} | "
+                f"{ref_mib:.0f} | {ker_mib:.0f} |"
+            )
+    return lines
+
+
+def timed_peak(fn) -> tuple[float, float]:
+    """Median seconds of ``fn()`` and the peak memory it allocates beyond what is live (MiB)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return timed(fn, 20), peak
 
 
 if __name__ == "__main__":

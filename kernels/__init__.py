@@ -1,4 +1,4 @@
-"""kvpass kernels: attention and scoring over the evicting cache (torch references; Triton decode on CUDA).
+"""kvpass kernels: attention and scoring over the evicting cache (torch references; Triton on CUDA).
 
 This directory installs as ``kvpass.kernels``. Where the repository root is on ``sys.path`` it is
 also visible as a top-level ``kernels``, the name of a Hugging Face package that transformers
@@ -7,12 +7,13 @@ our ops are not registered a second time (which would tear down the first regist
 """
 
 if __name__ == "kvpass.kernels":
-    from .attend import attend, attend_reference, visible
+    from .attend import attend, attend_attention, attend_reference, visible
     from .decode import decode, decode_attention, decode_reference
     from .softcap_sdpa import softcap_sdpa
 
     __all__ = [
         "attend",
+        "attend_attention",
         "attend_reference",
         "decode",
         "decode_attention",

@@ -6,7 +6,8 @@ particular order) and the chunk's own tokens up to and including itself. Slot or
 meaning, so the cache is a set: the mask comes from ``slot_valid`` and, for sliding-window layers,
 from true token positions.
 
-This file is the torch reference; the Triton kernels of later work are tested against it.
+This file is the torch reference and the dispatch (``attend_attention``: on CUDA, fused SDPA for the
+output and the Triton chunk-scoring kernel of :mod:`.mass_triton` for the mass).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import backend
 
 
 @torch.library.custom_op("kvpass::attend", mutates_args=())
@@ -53,7 +56,7 @@ def attend(
     ``chunk_keep [B, Hkv, T]`` (bool, optional): in-context eviction -- a chunk token that is not
     kept is seen only by itself and the queries at most ``keep_window`` positions after it.
     """
-    return attend_reference(
+    return attend_attention(
         q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k, value_weighted,
         chunk_keep, keep_window,
     )  # fmt: skip
@@ -112,11 +115,7 @@ def attend_reference(
         probs = probs[:, :, :, T - obs :]
     else:
         # Few queries feed the mass: fused SDPA for the output, explicit softmax for those rows only.
-        G = q.shape[1] // k.shape[1]
-        keys, values = torch.cat([slot_k, k], dim=2), torch.cat([slot_v, v], dim=2)
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask.repeat_interleave(G, dim=1), scale=scale, enable_gqa=G > 1
-        )
+        out = _sdpa(q, k, v, slot_k, slot_v, mask, scale)
         probs = None
     if probs is None or entropy_k:
         m = mask[:, :, T - obs :]
@@ -124,6 +123,37 @@ def attend_reference(
         probs = _probs(q[:, :, T - obs :], (slot_k, k), m, lam, 0.0 if entropy_k else softcap)
     mass = probs.sum(dim=(2, 3))
     return out, mass * value_weights(torch.cat([slot_v, v], dim=2)) if value_weighted else mass
+
+
+def attend_attention(
+    q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k=0,
+    value_weighted=False, chunk_keep=None, keep_window=0,
+):  # fmt: skip
+    """``kvpass::attend`` without the dispatcher. Where :func:`backend.use_triton` says so (CUDA, by
+    default) and there is no soft-capping (which SDPA lacks): the output from fused SDPA and the mass
+    from the Triton chunk-scoring kernel, so no probability matrix is built. Else the reference."""
+    if backend.use_triton(q) and not softcap:
+        from .mass_triton import chunk_mass_triton
+
+        mask = visible(slot_valid, slot_pos, pos, window, chunk_keep, keep_window)
+        mass = chunk_mass_triton(
+            q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k,
+            value_weighted, chunk_keep, keep_window,
+        )  # fmt: skip
+        return _sdpa(q, k, v, slot_k, slot_v, mask, scale), mass
+    return attend_reference(
+        q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k, value_weighted,
+        chunk_keep, keep_window,
+    )  # fmt: skip
+
+
+def _sdpa(q, k, v, slot_k, slot_v, mask, scale):
+    """The chunk's attention output over the slots and itself under ``mask`` (fused SDPA, GQA)."""
+    G = q.shape[1] // k.shape[1]
+    keys, values = torch.cat([slot_k, k], dim=2), torch.cat([slot_v, v], dim=2)
+    return F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask.repeat_interleave(G, dim=1), scale=scale, enable_gqa=G > 1
+    )
 
 
 def mass_scale(seen: Tensor, head_dim: int, scale: float, k: int) -> Tensor:

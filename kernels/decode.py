@@ -10,12 +10,10 @@ allows. This file is the torch reference and the dispatch (``decode_attention``:
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-
 import torch
 from torch import Tensor
 
+from . import backend
 from .attend import mass_scale, value_weights
 
 
@@ -53,8 +51,8 @@ def decode_attention(
     """``kvpass::decode`` without the dispatcher: the Triton kernel (:mod:`.decode_triton`) for CUDA
     tensors where Triton is installed and the head dim is a power of two >= 16, else the torch
     reference. Returns ``(out, mass)``. The cache calls this eagerly (its bookkeeping is never
-    traced), so compile and export see only the opaque op. ``BACKEND`` overrides the choice."""
-    if (BACKEND == "triton" or (BACKEND == "auto" and q.is_cuda)) and _triton_fits(q.shape[-1]):
+    traced), so compile and export see only the opaque op. ``backend.BACKEND`` overrides the choice."""
+    if backend.use_triton(q):
         from .decode_triton import decode_triton
 
         return decode_triton(
@@ -63,18 +61,6 @@ def decode_attention(
     return decode_reference(
         q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, entropy_k, value_weighted
     )
-
-
-BACKEND = "auto"  # "triton": the kernel for any tensors (CPU ones under TRITON_INTERPRET=1); "torch": the reference
-
-
-@functools.cache
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _triton_fits(head_dim: int) -> bool:
-    return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and _triton_available()
 
 
 @decode.register_fake

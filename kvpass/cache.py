@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from transformers import Cache
 
-from kvpass.kernels.attend import attend_reference
+from kvpass.kernels.attend import attend_attention, attend_reference
 from kvpass.kernels.decode import decode_attention
 from kvpass.policies.base import Chunk, Policy
 
@@ -192,7 +192,7 @@ class EvictingCache(Cache):
             args = (k, v, kept.keys, kept.values, kept.valid, kept.pos, pos, scale, window, 0.0, 1)
             gate = p.keep_prob(layer, q, k, v, lambda a: attend_reference(a, *args)[0])
             chunk_keep = ~p.drops(gate) | (pos < p.sink_tokens)[:, None, :]
-        out, mass = attend_reference(  # the op's body: eager, so no dispatcher cost per layer
+        out, mass = attend_attention(  # the op's body: eager, so no dispatcher cost per layer
             q, k, v, kept.keys, kept.values, kept.valid, kept.pos, pos, scale, window, softcap, p.obs,
             p.mass_entropy_k, p.mass_by_value, chunk_keep, p.window,
         )  # fmt: skip

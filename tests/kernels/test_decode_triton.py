@@ -95,25 +95,32 @@ def test_dispatch_and_bad_shapes():
         decode_triton(*small, 0.25, 0, 0.0)
 
 
-def test_a_transformed_model_gives_the_same_tokens_with_the_kernel(monkeypatch):
+def test_a_transformed_model_gives_the_same_tokens_with_the_kernels(monkeypatch):
     import importlib
 
-    dispatch = importlib.import_module("kvpass.kernels.decode")  # the module (the package exports the op by its name)
-    kernel = importlib.import_module("kvpass.kernels.decode_triton")
+    from kvpass.kernels import backend
     from kvpass.transform import transform
     from tests.conftest import tiny_llama
 
-    calls = []
-    launch = kernel.decode_triton
-    monkeypatch.setattr(kernel, "decode_triton", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
+    calls = {"decode": 0, "mass": 0}
+    for name, module in (("decode", "decode_triton"), ("mass", "mass_triton")):
+        kernel = importlib.import_module(f"kvpass.kernels.{module}")
+        launch = getattr(kernel, f"{'decode' if name == 'decode' else 'chunk_mass'}_triton")
+
+        def counted(*a, name=name, launch=launch, **kw):
+            calls[name] += 1
+            return launch(*a, **kw)
+
+        monkeypatch.setattr(kernel, launch.__name__, counted)
     model = tiny_llama(seed=3).to(DEVICE)
     ids = torch.randint(3, 97, (2, 40), device=DEVICE)
     runs = {}
-    for backend in ("torch", "triton"):
-        monkeypatch.setattr(dispatch, "BACKEND", backend)
-        for policy, knobs in (("h2o", {"window": 4}), ("aha", {"recent": 8, "k": 4}), ("streaming", {})):
+    for choice in ("torch", "triton"):
+        monkeypatch.setattr(backend, "BACKEND", choice)
+        for policy, knobs in (("h2o", {"window": 4}), ("aha", {"recent": 8, "k": 4}), ("snapkv", {"window": 8})):
             small = transform(model, policy, 24, chunk=16, **knobs)
-            runs[backend, policy] = small.generate(ids, max_new_tokens=8, do_sample=False)
-    assert len(calls) == 3 * 7 * 2  # policies x decode steps x layers: the kernel really ran
-    for policy in ("h2o", "aha", "streaming"):
+            runs[choice, policy] = small.generate(ids, max_new_tokens=8, do_sample=False)
+    # the kernels really ran: policies x layers x (7 decode steps | 3 prefill chunks)
+    assert calls == {"decode": 3 * 2 * 7, "mass": 3 * 2 * 3}
+    for policy in ("h2o", "aha", "snapkv"):
         assert torch.equal(runs["triton", policy], runs["torch", policy]), policy

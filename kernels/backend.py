@@ -1,0 +1,23 @@
+"""Which implementation the dispatching entry points run: Triton kernels on CUDA, torch references elsewhere."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+from torch import Tensor
+
+BACKEND = "auto"  # "triton": the kernels for any tensors (CPU ones under TRITON_INTERPRET=1); "torch": the references
+
+
+def use_triton(t: Tensor) -> bool:
+    """The Triton kernels run for ``t`` (a query) if ``BACKEND`` says so, or on CUDA when left on "auto",
+    where Triton is installed and the head dim is a power of two >= 16."""
+    wanted = BACKEND == "triton" or (BACKEND == "auto" and t.is_cuda)
+    D = t.shape[-1]
+    return wanted and D >= 16 and D & (D - 1) == 0 and _triton_available()
+
+
+@functools.cache
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
