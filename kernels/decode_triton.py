@@ -36,7 +36,7 @@ def _partial(
     M, L, ACC, LOGITS, VNORM,  # outputs
     scale, softcap, window, N, split_len, Hkv,
     sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_h, sp_b, sp_h,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, S_PAD: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, RAW: tl.constexpr, NORMS: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
@@ -81,7 +81,7 @@ def _partial(
             lsum = lsum * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             m = m_new
-    out = (bh * S_PAD + split) * G_PAD + g
+    out = (bh * tl.num_programs(1) + split) * G_PAD + g
     tl.store(M + out, m)
     tl.store(L + out, lsum)
     tl.store(ACC + out[:, None] * D + d[None, :], acc)
@@ -93,24 +93,28 @@ def _merge(
     OUT, MASS,  # outputs
     scale, window, entropy_k, N, splits, Hkv,
     so_b, so_h, sm_b, sm_h, sp_b, sp_h,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, S_PAD: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr, RAW: tl.constexpr, NORMS: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     b = bh // Hkv
     h = bh % Hkv
-    s = tl.arange(0, S_PAD)
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D)
-    part = (bh * S_PAD + s[:, None]) * G_PAD + g[None, :]  # [S_PAD, G_PAD]
-    live = s[:, None] < splits
-    m = tl.load(M + part, mask=live, other=float("-inf"))
-    lsum = tl.load(L + part, mask=live, other=0.0)
-    top = tl.max(m, axis=0)  # [G_PAD]
-    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top[None, :]))
-    total = tl.sum(lsum * w, axis=0)
-    acc = tl.load(ACC + part[:, :, None] * D + d[None, None, :], mask=live[:, :, None], other=0.0)
-    out = tl.sum(acc * w[:, :, None], axis=0) / total[:, None]  # a row that sees nothing: 0 / 0 = NaN
+    top = tl.full([G_PAD], float("-inf"), tl.float32)
+    total = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    for s in range(0, splits):  # one split at a time: registers hold one partial, whatever the splits
+        part = (bh * splits + s) * G_PAD + g
+        m = tl.load(M + part)
+        new_top = tl.maximum(top, m)
+        shift = tl.where(new_top == float("-inf"), 0.0, new_top)  # nothing seen yet: no -inf - -inf
+        alpha = tl.exp(top - shift)
+        beta = tl.exp(m - shift)
+        total = total * alpha + tl.load(L + part) * beta
+        acc = acc * alpha[:, None] + tl.load(ACC + part[:, None] * D + d[None, :]) * beta[:, None]
+        top = new_top
+    out = acc / total[:, None]  # a row that sees nothing: 0 / 0 = NaN
     tl.store(OUT + b * so_b + (h * G + g)[:, None] * so_h + d[None, :], out.to(OUT.dtype.element_ty),
              mask=g[:, None] < G)  # fmt: skip
     qpos = tl.load(QPOS + b)
@@ -156,6 +160,13 @@ def _seen(VALID, SPOS, valid_at, pos_at, n, N, qpos, window, WINDOW: tl.constexp
     return seen
 
 
+def launch(D: int, itemsize: int) -> dict:
+    """Launch settings for head dim ``D`` and inputs of ``itemsize`` bytes, chosen so that pass 1
+    compiles without register spills on sm_80 and sm_90 (``python -m kvpass.kernels.build``): a
+    block of keys and values of at most 16 KiB each, across 8 warps."""
+    return dict(BLOCK_N=64 if D * itemsize <= 256 else 32, num_warps=8, merge_warps=4)
+
+
 def decode_triton(
     q: Tensor,
     slot_k: Tensor,
@@ -169,18 +180,21 @@ def decode_triton(
     entropy_k: int = 0,
     value_weighted: bool = False,
     *,
-    block_n: int = 64,
+    block_n: int | None = None,
     splits: int | None = None,
     poison: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``kvpass::decode`` in Triton: same arguments and results as ``decode_reference``.
 
     ``splits``: programs per (row, KV head) over the slots; default enough to give a GPU about
-    two programs per multiprocessor. ``block_n``: slots per block (a power of two). ``poison``:
+    two programs per multiprocessor. ``block_n``: slots per block (a power of two; default from
+    :func:`launch`). ``poison``:
     fill outputs and scratch with NaN first (tests: every element read must have been written)."""
     B, H, _, D = q.shape
     Hkv, N = slot_k.shape[1], slot_k.shape[2]
     G = H // Hkv
+    config = launch(D, q.element_size())
+    block_n = block_n or config["BLOCK_N"]
     if D & (D - 1) or block_n & (block_n - 1) or D < 16 or block_n < 16:
         raise ValueError(f"decode_triton needs a power-of-two head dim and block of at least 16, got {D}, {block_n}")
     if q.stride(-1) != 1 or slot_k.stride(-1) != 1 or slot_v.stride(-1) != 1:
@@ -190,12 +204,12 @@ def decode_triton(
         splits = max(1, min(math.ceil(programs / (B * Hkv)), math.ceil(N / block_n)))
     split_len = math.ceil(math.ceil(N / splits) / block_n) * block_n
     splits = math.ceil(N / split_len)
-    S_PAD, G_PAD = triton.next_power_of_2(splits), max(16, triton.next_power_of_2(G))  # tl.dot: >= 16 rows
+    G_PAD = max(16, triton.next_power_of_2(G))  # tl.dot: >= 16 rows
     new = functools.partial(torch.full, fill_value=torch.nan, device=q.device) if poison else torch.empty
     f32 = dict(dtype=torch.float32, device=q.device)
-    m = new((B * Hkv * S_PAD * G_PAD,), **f32)
-    lsum = new((B * Hkv * S_PAD * G_PAD,), **f32)
-    acc = new((B * Hkv * S_PAD * G_PAD * D,), **f32)
+    m = new((B * Hkv * splits * G_PAD,), **f32)
+    lsum = new((B * Hkv * splits * G_PAD,), **f32)
+    acc = new((B * Hkv * splits * G_PAD * D,), **f32)
     logits = new((B * Hkv * G * N,), **f32)
     vnorm = new((B * Hkv * N if value_weighted else 1,), **f32)
     out = new(tuple(q.shape), dtype=q.dtype, device=q.device)
@@ -203,17 +217,18 @@ def decode_triton(
     valid = slot_valid.to(torch.int8)
     qpos = pos[:, 0].contiguous()
     spos = slot_pos
-    common = dict(G=G, G_PAD=G_PAD, D=D, BLOCK_N=block_n, S_PAD=S_PAD, WINDOW=window > 0, RAW=entropy_k > 0)
+    common = dict(G=G, G_PAD=G_PAD, D=D, BLOCK_N=block_n, WINDOW=window > 0, RAW=entropy_k > 0)
     _partial[(B * Hkv, splits)](
         q, slot_k, slot_v, valid, spos, qpos, m, lsum, acc, logits, vnorm,
         scale, softcap, window, N, split_len, Hkv,
         q.stride(0), q.stride(1), *slot_k.stride()[:3], *slot_v.stride()[:3], *valid.stride()[:2], *spos.stride()[:2],
         SOFTCAP=softcap > 0, NORMS=value_weighted, UPCAST=not q.is_cuda and q.dtype == torch.bfloat16, **common,
+        num_warps=config["num_warps"],
     )  # fmt: skip
     _merge[(B * Hkv,)](
         m, lsum, acc, logits, vnorm, valid, spos, qpos, out, mass,
         scale, window, max(entropy_k, 1), N, splits, Hkv,
         out.stride(0), out.stride(1), *valid.stride()[:2], *spos.stride()[:2],
-        NORMS=value_weighted, **common,
+        NORMS=value_weighted, **common, num_warps=config["merge_warps"],
     )  # fmt: skip
     return out, mass

@@ -174,6 +174,15 @@ def _columns(
     tl.store(MASS + bh * (C + T) + first + n, mass, mask=inside)
 
 
+def launch(D: int, itemsize: int) -> dict:
+    """Launch settings for head dim ``D`` and inputs of ``itemsize`` bytes, checked with
+    ``python -m kvpass.kernels.build``: with 16-bit inputs both passes compile without register
+    spills on sm_80 and sm_90 for head dims up to 256; fp32 (products in full precision, no tensor
+    cores) spills a little at any block size and takes the smallest that keeps it lowest."""
+    wide = itemsize > 2
+    return dict(BLOCK_M=16 if wide else 32, BLOCK_N=32 if wide else 64, num_warps=8)
+
+
 def chunk_mass_triton(
     q: Tensor,
     k: Tensor,
@@ -192,19 +201,22 @@ def chunk_mass_triton(
     chunk_keep: Tensor | None = None,
     keep_window: int = 0,
     *,
-    block_m: int = 32,
-    block_n: int = 64,
+    block_m: int | None = None,
+    block_n: int | None = None,
     poison: bool = False,
 ) -> Tensor:
     """The ``mass [B, Hkv, C + T]`` (fp32) of ``kvpass::attend`` for the same arguments, in Triton.
 
     ``block_m``: observed rows per program in pass 1 and per step in pass 2; ``block_n``: keys per
-    block (both powers of two >= 16). ``poison``: fill the outputs and scratch with NaN first."""
+    block (both powers of two >= 16; defaults from :func:`launch`). ``poison``: fill the outputs and
+    scratch with NaN first."""
     B, H, T, D = q.shape
     Hkv, C = slot_k.shape[1], slot_k.shape[2]
     G = H // Hkv
     OBS = min(obs, T)
     R = G * OBS
+    config = launch(D, q.element_size())
+    block_m, block_n = block_m or config["BLOCK_M"], block_n or config["BLOCK_N"]
     for size in (D, block_m, block_n):
         if size & (size - 1) or size < 16:
             raise ValueError(f"chunk_mass_triton needs a power-of-two head dim and blocks of at least 16, got {size}")
@@ -227,7 +239,7 @@ def chunk_mass_triton(
         q, slot_k, k, valid, spos, cpos, keep, lse, mul,
         scale, softcap, window, keep_window, max(entropy_k, 1), C, T, OBS, R, Hkv,
         *queries, *slot_k.stride()[:3], *k.stride()[:3], *valid.stride()[:2],
-        RAW=entropy_k > 0, **common,
+        RAW=entropy_k > 0, **common, num_warps=config["num_warps"],
     )  # fmt: skip
     for slots, keys, values, first, count in ((True, slot_k, slot_v, 0, C), (False, k, v, C, T)):
         if count:
@@ -235,6 +247,6 @@ def chunk_mass_triton(
                 q, keys, values, valid, spos, cpos, keep, lse, mul, mass,
                 softcap, window, keep_window, C, T, OBS, R, Hkv, first,
                 *queries, *keys.stride()[:3], *values.stride()[:3], *valid.stride()[:2],
-                SLOTS=slots, NORMS=value_weighted, **common,
+                SLOTS=slots, NORMS=value_weighted, **common, num_warps=config["num_warps"],
             )  # fmt: skip
     return mass
