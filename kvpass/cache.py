@@ -246,16 +246,8 @@ class EvictingCache(Cache):
         """Keep the best ``C`` of the slots and the chunk (a prefill chunk; ``s``: the kept slots)."""
         B, Hkv, T, D = k.shape
         C = s.capacity
-        cand_pos = torch.cat([s.pos, pos[:, None, :].expand(B, Hkv, T)], dim=-1)
-        cand_valid = torch.cat([s.valid, (pos >= 0)[:, None, :].expand(B, Hkv, T)], dim=-1)
-        newest = cand_pos.amax(dim=(1, 2))  # [B]
-        if window:  # the next query (newest + 1) sees positions > newest + 1 - window; the rest is dead
-            cand_valid &= cand_pos > newest[:, None, None] + 1 - window
         score = self.policy.score(Chunk(old=s.score, keys=k, values=v, pos=pos, mass=mass, slot_pos=s.pos, gate=gate))
-        p = self.policy
-        cand_valid &= ~_dropped(p, score, cand_pos, newest)
-        rank = torch.where(p.protected(cand_pos, newest), torch.inf, p.rank(score, cand_pos, newest))
-        rank = torch.where(cand_valid, rank, -torch.inf)
+        cand_pos, cand_valid, rank = rank_candidates(self.policy, score, s.pos, s.valid, pos, window)
         s.score.copy_(score[..., :C])
         target = min(self.budget, C) if self.prefilling else C
         keep = torch.zeros_like(cand_valid).scatter_(-1, rank.topk(min(target, C + T), dim=-1).indices, True)
@@ -309,6 +301,25 @@ def _admit(
     s.score.scatter_(-1, dest, score[..., C:])
     s.valid.scatter_(-1, dest, (pos >= 0)[:, None].expand(B, Hkv, 1))
     s.valid[..., C] = False
+
+
+def rank_candidates(
+    policy: Policy, score: Tensor, slot_pos: Tensor, slot_valid: Tensor, pos: Tensor, window: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A chunk's candidates -- the slots, then the chunk's tokens (``pos [B, T]``) -- as ``[B, Hkv, C + T]``:
+    their positions, which of them may stay (valid, visible to the next query, not dropped by the
+    policy) and what they are ranked by (``score`` as the policy ranks it; protected +inf; those
+    that may not stay -inf). The cache's prefill and the exported step choose by it alike."""
+    B, Hkv, _ = slot_pos.shape
+    T = pos.shape[1]
+    cand_pos = torch.cat([slot_pos, pos[:, None, :].expand(B, Hkv, T)], dim=-1)
+    cand_valid = torch.cat([slot_valid, (pos >= 0)[:, None, :].expand(B, Hkv, T)], dim=-1)
+    newest = cand_pos.amax(dim=(1, 2))  # [B]
+    if window:  # the next query (newest + 1) sees positions > newest + 1 - window; the rest is dead
+        cand_valid = cand_valid & (cand_pos > newest[:, None, None] + 1 - window)
+    cand_valid = cand_valid & ~_dropped(policy, score, cand_pos, newest)
+    rank = torch.where(policy.protected(cand_pos, newest), torch.inf, policy.rank(score, cand_pos, newest))
+    return cand_pos, cand_valid, torch.where(cand_valid, rank, -torch.inf)
 
 
 def _dropped(policy: Policy, score: Tensor, pos: Tensor, newest: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from kvpass.cache import _dropped
+from kvpass.cache import rank_candidates
 from kvpass.kernels.attend import _probs, mass_scale, value_weights, visible
 from kvpass.policies.base import Chunk, Policy
 
@@ -98,14 +98,7 @@ def step(
     out, mass = attend(q, k, v, slots, pos, scale, window, softcap, policy, chunk_keep)
     chunk = Chunk(old=slots.score, keys=k, values=v, pos=pos, mass=mass, slot_pos=slots.pos, gate=gate)
     score = policy.score(chunk)
-    cand_pos = torch.cat([slots.pos, pos[:, None, :].expand(B, Hkv, T)], dim=-1)
-    cand_valid = torch.cat([slots.valid, (pos >= 0)[:, None, :].expand(B, Hkv, T)], dim=-1)
-    newest = cand_pos.amax(dim=(1, 2))
-    if window:  # the next query (newest + 1) sees positions > newest + 1 - window; the rest is dead
-        cand_valid = cand_valid & (cand_pos > newest[:, None, None] + 1 - window)
-    cand_valid = cand_valid & ~_dropped(policy, score, cand_pos, newest)
-    rank = torch.where(policy.protected(cand_pos, newest), torch.inf, policy.rank(score, cand_pos, newest))
-    rank = torch.where(cand_valid, rank, -torch.inf)
+    cand_pos, cand_valid, rank = rank_candidates(policy, score, slots.pos, slots.valid, pos, window)
     if T == 1:  # a decoded token takes the place of the lowest-ranked slot (the first, on ties), unless it
         # ranks lowest itself: one select over the tables instead of a gather of C + 1 candidates
         hit = (torch.arange(C, device=k.device) == rank.argmin(dim=-1, keepdim=True))[..., None]  # [B, Hkv, C, 1]
