@@ -119,15 +119,16 @@ def _rows(
     for n0 in range(0, C, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         seen = _slot_seen(VALID, SPOS, at, n, C, qpos, window) & live[:, None]
-        if tl.max(tl.max(seen.to(tl.int32), axis=1), axis=0) > 0:  # a block nobody sees is not read
-            x = _logits(q, SK, b * ss_b + h * ss_h, ss_n, n, tl.max(seen.to(tl.int32), axis=0) > 0, mul, softcap, D,
-                        SOFTCAP, UPCAST)  # fmt: skip
+        cols = tl.max(seen.to(tl.int32), axis=0) > 0  # the keys some row sees: the only ones read
+        if tl.max(cols.to(tl.int32), axis=0) > 0:  # a block nobody sees is not read
+            x = _logits(q, SK, b * ss_b + h * ss_h, ss_n, n, cols, mul, softcap, D, SOFTCAP, UPCAST)
             m, lsum = _online(m, lsum, tl.where(seen, x, float("-inf")))
     for t0 in range(0, T, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         seen = _chunk_seen(CPOS, KEEP, b, bh, t, T, qt, qpos, window, keep_window, KEEPING) & live[:, None]
-        if tl.max(tl.max(seen.to(tl.int32), axis=1), axis=0) > 0:
-            x = _logits(q, CK, b * sc_b + h * sc_h, sc_n, t, t < T, mul, softcap, D, SOFTCAP, UPCAST)
+        cols = tl.max(seen.to(tl.int32), axis=0) > 0
+        if tl.max(cols.to(tl.int32), axis=0) > 0:
+            x = _logits(q, CK, b * sc_b + h * sc_h, sc_n, t, cols, mul, softcap, D, SOFTCAP, UPCAST)
             m, lsum = _online(m, lsum, tl.where(seen, x, float("-inf")))
     tl.store(LSE + bh * R + r, m + tl.log(tl.where(live, lsum, 1.0)), mask=live)  # a real row sees at least itself
     tl.store(MUL + bh * R + r, mul, mask=live)

@@ -102,16 +102,16 @@ def test_a_transformed_model_gives_the_same_tokens_with_the_kernels(monkeypatch)
     from kvpass.transform import transform
     from tests.conftest import tiny_llama
 
-    calls = {"decode": 0, "mass": 0}
-    for name, module in (("decode", "decode_triton"), ("mass", "mass_triton")):
+    calls = {"decode_triton": 0, "chunk_mass_triton": 0}
+    for module, name in (("decode_triton", "decode_triton"), ("mass_triton", "chunk_mass_triton")):
         kernel = importlib.import_module(f"kvpass.kernels.{module}")
-        launch = getattr(kernel, f"{'decode' if name == 'decode' else 'chunk_mass'}_triton")
+        launch = getattr(kernel, name)
 
         def counted(*a, name=name, launch=launch, **kw):
             calls[name] += 1
             return launch(*a, **kw)
 
-        monkeypatch.setattr(kernel, launch.__name__, counted)
+        monkeypatch.setattr(kernel, name, counted)
     model = tiny_llama(seed=3).to(DEVICE)
     ids = torch.randint(3, 97, (2, 40), device=DEVICE)
     runs = {}
@@ -121,6 +121,6 @@ def test_a_transformed_model_gives_the_same_tokens_with_the_kernels(monkeypatch)
             small = transform(model, policy, 24, chunk=16, **knobs)
             runs[choice, policy] = small.generate(ids, max_new_tokens=8, do_sample=False)
     # the kernels really ran: policies x layers x (7 decode steps | 3 prefill chunks)
-    assert calls == {"decode": 3 * 2 * 7, "mass": 3 * 2 * 3}
+    assert calls == {"decode_triton": 3 * 2 * 7, "chunk_mass_triton": 3 * 2 * 3}
     for policy in ("h2o", "aha", "snapkv"):
         assert torch.equal(runs["triton", policy], runs["torch", policy]), policy
