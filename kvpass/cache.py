@@ -105,7 +105,8 @@ class EvictingCache(Cache):
         self.slots: dict[int, LayerSlots] = {}
         self.seen = 0  # tokens (columns, padding included) fed so far
         self.budget = 0  # slots kept after the prompt; fixed by the first input
-        self.capacity = 0  # slots per layer and KV head
+        self.capacity = 0  # slots per layer and KV head: the budget (scaled per layer by an allocation), + any reserve
+        self.prompt_len = 0
         self.prefilling = False
         self.lengths: Tensor | None = None  # real (non-padding) tokens seen, per batch row
         self.deferred = False  # a forward is running: decoded tokens are admitted at its end (``flush``)
@@ -143,8 +144,16 @@ class EvictingCache(Cache):
         p = self.policy
         self.budget = p.capacity(prompt_len) if p.evicts else prompt_len
         self.capacity = self.budget if (self.evict_during_decode or not p.evicts) else self.budget + self.decode_reserve
+        self.prompt_len = prompt_len
         if p.evicts:
             p.check_fits(self.budget)
+
+    def layer_budget(self, layer: int) -> int:
+        """Slots ``layer`` keeps after the prompt: the budget, scaled by the policy's allocation."""
+        p = self.policy
+        if not p.evicts:
+            return self.budget
+        return p.layer_slots(self.budget, layer, self.prompt_len if isinstance(p.budget, float) else None)
 
     def step(
         self,
@@ -164,7 +173,8 @@ class EvictingCache(Cache):
         """
         s = self.slots.get(layer)
         if s is None:
-            s = self.slots[layer] = LayerSlots.empty(k, min(self.capacity, window) if window else self.capacity)
+            capacity = self.capacity - self.budget + self.layer_budget(layer)
+            s = self.slots[layer] = LayerSlots.empty(k, min(capacity, window) if window else capacity)
         T = k.shape[2]
         if not self.policy.evicts and not window and self.seen + T > s.capacity:
             s.grow(max(2 * s.capacity, self.seen + T))
@@ -196,7 +206,7 @@ class EvictingCache(Cache):
             q, k, v, kept.keys, kept.values, kept.valid, kept.pos, pos, scale, window, softcap, p.obs,
             p.mass_entropy_k, p.mass_by_value, chunk_keep, p.window,
         )  # fmt: skip
-        self._update(kept, k, v, pos, mass, window, gate)
+        self._update(kept, k, v, pos, mass, self.layer_budget(layer), window, gate)
         return out
 
     @torch.compiler.disable  # bookkeeping: never traced, also when a compiled forward calls it
@@ -242,14 +252,15 @@ class EvictingCache(Cache):
         self._stacks[layers] = stacked = LayerSlots(**{f: w.flatten(0, 1) for f, w in whole.items()})
         return stacked
 
-    def _update(self, s: LayerSlots, k, v, pos, mass, window: int = 0, gate: Tensor | None = None) -> None:
-        """Keep the best ``C`` of the slots and the chunk (a prefill chunk; ``s``: the kept slots)."""
+    def _update(self, s: LayerSlots, k, v, pos, mass, budget: int, window: int = 0, gate: Tensor | None = None) -> None:
+        """Keep the best ``C`` of the slots and the chunk (a prefill chunk; ``s``: the kept slots;
+        ``budget``: what the layer keeps after the prompt)."""
         B, Hkv, T, D = k.shape
         C = s.capacity
         score = self.policy.score(Chunk(old=s.score, keys=k, values=v, pos=pos, mass=mass, slot_pos=s.pos, gate=gate))
         cand_pos, cand_valid, rank = rank_candidates(self.policy, score, s.pos, s.valid, pos, window)
         s.score.copy_(score[..., :C])
-        target = min(self.budget, C) if self.prefilling else C
+        target = min(budget, C) if self.prefilling else C
         keep = torch.zeros_like(cand_valid).scatter_(-1, rank.topk(min(target, C + T), dim=-1).indices, True)
         keep &= cand_valid
         slot_keep, new_keep = keep[..., :C], keep[..., C:]

@@ -101,7 +101,7 @@ class Step(nn.Module):
             layers=tuple(sorted(sites)),
             kv_heads=rewritten[0].kv_heads,
             head_dim=rewritten[0].head_dim,
-            capacity=tuple(min(capacity, sites[i].window) if sites[i].window else capacity for i in sorted(sites)),
+            capacity=tuple(_capacity(self.policy.layer_slots(capacity, i), sites[i].window) for i in sorted(sites)),
         )
 
     def forward(self, input_ids: Tensor, positions: Tensor, *tables: Tensor) -> tuple[Tensor, ...]:
@@ -115,6 +115,10 @@ class Step(nn.Module):
             return (logits.float(), *(t for layer in self.layout.layers for t in self._io.slots[layer]))
         finally:
             self._io.slots = {}
+
+
+def _capacity(slots: int, window: int) -> int:
+    return min(slots, window) if window else slots
 
 
 def export_capacity(model: nn.Module, capacity: int | None) -> int:

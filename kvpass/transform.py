@@ -95,6 +95,7 @@ def transform(
         )
     if not any(s.action == "rewrite" for s in sites):
         raise ValueError(f"no attention site of {type(model).__name__} can be rewritten: {sites[0].reason}")
+    pol.check_layers(len(sites))
     pol.bind(model, sites)
     binding = Binding()
     rewrite(gm, sites, lambda site: KVAttention(site, binding))

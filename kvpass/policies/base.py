@@ -37,12 +37,16 @@ class Policy:
 
     ``budget``: slots per layer and KV head (int), or a fraction of the prompt length (float in
     (0, 1]). ``sink_tokens``: the first positions, never evicted. ``window``: the most recent
-    positions, never evicted.
+    positions, never evicted. ``allocation``: one multiplier of the budget per attention layer
+    (layer i keeps ``ceil(budget * allocation[i])`` slots per KV head, never more than the prompt
+    for a fractional budget); None: every layer keeps the budget. :func:`kvpass.calibrate`
+    measures one whose mean is 1, which moves memory to the layers where eviction hurts most.
     """
 
     budget: int | float = 512
     sink_tokens: int = 0
     window: int = 0
+    allocation: tuple[float, ...] | None = None
 
     name: ClassVar[str] = ""
     obs: ClassVar[int] = 1 << 30  # how many of a chunk's last queries feed ``mass``
@@ -63,6 +67,13 @@ class Policy:
             value = getattr(self, knob)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{knob} must be a non-negative int, got {value!r}")
+        if self.allocation is not None:
+            a = self.allocation
+            if not isinstance(a, (list, tuple)) or not a or not all(_positive(x) for x in a):
+                raise ValueError(f"allocation must be a non-empty sequence of positive numbers (per layer), got {a!r}")
+            if not self.evicts:
+                raise ValueError(f"policy {self.name!r} keeps every token: an allocation of its budget means nothing")
+            self.allocation = tuple(float(x) for x in a)
         if isinstance(b, int) and self.evicts:
             self.check_fits(b)
 
@@ -79,6 +90,25 @@ class Policy:
         if isinstance(self.budget, float):
             return max(1, math.ceil(self.budget * prompt_len))
         return self.budget
+
+    def layer_slots(self, slots: int, layer: int, most: int | None = None) -> int:
+        """Slots of ``layer`` when every layer's budget is ``slots``: scaled by the layer's
+        ``allocation``, capped at ``most`` (the prompt, for a fractional budget), never fewer than
+        the keep rule needs."""
+        if self.allocation is None:
+            return slots
+        n = math.ceil(slots * self.allocation[layer])
+        if most is not None:
+            n = min(n, max(most, slots))
+        return max(n, self.sink_tokens + self.window + 1)
+
+    def check_layers(self, layers: int) -> None:
+        """Called by ``transform``: the allocation must have one multiplier per attention layer."""
+        if self.allocation is not None and len(self.allocation) != layers:
+            raise ValueError(
+                f"allocation has {len(self.allocation)} multipliers, this model has {layers} attention layers "
+                "(an allocation calibrated for another model?)"
+            )
 
     def bind(self, model, sites) -> None:
         """Called by ``transform`` with the model and its attention sites (a learned policy loads here)."""
@@ -109,6 +139,10 @@ class Policy:
         if self.window:
             keep = keep | (pos > newest.view(-1, *[1] * (pos.dim() - 1)) - self.window)
         return keep & (pos >= 0)
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 def accumulated(chunk: Chunk) -> Tensor:

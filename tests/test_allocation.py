@@ -1,0 +1,115 @@
+"""Per-layer budgets: the policy's allocation, the cache and the exported step that follow it, and
+the calibration that measures one."""
+
+import math
+
+import pytest
+import torch
+
+import kvpass
+from kvpass import calibrate, policies
+from kvpass.step import Step
+from tests.conftest import tiny_llama
+from tests.eval.stub import WordTokenizer
+from tests.test_export import greedy_with_step
+
+
+def test_bad_allocations_are_refused():
+    for bad in ([], [1.0, 0.0], [1.0, -2.0], [1.0, math.nan], [1.0, math.inf], [True, 1.0], "1,1", 2.0):
+        with pytest.raises(ValueError, match="allocation"):
+            policies.get("tova", budget=8, allocation=bad)
+    with pytest.raises(ValueError, match="keeps every token"):
+        policies.get("full", allocation=[1.0, 1.0])
+    with pytest.raises(ValueError, match="3 multipliers, this model has 2 attention layers"):
+        kvpass.transform(tiny_llama(), "tova", 8, allocation=[1.0, 1.0, 1.0])
+
+
+def test_layer_slots_scale_the_budget_within_bounds():
+    p = policies.get("h2o", budget=0.5, window=3, allocation=[2.0, 0.5, 0.01, 1.3])
+    assert [p.layer_slots(40, i) for i in range(4)] == [80, 20, 4, 52]  # at least window + 1
+    assert [p.layer_slots(40, i, most=50) for i in range(4)] == [50, 20, 4, 50]  # never more than the prompt
+    assert policies.get("h2o", budget=0.5).layer_slots(40, 3, most=50) == 40
+
+
+@pytest.mark.parametrize("name, knobs", [("tova", {}), ("aha", {"recent": 8}), ("snapkv", {"window": 4})])
+def test_each_layer_keeps_its_share_of_the_prompt(name, knobs):
+    model = tiny_llama(seed=5, layers=3)
+    torch.manual_seed(11)
+    ids = torch.randint(3, 97, (2, 60))
+    small = kvpass.transform(
+        model, name, 0.25, chunk=16, evict_during_decode=False, allocation=[2.0, 0.5, 0.5], **knobs
+    )
+    small(ids)
+    cache = small.kvpass_cache
+    held = [int(cache.slots[i].valid.sum()) // (2 * 2) for i in range(3)]  # per batch row and KV head
+    assert held == [30, 8, 8]  # ceil(15 * 2), ceil(15 * 0.5)
+    assert [cache.slots[i].capacity - cache.capacity + cache.budget for i in range(3)] == [30, 8, 8]
+
+
+def test_all_ones_is_the_uniform_budget():
+    model = tiny_llama(seed=6)
+    ids = torch.randint(3, 97, (1, 50))
+    plain = kvpass.transform(model, "snapkv", 0.3, chunk=16, window=4)
+    ones = kvpass.transform(model, "snapkv", 0.3, chunk=16, window=4, allocation=[1.0, 1.0])
+    a, b = plain(ids).logits, ones(ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.equal(plain.generate(ids, max_new_tokens=8), ones.generate(ids, max_new_tokens=8))
+
+
+def test_a_layer_given_the_whole_prompt_attends_as_the_model_does():
+    # one layer: with the multiplier 1 / budget it keeps every prompt token, so the prefill logits are exact
+    model = tiny_llama(seed=7, layers=1)
+    ids = torch.randint(3, 97, (1, 48))
+    small = kvpass.transform(model, "h2o", 0.25, chunk=16, window=2, allocation=[4.0])
+    torch.testing.assert_close(small(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    evicting = kvpass.transform(model, "h2o", 0.25, chunk=16, window=2)
+    assert not torch.allclose(evicting(ids).logits, model(ids).logits, atol=1e-3)
+
+
+def test_the_exported_step_has_the_allocated_tables_and_keeps_what_the_cache_keeps():
+    model = tiny_llama(seed=8, layers=3)
+    small = kvpass.transform(model, "aha", 12, chunk=16, recent=8, k=4, allocation=[1.5, 0.5, 1.0])
+    step = Step(small)
+    assert step.layout.capacity == (18, 6, 12)
+    torch.manual_seed(12)
+    ids = torch.randint(3, 97, (2, 40))
+    ref = small.generate(ids, max_new_tokens=8, do_sample=False)
+    got, tables = greedy_with_step(step, ids, 8)
+    assert torch.equal(got, ref)
+    assert [int(tables[5 * i + 4].sum()) for i in range(3)] == [2 * 2 * 18, 2 * 2 * 6, 2 * 2 * 12]
+
+
+def test_allocation_rule():
+    sens = [0.0, 0.5, 0.02, -0.1, 0.0, 0.3]
+    a = calibrate.allocation(sens, 0.5)
+    assert math.isclose(sum(a) / len(a), 1.0, abs_tol=1e-3)
+    assert max(a) <= 2.0 and min(a) >= 0.25
+    # by hand: mean s = 0.82 / 6; the first layer is capped at 2 (the whole prompt), the rest share 4
+    # slots' worth: c = 4 / (3 * 0.13667 + 0.15667 + 0.43667) = 3.9867
+    assert a[1] == 2.0
+    assert a[0] == a[3] == a[4] == pytest.approx(0.5449, abs=1e-3)  # a negative sensitivity counts as none
+    assert a[2] == pytest.approx(0.6246, abs=1e-3) and a[5] == pytest.approx(1.7409, abs=1e-3)
+    assert calibrate.allocation([0.0, -0.2, 0.0], 0.25) == (1.0, 1.0, 1.0)
+    tight = calibrate.allocation([1.0, 0.0, 0.0, 0.0], 0.5, low=0.8)
+    assert tight[1:] == (0.8, 0.8, 0.8) and math.isclose(tight[0], 1.6, abs_tol=1e-3)
+
+
+def test_sensitivity_is_measured_one_layer_at_a_time(monkeypatch):
+    model = tiny_llama(seed=9, layers=3, vocab=97)
+    tok = WordTokenizer()
+    seen = []
+    real = calibrate.answer_nll
+
+    def spy(m, prompt, answer):
+        policy = getattr(m, "kvpass_policy", None)
+        seen.append(None if policy is None else policy.allocation)
+        return real(m, prompt, answer)
+
+    monkeypatch.setattr(calibrate, "answer_nll", spy)
+    out = calibrate.calibrate(model, tok, "tova", 0.25, n_samples=2, tokens=120, chunk=32, progress=False)
+    assert len(out["sensitivity"]) == 3 and len(out["allocation"]) == 3
+    assert seen[:2] == [None, None]  # the unmodified model first
+    assert seen[2:] == [(1.0, 4.0, 4.0)] * 2 + [(4.0, 1.0, 4.0)] * 2 + [(4.0, 4.0, 1.0)] * 2
+    assert any(abs(s) > 1e-6 for s in out["sensitivity"])  # eviction in a random tiny model changes the answers
+    with pytest.raises(ValueError, match="fraction"):
+        calibrate.sensitivity(model, tok, "tova", 8)
