@@ -6,6 +6,7 @@ small.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=32)
 """
 
 from kvpass import compile, policies
+from kvpass.allocation import calibrate
 from kvpass.cache import EvictingCache
 from kvpass.default_model import load_default_model
 from kvpass.onnx_engine import OnnxEngine
@@ -31,6 +32,7 @@ __all__ = [
     "EvictingCache",
     "OnnxEngine",
     "cache_stats",
+    "calibrate",
     "export_onnx",
     "export_tensorrt",
     "find_attention",

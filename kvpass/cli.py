@@ -90,7 +90,7 @@ def evaluate(args: argparse.Namespace) -> None:
     import torch
 
     import kvpass
-    from kvpass import report, tasks
+    from kvpass import allocation, report, tasks
     from kvpass.default_model import label, load_model
     from kvpass.evaluate import MODES, evaluate
 
@@ -102,6 +102,7 @@ def evaluate(args: argparse.Namespace) -> None:
         kvpass.policies.get(p, budget=0.5)  # fail on a bad name before loading anything
     if args.mode not in MODES:
         raise ValueError(f"unknown mode {args.mode!r}; choose from {', '.join(MODES)}")
+    sensitivity = None if args.allocation is None else allocation.load(args.allocation)["sensitivity"]
     torch.set_grad_enabled(False)
     name = label(args.model)
     with console.status(f"loading {name}"):
@@ -121,11 +122,13 @@ def evaluate(args: argparse.Namespace) -> None:
         seed=args.seed,
         peer=args.peer,
         ppl=args.ppl,
+        sensitivity=sensitivity,
     )
     meta = {
         "model": name,
         "mode": args.mode,
         "peer": args.peer,
+        "allocation": args.allocation,
         "lengths": args.lengths,
         "samples": args.samples,
         "chunk": args.chunk,
@@ -216,6 +219,34 @@ def export(args: argparse.Namespace) -> None:
                 console.print(f"wrote {path}")
 
 
+def calibrate(args: argparse.Namespace) -> None:
+    """Measure how much each layer's eviction costs a policy and write a per-layer allocation of its budget."""
+    import torch
+
+    import kvpass
+    from kvpass import allocation
+    from kvpass.default_model import label, load_model
+
+    console = Console()
+    kvpass.policies.get(args.policy, budget=args.budget)  # fail on a bad name or budget before loading anything
+    if not 0.0 < args.budget < 1.0:
+        raise ValueError(f"calibrate at a fraction of the prompt in (0, 1), got {args.budget}")
+    torch.set_grad_enabled(False)
+    with console.status(f"loading {label(args.model)}"):
+        model, tok = load_model(args.model)
+    result = allocation.calibrate(
+        model, tok, args.policy, args.budget, n_samples=args.samples, tokens=args.tokens, chunk=args.chunk
+    )
+    result["model"] = label(args.model)
+    table = Table(title=f"{args.policy} at {args.budget:g}: {result['seconds']:.0f} s")
+    for col in ("layer", "sensitivity (nats)", "allocation"):
+        table.add_column(col, justify="right")
+    for i, (s, a) in enumerate(zip(result["sensitivity"], result["allocation"], strict=True)):
+        table.add_row(str(i), f"{s:+.4f}", f"{a:.2f}")
+    console.print(table)
+    console.print(f"wrote {allocation.save(result, args.out)}; use it with transform(..., allocation=...)")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="kvpass", description="Keep only the KV entries worth keeping.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -245,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--ppl", action="store_true", help="also the perplexity of documentation text at each length")
     e.add_argument("--peer", choices=["kvpress"], help="also run kvpress's presses (pip install 'kvpass[compare]')")
     e.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model directory")
+    e.add_argument("--allocation", help="a `kvpass calibrate` file: also run each policy with per-layer budgets")
     e.add_argument("--out", default="eval-results", help="directory for results.json / .md / .png")
     e.set_defaults(run=evaluate)
     b = sub.add_parser("bench", help=bench.__doc__)
@@ -271,6 +303,15 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model directory")
     t.add_argument("--out", default="gate.safetensors", help="checkpoint to write (and resume from)")
     t.set_defaults(run=train_gates)
+    c = sub.add_parser("calibrate", help=calibrate.__doc__)
+    c.add_argument("--policy", default="aha", help="eviction policy to measure (default aha)")
+    c.add_argument("--budget", type=float, default=0.5, help="fraction of the prompt kept (default 0.5)")
+    c.add_argument("--samples", type=int, default=4, help="retrieval samples (one prefill per layer each)")
+    c.add_argument("--tokens", type=int, default=1024, help="sample length in tokens")
+    c.add_argument("--chunk", type=int, default=512)
+    c.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model directory")
+    c.add_argument("--out", default="allocation.json")
+    c.set_defaults(run=calibrate)
     x = sub.add_parser("export", help=export.__doc__)
     x.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
     x.add_argument("--policy", default="tova", help="eviction policy (default tova)")

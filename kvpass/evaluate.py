@@ -25,6 +25,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from kvpass import peers, tasks
+from kvpass.allocation import allocate
 from kvpass.transform import transform
 
 MODES = ("aware", "agnostic")
@@ -127,13 +128,16 @@ def evaluate(
     seed: int = 0,
     peer: str | None = None,
     ppl: bool = False,
+    sensitivity: list[float] | None = None,
     progress: bool = True,
 ) -> list[Record]:
     """Every (task, length, sample) under the unmodified model and every (policy, budget); with
     ``peer="kvpress"``, also under kvpress's counterpart of every policy it has (policy ``kvpress:NAME``).
     ``ppl=True`` adds, per length, the perplexity of documentation text (task ``perplexity``, its
     ``score`` the perplexity) for the unmodified model and every kvpass policy; kvpress compresses
-    only after the prompt's logits are computed, so it has no such number."""
+    only after the prompt's logits are computed, so it has no such number. ``sensitivity``: a
+    calibration's per-layer sensitivities (:mod:`kvpass.allocation`); every (policy, budget) also
+    runs with the allocation made from them at that budget (policy ``NAME+alloc``)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     for b in budgets:
@@ -145,6 +149,10 @@ def evaluate(
     for policy, budget in product(policies, budgets):
         small = transform(model, policy, budget, chunk=chunk, evict_during_decode=False)
         runs.append((policy, budget, small, None))
+        if sensitivity is not None:
+            alloc = allocate(sensitivity, budget)
+            small = transform(model, policy, budget, chunk=chunk, evict_during_decode=False, allocation=alloc)
+            runs.append((f"{policy}+alloc", budget, small, None))
     if peer == "kvpress":  # imported after the transforms: kvpress patches transformers' attention on import
         for policy, budget in product([p for p in peers.PRESSES if p in policies or p not in kvpass_names()], budgets):
             runs.append((f"kvpress:{policy}", budget, model, peers.press(policy, budget)))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kvpass
-from kvpass import calibrate, policies
+from kvpass import allocation, policies
 from kvpass.step import Step
 from tests.conftest import tiny_llama
 from tests.eval.stub import WordTokenizer
@@ -81,7 +81,7 @@ def test_the_exported_step_has_the_allocated_tables_and_keeps_what_the_cache_kee
 
 def test_allocation_rule():
     sens = [0.0, 0.5, 0.02, -0.1, 0.0, 0.3]
-    a = calibrate.allocation(sens, 0.5)
+    a = allocation.allocate(sens, 0.5)
     assert math.isclose(sum(a) / len(a), 1.0, abs_tol=1e-3)
     assert max(a) <= 2.0 and min(a) >= 0.25
     # by hand: mean s = 0.82 / 6; the first layer is capped at 2 (the whole prompt), the rest share 4
@@ -89,8 +89,8 @@ def test_allocation_rule():
     assert a[1] == 2.0
     assert a[0] == a[3] == a[4] == pytest.approx(0.5449, abs=1e-3)  # a negative sensitivity counts as none
     assert a[2] == pytest.approx(0.6246, abs=1e-3) and a[5] == pytest.approx(1.7409, abs=1e-3)
-    assert calibrate.allocation([0.0, -0.2, 0.0], 0.25) == (1.0, 1.0, 1.0)
-    tight = calibrate.allocation([1.0, 0.0, 0.0, 0.0], 0.5, low=0.8)
+    assert allocation.allocate([0.0, -0.2, 0.0], 0.25) == (1.0, 1.0, 1.0)
+    tight = allocation.allocate([1.0, 0.0, 0.0, 0.0], 0.5, low=0.8)
     assert tight[1:] == (0.8, 0.8, 0.8) and math.isclose(tight[0], 1.6, abs_tol=1e-3)
 
 
@@ -98,18 +98,53 @@ def test_sensitivity_is_measured_one_layer_at_a_time(monkeypatch):
     model = tiny_llama(seed=9, layers=3, vocab=97)
     tok = WordTokenizer()
     seen = []
-    real = calibrate.answer_nll
+    real = allocation.answer_nll
 
     def spy(m, prompt, answer):
         policy = getattr(m, "kvpass_policy", None)
         seen.append(None if policy is None else policy.allocation)
         return real(m, prompt, answer)
 
-    monkeypatch.setattr(calibrate, "answer_nll", spy)
-    out = calibrate.calibrate(model, tok, "tova", 0.25, n_samples=2, tokens=120, chunk=32, progress=False)
+    monkeypatch.setattr(allocation, "answer_nll", spy)
+    out = allocation.calibrate(model, tok, "tova", 0.25, n_samples=2, tokens=120, chunk=32, progress=False)
     assert len(out["sensitivity"]) == 3 and len(out["allocation"]) == 3
     assert seen[:2] == [None, None]  # the unmodified model first
     assert seen[2:] == [(1.0, 4.0, 4.0)] * 2 + [(4.0, 1.0, 4.0)] * 2 + [(4.0, 4.0, 1.0)] * 2
     assert any(abs(s) > 1e-6 for s in out["sensitivity"])  # eviction in a random tiny model changes the answers
     with pytest.raises(ValueError, match="fraction"):
-        calibrate.sensitivity(model, tok, "tova", 8)
+        allocation.sensitivity(model, tok, "tova", 8)
+
+
+def test_cli_calibrates_and_evaluates_with_the_allocation(tmp_path, monkeypatch, capsys):
+    from kvpass import default_model
+    from kvpass.cli import main
+
+    model, tok = tiny_llama(seed=10, layers=2), WordTokenizer()
+    monkeypatch.setattr(default_model, "load_model", lambda name="default", **kw: (model, tok))
+    out = tmp_path / "alloc.json"
+    argv = ["calibrate", "--policy", "tova", "--budget", "0.25", "--samples", "1", "--tokens", "120", "--chunk", "32"]
+    main([*argv, "--out", str(out)])
+    result = allocation.load(out)
+    assert len(result["sensitivity"]) == 2 and result["policy"] == "tova" and result["budget"] == 0.25
+    assert f"wrote {out}" in capsys.readouterr().out
+    argv = ["eval", "--tasks", "niah_single", "--lengths", "120", "--samples", "1", "--policies", "tova"]
+    main([*argv, "--budgets", "0.5", "--new-tokens", "4", "--allocation", str(out), "--out", str(tmp_path / "ev")])
+    policies_run = {
+        r["policy"] for r in __import__("json").loads((tmp_path / "ev" / "results.json").read_text())["records"]
+    }
+    assert policies_run == {"full", "tova", "tova+alloc"}
+
+
+def test_bad_calibrations_are_clear_errors(tmp_path):
+    from kvpass.cli import main
+
+    with pytest.raises(SystemExit, match="no calibration file"):
+        main(["eval", "--allocation", str(tmp_path / "missing.json")])
+    (tmp_path / "bad.json").write_bytes(b"\x00\xff not json")
+    (tmp_path / "other.json").write_text('{"sensitivity": [0.1, "x"], "budget": 0.5}')
+    for name in ("bad.json", "other.json"):
+        with pytest.raises(SystemExit, match="not a kvpass calibration"):
+            main(["eval", "--allocation", str(tmp_path / name)])
+    for argv, message in ((["--budget", "1.0"], "fraction"), (["--policy", "nope"], "nope")):
+        with pytest.raises(SystemExit, match=message):
+            main(["calibrate", *argv])

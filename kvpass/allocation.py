@@ -17,8 +17,11 @@ shape in advance; here it is measured per model and policy).
 
 from __future__ import annotations
 
+import json
+import math
 import random
 import time
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -83,7 +86,7 @@ def sensitivity(
     return out
 
 
-def allocation(sens: list[float], budget: float, low: float = 0.25) -> tuple[float, ...]:
+def allocate(sens: list[float], budget: float, low: float = 0.25) -> tuple[float, ...]:
     """Multipliers of the budget, one per layer, averaging 1 (the module's docstring has the rule)."""
     if not sens:
         raise ValueError("no sensitivities: the model has no attention layers")
@@ -107,15 +110,44 @@ def allocation(sens: list[float], budget: float, low: float = 0.25) -> tuple[flo
 def calibrate(model: nn.Module, tokenizer, policy: str = "aha", budget: float = 0.5, **kwargs) -> dict:
     """Measure ``policy``'s per-layer sensitivity at ``budget`` and allocate from it.
 
-    Returns ``{"allocation", "sensitivity", "policy", "budget", "seconds"}``; pass the allocation to
-    :func:`kvpass.transform` (``allocation=...``). Takes one prefill per layer and sample.
+    Returns ``{"allocation", "sensitivity", "policy", "budget", "samples", "seconds"}``; pass the
+    allocation to :func:`kvpass.transform` (``allocation=...``), or ``allocate(sensitivity, b)``
+    for another budget ``b``. Takes one prefill per layer and sample.
     """
     t0 = time.time()
     sens = sensitivity(model, tokenizer, policy, budget, **kwargs)
     return {
         "policy": policy,
         "budget": budget,
+        "samples": kwargs.get("n_samples", 4),
         "sensitivity": [round(x, 5) for x in sens],
-        "allocation": list(allocation(sens, budget)),
+        "allocation": list(allocate(sens, budget)),
         "seconds": round(time.time() - t0, 1),
     }
+
+
+def save(result: dict, path: str | Path) -> Path:
+    """Write a :func:`calibrate` result as JSON."""
+    path = Path(path)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path
+
+
+def load(path: str | Path) -> dict:
+    """A calibration written by :func:`save`; a clear error for a missing, corrupt or foreign file."""
+    path = Path(path)
+    try:
+        result = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"no calibration file at {path}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a kvpass calibration (not JSON: {e})") from None
+    sens = result.get("sensitivity") if isinstance(result, dict) else None
+    if (
+        not isinstance(sens, list)
+        or not sens
+        or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in sens)
+        or not isinstance(result.get("budget"), float)
+    ):
+        raise ValueError(f"{path} is not a kvpass calibration (it needs 'sensitivity': numbers, 'budget': a fraction)")
+    return result
