@@ -102,7 +102,7 @@ def evaluate(args: argparse.Namespace) -> None:
         kvpass.policies.get(p, budget=0.5)  # fail on a bad name before loading anything
     if args.mode not in MODES:
         raise ValueError(f"unknown mode {args.mode!r}; choose from {', '.join(MODES)}")
-    sensitivity = None if args.allocation is None else allocation.load(args.allocation)["sensitivity"]
+    calibrations = [allocation.load(f) for f in args.allocation or []]
     torch.set_grad_enabled(False)
     name = label(args.model)
     with console.status(f"loading {name}"):
@@ -122,7 +122,7 @@ def evaluate(args: argparse.Namespace) -> None:
         seed=args.seed,
         peer=args.peer,
         ppl=args.ppl,
-        sensitivity=sensitivity,
+        calibrations=calibrations,
     )
     meta = {
         "model": name,
@@ -276,7 +276,9 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--ppl", action="store_true", help="also the perplexity of documentation text at each length")
     e.add_argument("--peer", choices=["kvpress"], help="also run kvpress's presses (pip install 'kvpass[compare]')")
     e.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model directory")
-    e.add_argument("--allocation", help="a `kvpass calibrate` file: also run each policy with per-layer budgets")
+    e.add_argument(
+        "--allocation", nargs="+", help="`kvpass calibrate` files: also run each policy with per-layer budgets"
+    )
     e.add_argument("--out", default="eval-results", help="directory for results.json / .md / .png")
     e.set_defaults(run=evaluate)
     b = sub.add_parser("bench", help=bench.__doc__)

@@ -128,16 +128,16 @@ def evaluate(
     seed: int = 0,
     peer: str | None = None,
     ppl: bool = False,
-    sensitivity: list[float] | None = None,
+    calibrations: list[dict] | None = None,
     progress: bool = True,
 ) -> list[Record]:
     """Every (task, length, sample) under the unmodified model and every (policy, budget); with
     ``peer="kvpress"``, also under kvpress's counterpart of every policy it has (policy ``kvpress:NAME``).
     ``ppl=True`` adds, per length, the perplexity of documentation text (task ``perplexity``, its
     ``score`` the perplexity) for the unmodified model and every kvpass policy; kvpress compresses
-    only after the prompt's logits are computed, so it has no such number. ``sensitivity``: a
-    calibration's per-layer sensitivities (:mod:`kvpass.allocation`); every (policy, budget) also
-    runs with the allocation made from them at that budget (policy ``NAME+alloc``)."""
+    only after the prompt's logits are computed, so it has no such number. ``calibrations``:
+    results of :func:`kvpass.calibrate`; every (policy, budget) also runs with per-layer budgets
+    allocated from the sensitivities of the calibration nearest that budget (policy ``NAME+alloc``)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     for b in budgets:
@@ -149,8 +149,9 @@ def evaluate(
     for policy, budget in product(policies, budgets):
         small = transform(model, policy, budget, chunk=chunk, evict_during_decode=False)
         runs.append((policy, budget, small, None))
-        if sensitivity is not None:
-            alloc = allocate(sensitivity, budget)
+        if calibrations:
+            nearest = min(calibrations, key=lambda c: abs(c["budget"] - budget))
+            alloc = allocate(nearest["sensitivity"], budget)
             small = transform(model, policy, budget, chunk=chunk, evict_during_decode=False, allocation=alloc)
             runs.append((f"{policy}+alloc", budget, small, None))
     if peer == "kvpress":  # imported after the transforms: kvpress patches transformers' attention on import

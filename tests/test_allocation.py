@@ -148,3 +148,29 @@ def test_bad_calibrations_are_clear_errors(tmp_path):
     for argv, message in ((["--budget", "1.0"], "fraction"), (["--policy", "nope"], "nope")):
         with pytest.raises(SystemExit, match=message):
             main(["calibrate", *argv])
+
+
+def test_eval_allocates_from_the_calibration_nearest_each_budget(monkeypatch):
+    from kvpass import evaluate as ev
+
+    made = []
+    real = ev.transform
+
+    def spy(model, policy, budget, **kw):
+        made.append((policy, budget, kw.get("allocation")))
+        return real(model, policy, budget, **kw)
+
+    monkeypatch.setattr(ev, "transform", spy)
+    cal = [{"budget": 0.5, "sensitivity": [0.0, 1.0]}, {"budget": 0.2, "sensitivity": [1.0, 0.0]}]
+    records = ev.evaluate(
+        tiny_llama(seed=11), WordTokenizer(), task_names=["vt"], lengths=[100], policies=["tova"],
+        budgets=[0.6, 0.3], samples=1, max_new_tokens=2, calibrations=cal, progress=False,
+    )  # fmt: skip
+    assert made == [
+        ("tova", 0.6, None),
+        ("tova", 0.6, allocation.allocate([0.0, 1.0], 0.6)),
+        ("tova", 0.3, None),
+        ("tova", 0.3, allocation.allocate([1.0, 0.0], 0.3)),
+    ]
+    assert made[1][2][1] > 1.0 > made[1][2][0] and made[3][2][0] > 1.0 > made[3][2][1]
+    assert {r.policy for r in records} == {"full", "tova", "tova+alloc"}
