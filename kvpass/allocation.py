@@ -28,7 +28,6 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from kvpass import corpus
-from kvpass.transform import transform
 
 
 def samples(tokenizer, n: int, tokens: int) -> list[tuple[Tensor, Tensor]]:
@@ -72,6 +71,8 @@ def sensitivity(
         raise ValueError(f"calibrate at a fraction of the prompt in (0, 1), got {budget!r}")
     if n_samples <= 0:
         raise ValueError(f"n_samples must be positive, got {n_samples}")
+    from kvpass.transform import transform  # (kvpass.transform reads calibration files with this module)
+
     device = next(model.parameters()).device
     data = [(p.to(device), a.to(device)) for p, a in samples(tokenizer, n_samples, tokens)]
     small = transform(model, policy, budget, chunk=chunk, evict_during_decode=False, **knobs)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import copy
 import functools
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from kvpass import policies
+from kvpass import allocation, policies
 from kvpass.attention import Binding, KVAttention
 from kvpass.cache import EvictingCache
 from kvpass.generate import generate
@@ -65,7 +66,8 @@ def transform(
     ``budget``: KV slots kept per layer and KV head (int), or a fraction of the prompt (float in
     (0, 1]). ``chunk``: prompts are prefilled ``chunk`` tokens at a time, so memory grows with
     budget + chunk, not with the prompt. ``evict_during_decode=False`` evicts only the prompt, as
-    kvpress does. Other keyword arguments are the policy's knobs (``sink_tokens``, ``window``, ...).
+    kvpress does. Other keyword arguments are the policy's knobs (``sink_tokens``, ``window``, ...);
+    ``allocation`` (per-layer multiples of the budget) may be a ``kvpass calibrate`` file.
 
     The original model is left as it was; the returned one shares its weights.
     """
@@ -73,6 +75,10 @@ def transform(
         raise ValueError("this model is already transformed by kvpass; transform the original model instead")
     if budget is not None:
         knobs["budget"] = budget
+    if isinstance(knobs.get("allocation"), (str, Path)):  # a `kvpass calibrate` file
+        cal = allocation.load(knobs["allocation"])
+        frac = budget if isinstance(budget, float) else cal["budget"]
+        knobs["allocation"] = allocation.allocate(cal["sensitivity"], frac)
     pol = policies.get(policy, **knobs)
     if chunk <= 0:
         raise ValueError(f"chunk must be a positive number of tokens, got {chunk}")

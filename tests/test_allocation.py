@@ -174,3 +174,17 @@ def test_eval_allocates_from_the_calibration_nearest_each_budget(monkeypatch):
     ]
     assert made[1][2][1] > 1.0 > made[1][2][0] and made[3][2][0] > 1.0 > made[3][2][1]
     assert {r.policy for r in records} == {"full", "tova", "tova+alloc"}
+
+
+def test_transform_reads_a_calibration_file(tmp_path):
+    model = tiny_llama(seed=12, layers=3)
+    path = allocation.save({"policy": "tova", "budget": 0.25, "sensitivity": [0.0, 0.4, 0.1]}, tmp_path / "c.json")
+    small = kvpass.transform(model, "tova", 0.5, allocation=path)
+    assert small.kvpass_policy.allocation == allocation.allocate([0.0, 0.4, 0.1], 0.5)
+    slots = kvpass.transform(model, "tova", 16, allocation=str(path))  # slots: capped as at the calibration's 0.25
+    assert slots.kvpass_policy.allocation == allocation.allocate([0.0, 0.4, 0.1], 0.25)
+    (tmp_path / "two.json").write_text('{"budget": 0.5, "sensitivity": [0.1, 0.2]}')
+    with pytest.raises(ValueError, match="2 multipliers, this model has 3 attention layers"):
+        kvpass.transform(model, "tova", 0.5, allocation=tmp_path / "two.json")
+    with pytest.raises(ValueError, match="no calibration file"):
+        kvpass.transform(model, "tova", 0.5, allocation=tmp_path / "none.json")
