@@ -3,6 +3,7 @@ the calibration that measures one."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,6 +78,17 @@ def test_the_exported_step_has_the_allocated_tables_and_keeps_what_the_cache_kee
     got, tables = greedy_with_step(step, ids, 8)
     assert torch.equal(got, ref)
     assert [int(tables[5 * i + 4].sum()) for i in range(3)] == [2 * 2 * 18, 2 * 2 * 6, 2 * 2 * 12]
+
+
+def test_an_onnx_engine_with_per_layer_tables_gives_the_torch_tokens(tmp_path):
+    model = tiny_llama(seed=13)
+    small = kvpass.transform(model, "tova", 16, chunk=16, allocation=[1.75, 0.25])
+    engine = kvpass.OnnxEngine(kvpass.export_onnx(small, tmp_path / "alloc.onnx"))
+    assert engine.layout.capacity == (28, 4)
+    torch.manual_seed(14)
+    ids = torch.randint(3, 97, (2, 40))
+    ref = small.generate(ids, max_new_tokens=8, do_sample=False)
+    assert np.array_equal(engine.generate(ids.numpy(), 8), ref.numpy())
 
 
 def test_allocation_rule():
