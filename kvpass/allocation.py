@@ -10,9 +10,9 @@ their own, so nothing is shared with the evaluation suite. One prefill per layer
 The **allocation** gives layer i the multiplier ``a_i = clip(c * (s_i + mean(s)), low, high)`` of
 the budget, ``s_i`` its sensitivity (negative values count as 0), with ``c`` chosen so that the
 multipliers average 1: the same memory as the uniform budget. A layer where eviction costs
-nothing gets about half of an average one, never below ``low``; ``high`` is 1 / budget (the whole
-prompt). This is the idea of per-layer budgets (PyramidKV, Cai et al., arXiv 2406.02069, fixes the
-shape in advance; here it is measured per model and policy).
+nothing weighs half as much as one of average sensitivity and keeps at least ``low``; ``high`` is
+1 / budget (the whole prompt). The idea of per-layer budgets is PyramidKV's (Cai et al., arXiv
+2406.02069), which fixes their shape in advance; here it is measured per model and policy.
 """
 
 from __future__ import annotations
