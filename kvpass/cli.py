@@ -179,12 +179,17 @@ def train_gates(args: argparse.Namespace) -> None:
     from kvpass.default_model import load_model
     from kvpass.train import train_gates as run
 
+    alloc = None
+    if args.allocation:  # fail on a bad file before loading anything
+        from kvpass import allocation
+
+        alloc = allocation.allocate(allocation.load(args.allocation)["sensitivity"], args.target)
     torch.manual_seed(args.seed)
     model, tok = load_model(args.model)
     run(
         model, tok, args.out, target=args.target, steps=args.steps, seq_len=args.seq_len, lr=args.lr,
         rate_weight=args.rate_weight, window=args.window, answer_weight=args.answer_weight, seed=args.seed,
-        resume=not args.restart,
+        resume=not args.restart, allocation=alloc,
     )  # fmt: skip
     print(f"wrote {args.out} (loss curves: {Path(args.out).with_suffix('.png')})")
 
@@ -302,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--answer-weight", type=float, default=20.0, help="KL weight of retrieval-answer positions")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--restart", action="store_true", help="start over instead of resuming --out")
+    t.add_argument("--allocation", help="a `kvpass calibrate` file: per-layer keep targets (and budgets)")
     t.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model directory")
     t.add_argument("--out", default="gate.safetensors", help="checkpoint to write (and resume from)")
     t.set_defaults(run=train_gates)

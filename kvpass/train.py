@@ -119,14 +119,14 @@ def train_step(
     g: gates.Gates,
     opt,
     ids: Tensor,
-    target: float,
+    target: float | Tensor,
     rate_weight: float,
     threshold: float,
     window: int = 0,
     weight: Tensor | None = None,
 ) -> dict:
-    """One optimisation step on ``ids [B, T]`` (``weight [B, T]``: of each position's KL); returns
-    the losses and the mean keep rate."""
+    """One optimisation step on ``ids [B, T]`` (``weight [B, T]``: of each position's KL; ``target``:
+    the keep rate, or one per layer); returns the losses and the mean keep rate."""
     with torch.no_grad():
         teacher = model(ids, use_cache=False).logits
     with gated(model, g, threshold, window) as rates:
@@ -155,6 +155,7 @@ def train_gates(
     window: int = 32,
     answer_weight: float = 20.0,
     seed: int = 0,
+    allocation: tuple[float, ...] | list[float] | None = None,
     save_every: int = 25,
     resume: bool = True,
     progress: bool = True,
@@ -163,7 +164,9 @@ def train_gates(
 
     ``window``: a token the gate flags out stays visible to the ``window`` queries after it (the
     policy's ``window`` at inference); ``threshold``: keep when p >= threshold; ``answer_weight``:
-    the KL weight of the positions that predict a retrieval answer (1 elsewhere).
+    the KL weight of the positions that predict a retrieval answer (1 elsewhere). ``allocation``:
+    per-layer multiples of the budget (:mod:`kvpass.allocation`): layer i is trained to keep
+    ``min(1, target * allocation[i])``, and the policy then gives each layer that share of the budget.
 
     An existing ``out`` from an earlier run is resumed (``resume=False``: start over). Beside it:
     ``<out>.optim.safetensors`` (optimizer state), ``<out>.log.json`` (every step) and ``<out>.png``
@@ -176,10 +179,14 @@ def train_gates(
     out = Path(out)
     model.eval().requires_grad_(False)
     base = gates.BaseModel.of(model, sites_of(model)[1])
+    if allocation is not None and len(allocation) != base.layers:
+        raise ValueError(f"allocation has {len(allocation)} multipliers, this model has {base.layers} attention layers")
     g = gates.Gates(base.layers, base.heads, base.kv_heads, base.head_dim, seed=seed)
     opt = torch.optim.Adam(g.parameters(), lr=lr)
     info = {"target": target, "threshold": threshold, "window": window, "seq_len": seq_len}
     info |= {"lr": lr, "rate_weight": rate_weight, "answer_weight": answer_weight}
+    if allocation is not None:
+        info["allocation"] = [float(a) for a in allocation]
     log: list[dict] = []
     spent = 0.0
     if resume and out.is_file():
@@ -194,6 +201,7 @@ def train_gates(
         log = json.loads(logfile.read_text())[: before["step"]] if logfile.is_file() else []
         spent = before.get("seconds", 0.0)
     device = next(model.parameters()).device
+    targets = target if allocation is None else torch.tensor([min(1.0, target * a) for a in allocation], device=device)
     g.to(device).train()
     data = corpus.samples(tokenizer, seq_len, seed)
     for _ in range(len(log)):  # the samples already seen
@@ -206,7 +214,7 @@ def train_gates(
         weight = torch.ones(ids.shape, device=device)
         if answer:  # the positions that predict the answer's tokens
             weight[0, -answer - 1 : -1] = answer_weight
-        row = train_step(model, g, opt, ids, target, rate_weight, threshold, window, weight)
+        row = train_step(model, g, opt, ids, targets, rate_weight, threshold, window, weight)
         log.append({"step": step + 1, **row})
         bar.set_postfix(kl=f"{row['kl']:.3f}", keep=f"{row['keep']:.2f}")
         if (step + 1) % save_every == 0 or step + 1 == steps:

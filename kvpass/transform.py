@@ -101,8 +101,8 @@ def transform(
         )
     if not any(s.action == "rewrite" for s in sites):
         raise ValueError(f"no attention site of {type(model).__name__} can be rewritten: {sites[0].reason}")
+    pol.bind(model, sites)  # (a gate checkpoint may bring its allocation)
     pol.check_layers(len(sites))
-    pol.bind(model, sites)
     binding = Binding()
     rewrite(gm, sites, lambda site: KVAttention(site, binding))
     check_token_local(gm, exempt={s.node for s in sites if s.action == "rewrite"})

@@ -72,6 +72,8 @@ class AttentionGate(Policy):
                 ) from None
         else:
             net, info, _ = gates.load(self.checkpoint, base)
+        if self.allocation is None and info.get("allocation"):  # the per-layer budgets it was trained for
+            self.allocation = tuple(info["allocation"])
         if not self._window_given:  # the window the gate was trained with
             self.window = info.get("window", 0)
             if isinstance(self.budget, int):

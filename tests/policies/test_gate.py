@@ -202,3 +202,30 @@ def test_shipped_gates_cover_half_and_quarter():
         _, info, base = gates.load(p)
         assert base.architecture == "LlamaForCausalLM" and base.layers == 30
         assert math.isclose(info["target"], gates._target_of(p))
+
+
+def test_per_layer_keep_targets_train_and_travel_with_the_checkpoint(tmp_path):
+    model = tiny_llama(seed=6)
+    path = tmp_path / "g.safetensors"
+    kw = dict(target=0.4, seq_len=48, lr=3e-2, save_every=2, progress=False)
+    with pytest.raises(ValueError, match="3 multipliers, this model has 2 attention layers"):
+        train.train_gates(model, _CharTokenizer(), path, steps=2, allocation=[1.0, 1.0, 1.0], **kw)
+    train.train_gates(model, _CharTokenizer(), path, steps=2, allocation=[1.5, 0.5], **kw)
+    assert gates.load(path)[1]["allocation"] == [1.5, 0.5]
+    small = kvpass.transform(model, "gate", 0.4, checkpoint=path)
+    assert small.kvpass_policy.allocation == (1.5, 0.5)  # the budgets the gates were trained for
+    assert kvpass.transform(model, "gate", 0.4, checkpoint=path, allocation=[1.0, 1.0]).kvpass_policy.allocation == (
+        1.0,
+        1.0,
+    )
+    # each layer is pushed to its own keep rate: 0.6 and 0.2
+    torch.manual_seed(7)
+    net = gates.Gates(2, 4, 2, 16)
+    opt = torch.optim.Adam(net.parameters(), lr=5e-2)
+    ids = torch.randint(3, 97, (1, 48))
+    targets = torch.tensor([0.6, 0.2])
+    for _ in range(40):
+        train.train_step(model, net, opt, ids, targets, 100.0, 0.5)
+    with train.gated(model, net, 0.5) as rates:
+        model(ids, use_cache=False)
+    torch.testing.assert_close(torch.stack(rates).detach(), targets, atol=0.12, rtol=0)
