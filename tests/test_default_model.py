@@ -76,3 +76,6 @@ def test_shipped_gate_runs_without_arguments_and_evicts_in_context(default_model
         assert bool((kept.score[old] >= 0.5).all())  # beyond the window, only what the gate kept holds a slot
     held = sum(int(s.valid.sum()) for s in cache.slots.values())
     assert held < 0.9 * 30 * 3 * cache.capacity  # in-context eviction, not only overflow
+    # the 50 % gate was trained with per-layer budgets, and brings them: some layers hold more, in all the same
+    sizes = [s.capacity for s in cache.slots.values()]
+    assert max(sizes) > cache.capacity > min(sizes) and sum(sizes) <= 30 * (cache.capacity + 1)
