@@ -30,6 +30,12 @@ from tqdm import tqdm
 from kvpass import corpus
 
 
+def check_fraction(budget) -> None:
+    """A calibration is made at a fraction of the prompt in (0, 1)."""
+    if isinstance(budget, bool) or not isinstance(budget, float) or not 0.0 < budget < 1.0:
+        raise ValueError(f"calibrate at a fraction of the prompt in (0, 1), got {budget!r}")
+
+
 def samples(tokenizer, n: int, tokens: int) -> list[tuple[Tensor, Tensor]]:
     """``n`` (prompt ``[1, P]``, answer ``[1, A]``) pairs of at most ``tokens`` ids in all."""
     out = []
@@ -67,8 +73,7 @@ def sensitivity(
 ) -> list[float]:
     """Each attention layer's sensitivity to ``policy`` at ``budget`` (a fraction of the prompt):
     the increase of the answers' mean NLL when only that layer evicts (see the module's docstring)."""
-    if isinstance(budget, bool) or not isinstance(budget, float) or not 0.0 < budget < 1.0:
-        raise ValueError(f"calibrate at a fraction of the prompt in (0, 1), got {budget!r}")
+    check_fraction(budget)
     if n_samples <= 0:
         raise ValueError(f"n_samples must be positive, got {n_samples}")
     from kvpass.transform import transform  # (kvpass.transform reads calibration files with this module)
@@ -125,6 +130,12 @@ def calibrate(model: nn.Module, tokenizer, policy: str = "aha", budget: float = 
         "allocation": list(allocate(sens, budget)),
         "seconds": round(time.time() - t0, 1),
     }
+
+
+def for_budget(result: dict, budget: int | float | None) -> tuple[float, ...]:
+    """The allocation of a calibration ``result`` at ``budget``: a fraction, or (slots, or None) the
+    calibration's own fraction, which then bounds the largest multiplier."""
+    return allocate(result["sensitivity"], budget if isinstance(budget, float) else result["budget"])
 
 
 def save(result: dict, path: str | Path) -> Path:

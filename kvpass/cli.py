@@ -183,7 +183,7 @@ def train_gates(args: argparse.Namespace) -> None:
     if args.allocation:  # fail on a bad file before loading anything
         from kvpass import allocation
 
-        alloc = allocation.allocate(allocation.load(args.allocation)["sensitivity"], args.target)
+        alloc = allocation.for_budget(allocation.load(args.allocation), args.target)
     torch.manual_seed(args.seed)
     model, tok = load_model(args.model)
     run(
@@ -234,8 +234,7 @@ def calibrate(args: argparse.Namespace) -> None:
 
     console = Console()
     kvpass.policies.get(args.policy, budget=args.budget)  # fail on a bad name or budget before loading anything
-    if not 0.0 < args.budget < 1.0:
-        raise ValueError(f"calibrate at a fraction of the prompt in (0, 1), got {args.budget}")
+    allocation.check_fraction(args.budget)
     torch.set_grad_enabled(False)
     with console.status(f"loading {label(args.model)}"):
         model, tok = load_model(args.model)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from kvpass import peers, tasks
-from kvpass.allocation import allocate
+from kvpass.allocation import for_budget
 from kvpass.transform import transform
 
 MODES = ("aware", "agnostic")
@@ -150,8 +150,7 @@ def evaluate(
         small = transform(model, policy, budget, chunk=chunk, evict_during_decode=False)
         runs.append((policy, budget, small, None))
         if calibrations:
-            nearest = min(calibrations, key=lambda c: abs(c["budget"] - budget))
-            alloc = allocate(nearest["sensitivity"], budget)
+            alloc = for_budget(min(calibrations, key=lambda c: abs(c["budget"] - budget)), budget)
             small = transform(model, policy, budget, chunk=chunk, evict_during_decode=False, allocation=alloc)
             runs.append((f"{policy}+alloc", budget, small, None))
     if peer == "kvpress":  # imported after the transforms: kvpress patches transformers' attention on import

@@ -76,9 +76,7 @@ def transform(
     if budget is not None:
         knobs["budget"] = budget
     if isinstance(knobs.get("allocation"), (str, Path)):  # a `kvpass calibrate` file
-        cal = allocation.load(knobs["allocation"])
-        frac = budget if isinstance(budget, float) else cal["budget"]
-        knobs["allocation"] = allocation.allocate(cal["sensitivity"], frac)
+        knobs["allocation"] = allocation.for_budget(allocation.load(knobs["allocation"]), budget)
     pol = policies.get(policy, **knobs)
     if chunk <= 0:
         raise ValueError(f"chunk must be a positive number of tokens, got {chunk}")
