@@ -277,6 +277,14 @@ class EvictingCache(Cache):
         _put(s.valid, dest, write, write)
 
 
+def prefill_spans(length: int, chunk: int) -> list[tuple[int, int]]:
+    """Where an input of ``length`` tokens is cut into prefill chunks of at most ``chunk``: from its
+    end, so the last chunk is a whole one and the first takes the remainder. Eviction follows every
+    chunk; cut this way, the end of a prompt (where the question usually is) scores the most
+    candidates before anything is lost, at the same peak memory."""
+    return [(max(0, end - chunk), end) for end in reversed(range(length, 0, -chunk))]
+
+
 def _admit(
     s: LayerSlots,
     k: Tensor,

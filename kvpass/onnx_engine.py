@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvpass.cache import prefill_spans
 from kvpass.onnx_export import TABLE_DTYPES, layout_of
 
 
@@ -113,8 +114,8 @@ class OnnxEngine:
         tables = self.new_cache(B)
         rng = np.random.default_rng(seed)
         logits = None
-        for start in range(0, T, self.chunk):
-            logits, tables = self.step(ids[:, start : start + self.chunk], pos[:, start : start + self.chunk], tables)
+        for start, end in prefill_spans(T, self.chunk):
+            logits, tables = self.step(ids[:, start:end], pos[:, start:end], tables)
         out, done = [ids], np.zeros(B, dtype=bool)
         for i in range(max_new_tokens):
             nxt = self._choose(logits[:, -1].astype(np.float64), do_sample, temperature, top_k, rng)

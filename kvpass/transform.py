@@ -13,7 +13,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from kvpass import allocation, policies
 from kvpass.attention import Binding, KVAttention
-from kvpass.cache import EvictingCache
+from kvpass.cache import EvictingCache, prefill_spans
 from kvpass.generate import generate
 from kvpass.passes import (
     PROBE_LEN,
@@ -165,8 +165,7 @@ class KVPassMixin:
         cache.deferred = True
         logits: list[Tensor] = []
         try:
-            for start in range(0, T, cache.chunk):
-                end = min(start + cache.chunk, T)
+            for start, end in prefill_spans(T, cache.chunk):
                 out = self.kvpass_graph(input_ids[:, start:end], pos[:, start:end])
                 cache.flush()
                 if not logits_to_keep or end > T - logits_to_keep:  # some rows of this chunk are wanted

@@ -1,10 +1,12 @@
 """The evicting cache's bookkeeping, checked against brute force on random inputs."""
 
+import itertools
+
 import pytest
 import torch
 
 from kvpass import gates, policies
-from kvpass.cache import EvictingCache
+from kvpass.cache import EvictingCache, prefill_spans
 from kvpass.kernels import attend
 from kvpass.policies.base import Chunk
 
@@ -203,3 +205,16 @@ def test_float_budget_is_a_fraction_of_the_prompt():
 def test_bad_chunk():
     with pytest.raises(ValueError):
         EvictingCache(policies.get("tova"), chunk=0)
+
+
+def test_prefill_spans_cut_from_the_end():
+    assert prefill_spans(100, 32) == [(0, 4), (4, 36), (36, 68), (68, 100)]
+    assert prefill_spans(64, 32) == [(0, 32), (32, 64)]
+    assert prefill_spans(33, 32) == [(0, 1), (1, 33)]
+    assert prefill_spans(5, 32) == [(0, 5)]
+    assert prefill_spans(3, 1) == [(0, 1), (1, 2), (2, 3)]
+    for n in range(1, 70):  # contiguous, covering, none longer than the chunk, all but the first whole
+        spans = prefill_spans(n, 16)
+        assert spans[0][0] == 0 and spans[-1][1] == n
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+        assert all(e - s == 16 for s, e in spans[1:]) and 0 < spans[0][1] - spans[0][0] <= 16

@@ -10,6 +10,7 @@ import torch
 
 import kvpass
 from kvpass import gates
+from kvpass.cache import prefill_spans
 from kvpass.cli import main
 from kvpass.policies import H2O
 from kvpass.step import Step
@@ -43,10 +44,8 @@ def greedy_with_step(step: Step, ids: torch.Tensor, new: int) -> tuple[torch.Ten
     """Greedy tokens from the pure step (prefill in ``step.chunk`` pieces, then one token a step)."""
     B, T = ids.shape
     tables = step.layout.empty(B)
-    for s in range(0, T, step.chunk):
-        logits, *tables = step(
-            ids[:, s : s + step.chunk], torch.arange(s, min(s + step.chunk, T)).expand(B, -1), *tables
-        )
+    for s, e in prefill_spans(T, step.chunk):
+        logits, *tables = step(ids[:, s:e], torch.arange(s, e).expand(B, -1), *tables)
     out = [ids]
     for i in range(new):
         nxt = logits[:, -1].argmax(-1, keepdim=True)
@@ -234,10 +233,8 @@ def test_tensorrt_engine_gives_the_torch_tokens(tmp_path):
     ids = torch.randint(3, 97, (1, 40), device="cuda")
     ref = small.generate(ids, max_new_tokens=8, do_sample=False)
     tables = Step(small).layout.empty(1, device="cuda")
-    for s in range(0, 40, CHUNK):
-        logits, *tables = steps["prefill"](
-            ids[:, s : s + CHUNK], torch.arange(s, min(s + CHUNK, 40), device="cuda")[None], *tables
-        )
+    for s, e in prefill_spans(40, CHUNK):  # 8, 16, 16 tokens: each a prefill graph input
+        logits, *tables = steps["prefill"](ids[:, s:e], torch.arange(s, e, device="cuda")[None], *tables)
     out = [ids]
     for i in range(8):
         out.append(logits[:, -1].argmax(-1, keepdim=True))
