@@ -13,14 +13,16 @@ PPL = "perplexity"
 
 def table(records: list[Record]) -> tuple[list[str], list[list[str]]]:
     """Rows of mean scores (x100): one per (policy, budget), one column per task, then the average
-    (and, where measured, the mean perplexity, which is not a score and not averaged in)."""
+    and its standard error (from each task's sample variance: sqrt(sum_t s_t^2 / n_t) / tasks;
+    blank with fewer than 2 samples of a task), and, where measured, the mean perplexity (not a
+    score, not averaged in)."""
     task_names = sorted({r.task for r in records} - {PPL})
     has_ppl = any(r.task == PPL for r in records)
     cells: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         cells[(r.policy, r.budget)][r.task].append(r.score)
     order = sorted(cells, key=lambda k: (k[0] != "full", k[0], -(k[1] or 1.0)))
-    header = ["policy", "budget", *task_names, "average", *([PPL] if has_ppl else [])]
+    header = ["policy", "budget", *task_names, "average", "± s.e.", *([PPL] if has_ppl else [])]
     rows = []
     for policy, budget in order:
         means = [100 * sum(v) / len(v) for t in task_names if (v := cells[(policy, budget)][t])]
@@ -28,8 +30,18 @@ def table(records: list[Record]) -> tuple[list[str], list[list[str]]]:
         kept = "100 %" if budget is None else f"{budget:.0%}"
         avg = f"{sum(means) / len(means):.1f}" if means else ""
         ppl = [f"{sum(v) / len(v):.2f}" if (v := cells[(policy, budget)][PPL]) else ""] if has_ppl else []
-        rows.append([policy, kept, *per_task, avg, *ppl])
+        rows.append(
+            [policy, kept, *per_task, avg, _standard_error([cells[(policy, budget)][t] for t in task_names]), *ppl]
+        )
     return header, rows
+
+
+def _standard_error(per_task: list[list[float]]) -> str:
+    """The standard error (x100) of the average over tasks of the per-task mean scores."""
+    if not per_task or any(len(v) < 2 for v in per_task):
+        return ""
+    var = sum(sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1) / len(v) for v in per_task)
+    return f"{100 * var**0.5 / len(per_task):.1f}"
 
 
 def markdown(records: list[Record]) -> str:

@@ -67,18 +67,23 @@ def test_report_table_json_and_plot(tmp_path):
         rec("full", None, "vt", 1.0), rec("full", None, "cwe", 0.5),
         rec("tova", 0.5, "vt", 0.0), rec("tova", 0.5, "vt", 1.0), rec("tova", 0.5, "cwe", 0.25),
         rec("tova", 0.25, "vt", 0.0), rec("tova", 0.25, "cwe", 0.0),
+        rec("h2o", 0.5, "vt", 0.0), rec("h2o", 0.5, "vt", 1.0),
+        rec("h2o", 0.5, "cwe", 0.5), rec("h2o", 0.5, "cwe", 0.0), rec("h2o", 0.5, "cwe", 0.25),
     ]  # fmt: skip
     header, rows = report.table(records)
-    assert header == ["policy", "budget", "cwe", "vt", "average"]
+    assert header == ["policy", "budget", "cwe", "vt", "average", "± s.e."]
+    # h2o: task means 0.25 (3 samples) and 0.5 (2); sample variances 0.0625 and 0.5:
+    # s.e. = sqrt(0.0625 / 3 + 0.5 / 2) / 2 = 0.2602
     assert rows == [
-        ["full", "100 %", "50.0", "100.0", "75.0"],
-        ["tova", "50%", "25.0", "50.0", "37.5"],
-        ["tova", "25%", "0.0", "0.0", "0.0"],
+        ["full", "100 %", "50.0", "100.0", "75.0", ""],
+        ["h2o", "50%", "25.0", "50.0", "37.5", "26.0"],
+        ["tova", "50%", "25.0", "50.0", "37.5", ""],
+        ["tova", "25%", "0.0", "0.0", "0.0", ""],
     ]
     paths = report.write(records, tmp_path / "out", {"model": "tiny", "title": "t"})
     data = json.loads(paths["json"].read_text())
-    assert data["meta"]["model"] == "tiny" and len(data["records"]) == 7
-    assert paths["markdown"].read_text().splitlines()[2] == "| full | 100 % | 50.0 | 100.0 | 75.0 |"
+    assert data["meta"]["model"] == "tiny" and len(data["records"]) == 12
+    assert paths["markdown"].read_text().splitlines()[2] == "| full | 100 % | 50.0 | 100.0 | 75.0 |  |"
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["plot"].stat().st_size > 10_000
 
 
@@ -103,8 +108,8 @@ def test_eval_with_perplexity_and_its_column(llama, tmp_path):
     ppl = [r for r in records if r.task == "perplexity"]
     assert [(r.policy, r.tokens) for r in ppl] == [("full", 150), ("tova", 150)] and all(r.score > 1 for r in ppl)
     header, rows = report.table(records)
-    assert header == ["policy", "budget", "vt", "average", "perplexity"]
-    assert rows[0][-1] == f"{ppl[0].score:.2f}" and rows[0][-2] == f"{100 * records[0].score:.1f}"
+    assert header == ["policy", "budget", "vt", "average", "± s.e.", "perplexity"]
+    assert rows[0][-1] == f"{ppl[0].score:.2f}" and rows[0][-3] == f"{100 * records[0].score:.1f}"
     report.write(records, tmp_path, {"title": "t"})  # the plot leaves perplexity out
     assert len(tasks.documentation(tok, 500, 1).split()) >= 500
 
