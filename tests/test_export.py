@@ -41,7 +41,7 @@ def policy_cases(model):
 
 
 def greedy_with_step(step: Step, ids: torch.Tensor, new: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Greedy tokens from the pure step (prefill in ``step.chunk`` pieces, then one token a step)."""
+    """Greedy tokens from the pure step (prefill in the runtime's chunks, then one token a step)."""
     B, T = ids.shape
     tables = step.layout.empty(B)
     for s, e in prefill_spans(T, step.chunk):
