@@ -28,6 +28,8 @@ from kvpass import peers, tasks
 from kvpass.allocation import for_budget
 from kvpass.transform import transform
 
+ALLOC = "+alloc"  # suffix of a policy run with per-layer budgets
+
 MODES = ("aware", "agnostic")
 
 
@@ -152,7 +154,7 @@ def evaluate(
         if calibrations:
             alloc = for_budget(min(calibrations, key=lambda c: abs(c["budget"] - budget)), budget)
             small = transform(model, policy, budget, chunk=chunk, evict_during_decode=False, allocation=alloc)
-            runs.append((f"{policy}+alloc", budget, small, None))
+            runs.append((policy + ALLOC, budget, small, None))
     if peer == "kvpress":  # imported after the transforms: kvpress patches transformers' attention on import
         for policy, budget in product([p for p in peers.PRESSES if p in policies or p not in kvpass_names()], budgets):
             runs.append((f"kvpress:{policy}", budget, model, peers.press(policy, budget)))

@@ -6,7 +6,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from kvpass.evaluate import Record
+from kvpass.evaluate import ALLOC, Record
 
 PPL = "perplexity"
 
@@ -52,7 +52,8 @@ def markdown(records: list[Record]) -> str:
 
 
 def plot(records: list[Record], path: Path, title: str = "") -> None:
-    """Average score vs budget, one line per policy; the full cache as a dashed reference."""
+    """Average score vs budget, one line per policy; the full cache as a dashed reference. A policy's
+    variants share its colour: the peer's rows (``kvpress:``) dotted, per-layer budgets (``+alloc``) dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,7 +64,7 @@ def plot(records: list[Record], path: Path, title: str = "") -> None:
         if r.task != PPL:
             per[r.policy][r.budget if r.budget is not None else 1.0].append(100 * r.score)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    bases = sorted({p.removeprefix("kvpass:").removeprefix("kvpress:") for p in per} - {"full"})
+    bases = sorted({_base(p) for p in per} - {"full"})
     colors = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(bases)}
     for policy in sorted(per):
         xs = sorted(per[policy])
@@ -71,9 +72,12 @@ def plot(records: list[Record], path: Path, title: str = "") -> None:
         if policy == "full":
             ax.axhline(ys[0], color="black", linestyle="--", label="full cache")
             continue
-        peer = policy.startswith("kvpress:")  # the peer's rows: same colour as ours, dotted, square markers
-        base = policy.removeprefix("kvpress:")
-        style = {"linestyle": ":" if peer else "-", "marker": "s" if peer else "o", "color": colors[base]}
+        peer, alloc = policy.startswith("kvpress:"), policy.endswith(ALLOC)
+        style = {
+            "linestyle": ":" if peer else "--" if alloc else "-",
+            "marker": "s" if peer else "^" if alloc else "o",
+            "color": colors[_base(policy)],
+        }
         ax.plot([100 * x for x in xs], ys, label=policy, **style)
     ax.set_xlim(0, 105)
     ax.set_xlabel("KV cache kept (% of the prompt)")
@@ -85,6 +89,10 @@ def plot(records: list[Record], path: Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _base(policy: str) -> str:
+    return policy.removeprefix("kvpass:").removeprefix("kvpress:").removesuffix(ALLOC)
 
 
 def write(records: list[Record], out: Path, meta: dict) -> dict[str, Path]:

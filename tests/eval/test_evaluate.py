@@ -87,6 +87,20 @@ def test_report_table_json_and_plot(tmp_path):
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["plot"].stat().st_size > 10_000
 
 
+def test_plot_gives_a_policys_variants_its_colour(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    drawn = {}
+    monkeypatch.setattr(Axes, "plot", lambda self, xs, ys, label, **style: drawn.__setitem__(label, style))
+    policies = ["snapkv", "h2o", "tova", "h2o+alloc", "kvpress:h2o", "aha", "gate", "knorm", "observed", "random"]
+    policies += ["streaming", "tova+alloc"]  # more than ten policies: a palette of ten would repeat
+    report.plot([rec("full", None, "vt", 1.0)] + [rec(p, 0.5, "vt", 0.5) for p in policies], tmp_path / "p.png")
+    assert drawn["h2o"]["color"] == drawn["h2o+alloc"]["color"] == drawn["kvpress:h2o"]["color"]
+    assert [drawn[p]["linestyle"] for p in ("h2o", "h2o+alloc", "kvpress:h2o")] == ["-", "--", ":"]
+    bases = [p for p in policies if "+" not in p and ":" not in p]
+    assert len({drawn[p]["color"] for p in bases}) == len(bases) == 9
+
+
 def test_perplexity_full_budget_matches_and_small_budget_differs(llama):
     from kvpass import transform
     from kvpass.evaluate import perplexity
