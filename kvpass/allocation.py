@@ -138,6 +138,11 @@ def for_budget(result: dict, budget: int | float | None) -> tuple[float, ...]:
     return allocate(result["sensitivity"], budget if isinstance(budget, float) else result["budget"])
 
 
+def nearest(results: list[dict], budget: float) -> tuple[float, ...]:
+    """The allocation at ``budget`` from whichever calibration in ``results`` was made nearest it."""
+    return for_budget(min(results, key=lambda r: abs(r["budget"] - budget)), budget)
+
+
 def save(result: dict, path: str | Path) -> Path:
     """Write a :func:`calibrate` result as JSON."""
     path = Path(path)

@@ -24,8 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from kvpass import peers, tasks
-from kvpass.allocation import for_budget
+from kvpass import allocation, peers, tasks
 from kvpass.transform import transform
 
 ALLOC = "+alloc"  # suffix of a policy run with per-layer budgets
@@ -152,7 +151,7 @@ def evaluate(
         small = transform(model, policy, budget, chunk=chunk, evict_during_decode=False)
         runs.append((policy, budget, small, None))
         if calibrations:
-            alloc = for_budget(min(calibrations, key=lambda c: abs(c["budget"] - budget)), budget)
+            alloc = allocation.nearest(calibrations, budget)
             small = transform(model, policy, budget, chunk=chunk, evict_during_decode=False, allocation=alloc)
             runs.append((policy + ALLOC, budget, small, None))
     if peer == "kvpress":  # imported after the transforms: kvpress patches transformers' attention on import
