@@ -93,7 +93,7 @@ def test_plot_gives_a_policys_variants_its_colour(tmp_path, monkeypatch):
     drawn = {}
     monkeypatch.setattr(Axes, "plot", lambda self, xs, ys, label, **style: drawn.__setitem__(label, style))
     policies = ["snapkv", "h2o", "tova", "h2o+alloc", "kvpress:h2o", "aha", "gate", "knorm", "observed", "random"]
-    policies += ["streaming", "tova+alloc"]  # more than ten policies: a palette of ten would repeat
+    policies += ["streaming", "tova+alloc"]  # twelve runs of nine policies: a colour per run would repeat
     report.plot([rec("full", None, "vt", 1.0)] + [rec(p, 0.5, "vt", 0.5) for p in policies], tmp_path / "p.png")
     assert drawn["h2o"]["color"] == drawn["h2o+alloc"]["color"] == drawn["kvpress:h2o"]["color"]
     assert [drawn[p]["linestyle"] for p in ("h2o", "h2o+alloc", "kvpress:h2o")] == ["-", "--", ":"]
