@@ -2,8 +2,9 @@
 
 Each step runs a sequence twice through the frozen model: once as it is (the teacher), once with
 every attention layer replaced by :func:`gated_attention`, in which the layer's gate flags each
-token per KV head and flagged-out tokens are hidden from all later queries of that head. The
-flags are hard in the forward pass; their gradient is the keep probability's (straight-through).
+token per KV head and flagged-out tokens are hidden from all later queries of that head
+(:mod:`kvpass.in_context`). The flags are hard in the forward pass; their gradient is the keep
+probability's (straight-through).
 
     loss = KL(teacher || student) + rate_weight * mean_layers (keep rate - target)^2
 
@@ -30,26 +31,9 @@ from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
 from kvpass import corpus, gates
+from kvpass.in_context import in_context_attention
 
 ATTENTION = "kvpass_gate"
-
-
-def in_context_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float, window: int = 0) -> Tensor:
-    """Causal attention in which a token with ``keep`` false (``[B, Hkv, T]``, per KV head; float
-    flags carry gradients) is seen only by itself and the ``window`` queries after it.
-    ``q [B, H, T, D]``, ``k, v [B, Hkv, T, D]``."""
-    H, T = q.shape[1], q.shape[2]
-    G = H // k.shape[1]
-    k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
-    logits = (q @ k.transpose(-1, -2)).float() * scale
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    probs = logits.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-    earlier = torch.ones(T, T, device=q.device).tril(-1)
-    recent = torch.ones(T, T, device=q.device).tril(-1).triu(-window) if window else 0  # 0 < i - j <= window
-    flags = keep.float().repeat_interleave(G, dim=1)[:, :, None, :]
-    weight = earlier * flags + recent * (1 - flags) + torch.eye(T, device=q.device)
-    probs = probs * weight
-    return (probs / probs.sum(dim=-1, keepdim=True)).to(v.dtype) @ v
 
 
 class _StraightThrough(torch.autograd.Function):

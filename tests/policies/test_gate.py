@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kvpass
-from kvpass import gates, train
+from kvpass import gates, in_context, train
 from kvpass.policies import AttentionGate
 from kvpass.transform import sites_of
 from tests.conftest import tiny_llama
@@ -28,17 +28,42 @@ def brute_in_context(q, k, v, keep, scale, window=0):
 
 
 @pytest.mark.parametrize("G, window", [(1, 0), (3, 0), (3, 2)])
-def test_in_context_attention_hides_flagged_tokens_per_head(G, window):
+@pytest.mark.parametrize("attention", [in_context.reference, in_context.in_context_attention])
+def test_in_context_attention_hides_flagged_tokens_per_head(attention, G, window):
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     B, Hkv, T, D = 2, 2, 7, 4
     q = torch.randn(B, Hkv * G, T, D, generator=gen)
     k, v = torch.randn(B, Hkv, T, D, generator=gen), torch.randn(B, Hkv, T, D, generator=gen)
     keep = torch.rand(B, Hkv, T, generator=gen) > 0.5
     keep[0, 0, :] = False  # a head that keeps nothing: every query sees only itself
-    out = train.in_context_attention(q, k, v, keep.float(), 0.5, window)
+    out = attention(q, k, v, keep.float(), 0.5, window)
     torch.testing.assert_close(out, brute_in_context(q, k, v, keep, 0.5, window))
     if not window:
         torch.testing.assert_close(out[0, :G], v[0, :1].expand(G, T, D))  # head 0 of row 0: each token itself
+
+
+@pytest.mark.parametrize(
+    "G, window, block, soft", [(1, 0, 3, False), (3, 0, 4, True), (3, 2, 5, False), (2, 3, 64, True)]
+)
+def test_blockwise_in_context_attention_and_its_gradients_match_the_reference(G, window, block, soft):
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    B, Hkv, T, D = 2, 2, 13, 4
+    q = torch.randn(B, Hkv * G, T, D, generator=gen, requires_grad=True)
+    k = torch.randn(B, Hkv, T, D, generator=gen, requires_grad=True)
+    v = torch.randn(B, Hkv, T, D, generator=gen, requires_grad=True)
+    keep = torch.rand(B, Hkv, T, generator=gen)
+    keep = (keep if soft else (keep > 0.5).float()).requires_grad_()
+    grad = torch.randn(B, Hkv * G, T, D, generator=gen)
+    inputs = (q, k, v, keep)
+    with torch.enable_grad():
+        want = in_context.reference(q, k, v, keep, 0.5, window)
+        got = in_context.in_context_attention(q, k, v, keep, 0.5, window, block)
+        want_grads = torch.autograd.grad(want, inputs, grad)
+        got_grads = torch.autograd.grad(got, inputs, grad)
+    torch.testing.assert_close(got, want)
+    for name, a, b in zip("qkvf", got_grads, want_grads, strict=True):
+        assert b.abs().sum() > 0, name
+        torch.testing.assert_close(a, b, msg=name)
 
 
 def test_flag_gradients_flow_straight_through():
