@@ -189,7 +189,7 @@ def train_gates(args: argparse.Namespace) -> None:
     run(
         model, tok, args.out, target=args.target, steps=args.steps, seq_len=args.seq_len, lr=args.lr,
         rate_weight=args.rate_weight, window=args.window, answer_weight=args.answer_weight, seed=args.seed,
-        resume=not args.restart, allocation=alloc,
+        hindsight_weight=args.hindsight_weight, resume=not args.restart, allocation=alloc,
     )  # fmt: skip
     print(f"wrote {args.out} (loss curves: {Path(args.out).with_suffix('.png')})")
 
@@ -304,6 +304,9 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--rate-weight", type=float, default=100.0, help="weight of the keep-rate penalty")
     t.add_argument("--window", type=int, default=32, help="queries that still see a flagged-out token")
     t.add_argument("--answer-weight", type=float, default=20.0, help="KL weight of retrieval-answer positions")
+    t.add_argument(
+        "--hindsight-weight", type=float, default=0.0, help="weight of the term that keeps what retrieval answers read"
+    )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--restart", action="store_true", help="start over instead of resuming --out")
     t.add_argument("--allocation", help="a `kvpass calibrate` file: per-layer keep targets (and budgets)")

@@ -7,9 +7,15 @@ token per KV head and flagged-out tokens are hidden from all later queries of th
 probability's (straight-through).
 
     loss = KL(teacher || student) + rate_weight * mean_layers (keep rate - target)^2
+           [+ hindsight_weight * hindsight]
 
 The KL is averaged over positions, those predicting the answer of a retrieval sample weighted
-``answer_weight`` times: they are the few whose prediction needs a distant fact.
+``answer_weight`` times: they are the few whose prediction needs a distant fact. The optional
+hindsight term says directly which tokens those positions need: with a_j the teacher's attention
+from them to context token j (per layer and KV head, summed over the group's heads, the first
+``SINKS`` tokens and the ``window`` before them left out, normalised to sum 1), it is the
+a-weighted negative log keep probability, ``-sum_j a_j log p_j``, averaged over layers and heads.
+It pulls the keep probability of what the answer reads up; the rate term pulls every token down.
 
 Only the gates learn. Checkpoints (gates, optimizer state, step, log) are safetensors, so a run
 resumes where it stopped; ``loss.png`` plots the curves.
@@ -57,6 +63,7 @@ class _Gating:
     threshold: float = 0.5
     window: int = 0
     rates: list[Tensor] = field(default_factory=list)
+    probs: list[Tensor] = field(default_factory=list)
 
 
 _ACTIVE = _Gating()
@@ -69,6 +76,7 @@ def gated_attention(module: nn.Module, query, key, value, attention_mask, scalin
     p = g(module.layer_idx, query, key, value, scale)
     flags = hard_flags(p, _ACTIVE.threshold)
     _ACTIVE.rates.append(flags.mean())
+    _ACTIVE.probs.append(p)
     out = in_context_attention(query, key, value, flags, scale, _ACTIVE.window)
     return out.transpose(1, 2).contiguous(), None
 
@@ -80,7 +88,7 @@ AttentionInterface.register(ATTENTION, gated_attention)
 def gated(model: nn.Module, g: gates.Gates, threshold: float = 0.5, window: int = 0):
     """Within the block, ``model``'s attention runs through ``g`` (see :func:`gated_attention`)."""
     before = model.config._attn_implementation
-    _ACTIVE.gates, _ACTIVE.threshold, _ACTIVE.window, _ACTIVE.rates = g, threshold, window, []
+    _ACTIVE.gates, _ACTIVE.threshold, _ACTIVE.window, _ACTIVE.rates, _ACTIVE.probs = g, threshold, window, [], []
     model.set_attn_implementation(ATTENTION)
     try:
         yield _ACTIVE.rates
@@ -97,6 +105,42 @@ def distill_loss(student: Tensor, teacher: Tensor, weight: Tensor | None = None)
     return kl.mean() if weight is None else (kl * weight).sum() / weight.sum()
 
 
+SINKS = 4  # the first tokens: kept by every policy's logic anyway, they would swamp the hindsight weights
+
+
+def hindsight_weights(attentions, rows: int, window: int, kv_heads: int) -> Tensor:
+    """From per-layer attention probabilities ``[1, H, T, T]``: how much the last ``rows`` queries
+    attend to each context token ``j < T - rows - window`` (``j >= SINKS``), per layer and KV head,
+    normalised to sum 1 -- ``[layers, kv_heads, C]``."""
+    T = attentions[0].shape[-1]
+    C = T - rows - window
+    if C <= SINKS:
+        raise ValueError(f"no context token to weigh: {T} tokens, {rows} rows, window {window}")
+    a = torch.stack([x[0, :, -rows:, :C].sum(1) for x in attentions]).float()  # [L, H, C]
+    a = a.unflatten(1, (kv_heads, -1)).sum(2)
+    a[..., :SINKS] = 0
+    return a / a.sum(-1, keepdim=True)
+
+
+@torch.no_grad()
+def teacher_with_hindsight(model, ids: Tensor, rows: int, window: int, kv_heads: int) -> tuple[Tensor, Tensor]:
+    """The frozen model's logits on ``ids [1, T]`` and :func:`hindsight_weights` from its attention."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # the one that returns attention probabilities
+    try:
+        out = model(ids, use_cache=False, output_attentions=True)
+    finally:
+        model.set_attn_implementation(before)
+    return out.logits, hindsight_weights(out.attentions, rows, window, kv_heads)
+
+
+def hindsight_loss(probs: list[Tensor], weights: Tensor) -> Tensor:
+    """``-sum_j w_j log p_j`` per layer and KV head (``probs``: per layer ``[1, Hkv, T]``), averaged."""
+    C = weights.shape[-1]
+    logp = torch.stack([p[0, :, :C].clamp_min(1e-6).log() for p in probs])  # [L, Hkv, C]
+    return -(weights * logp).sum(-1).mean()
+
+
 @torch.enable_grad()
 def train_step(
     model,
@@ -108,21 +152,30 @@ def train_step(
     threshold: float,
     window: int = 0,
     weight: Tensor | None = None,
+    hindsight: tuple[float, int] | None = None,
 ) -> dict:
     """One optimisation step on ``ids [B, T]`` (``weight [B, T]``: of each position's KL; ``target``:
-    the keep rate, or one per layer); returns the losses and the mean keep rate."""
+    the keep rate, or one per layer; ``hindsight``: (its weight, the rows it is read from), B = 1);
+    returns the losses and the mean keep rate."""
     with torch.no_grad():
-        teacher = model(ids, use_cache=False).logits
+        if hindsight is None:
+            teacher = model(ids, use_cache=False).logits
+        else:
+            teacher, weights = teacher_with_hindsight(model, ids, hindsight[1], window, g.kv_heads)
     with gated(model, g, threshold, window) as rates:
         student = model(ids, use_cache=False).logits
         kl = distill_loss(student, teacher, weight)
         rate = torch.stack(rates)
         penalty = (rate - target).square().mean()
         loss = kl + rate_weight * penalty
+        if hindsight is not None:
+            seen = hindsight_loss(_ACTIVE.probs, weights)
+            loss = loss + hindsight[0] * seen
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return {name: float(t.detach()) for name, t in (("loss", loss), ("kl", kl), ("keep", rate.mean()))}
+    row = {name: float(t.detach()) for name, t in (("loss", loss), ("kl", kl), ("keep", rate.mean()))}
+    return row | ({"hindsight": float(seen.detach())} if hindsight is not None else {})
 
 
 def train_gates(
@@ -138,6 +191,7 @@ def train_gates(
     threshold: float = 0.5,
     window: int = 32,
     answer_weight: float = 20.0,
+    hindsight_weight: float = 0.0,
     seed: int = 0,
     allocation: tuple[float, ...] | list[float] | None = None,
     save_every: int = 25,
@@ -148,7 +202,8 @@ def train_gates(
 
     ``window``: a token the gate flags out stays visible to the ``window`` queries after it (the
     policy's ``window`` at inference); ``threshold``: keep when p >= threshold; ``answer_weight``:
-    the KL weight of the positions that predict a retrieval answer (1 elsewhere). ``allocation``:
+    the KL weight of the positions that predict a retrieval answer (1 elsewhere); ``hindsight_weight``:
+    of the hindsight term on retrieval samples (module docstring; 0: none). ``allocation``:
     per-layer multiples of the budget (:mod:`kvpass.allocation`): layer i is trained to keep
     ``min(1, target * allocation[i])``, and the policy then gives each layer that share of the budget.
 
@@ -169,6 +224,8 @@ def train_gates(
     opt = torch.optim.Adam(g.parameters(), lr=lr)
     info = {"target": target, "threshold": threshold, "window": window, "seq_len": seq_len}
     info |= {"lr": lr, "rate_weight": rate_weight, "answer_weight": answer_weight}
+    if hindsight_weight:
+        info["hindsight_weight"] = hindsight_weight
     if allocation is not None:
         info["allocation"] = [float(a) for a in allocation]
     log: list[dict] = []
@@ -198,7 +255,8 @@ def train_gates(
         weight = torch.ones(ids.shape, device=device)
         if answer:  # the positions that predict the answer's tokens
             weight[0, -answer - 1 : -1] = answer_weight
-        row = train_step(model, g, opt, ids, targets, rate_weight, threshold, window, weight)
+        hindsight = (hindsight_weight, answer + 1) if hindsight_weight and answer else None
+        row = train_step(model, g, opt, ids, targets, rate_weight, threshold, window, weight, hindsight)
         log.append({"step": step + 1, **row})
         bar.set_postfix(kl=f"{row['kl']:.3f}", keep=f"{row['keep']:.2f}")
         if (step + 1) % save_every == 0 or step + 1 == steps:

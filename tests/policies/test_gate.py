@@ -254,3 +254,48 @@ def test_per_layer_keep_targets_train_and_travel_with_the_checkpoint(tmp_path):
     with train.gated(model, net, 0.5) as rates:
         model(ids, use_cache=False)
     torch.testing.assert_close(torch.stack(rates).detach(), targets, atol=0.12, rtol=0)
+
+
+def test_hindsight_weights_are_the_answer_rows_attention_per_kv_head():
+    torch.manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    L, H, Hkv, T, rows, window = 3, 6, 2, 20, 4, 3
+    att = [torch.rand(1, H, T, T).softmax(-1) for _ in range(L)]
+    w = train.hindsight_weights(att, rows, window, Hkv)
+    C = T - rows - window
+    assert w.shape == (L, Hkv, C)
+    for layer in range(L):
+        for g in range(Hkv):
+            heads, queries = range(g * 3, g * 3 + 3), range(T - rows, T)
+            mass = [sum(float(att[layer][0, h, i, j]) for h in heads for i in queries) for j in range(C)]
+            mass[: train.SINKS] = [0.0] * train.SINKS
+            torch.testing.assert_close(w[layer, g], torch.tensor(mass) / sum(mass))
+    probs = [torch.rand(1, Hkv, T) for _ in range(L)]
+    loss = train.hindsight_loss(probs, w)
+    expected = -sum(float((w[i, g] * probs[i][0, g, :C].log()).sum()) for i in range(L) for g in range(Hkv)) / (L * Hkv)
+    assert math.isclose(float(loss), expected, rel_tol=1e-5)
+    with pytest.raises(ValueError, match="no context token"):
+        train.hindsight_weights(att, 14, 3, Hkv)
+
+
+def test_the_hindsight_term_raises_the_keep_probability_of_what_the_answer_reads(monkeypatch):
+    model = tiny_llama(seed=8)
+    rows, window = 6, 4
+    C = 48 - rows - window
+    read = torch.tensor([9, 17, 30])  # what "the answer" reads, in every layer and KV head
+    w = torch.zeros(2, 2, C).index_fill_(-1, read, 1 / 3)
+    monkeypatch.setattr(train, "hindsight_weights", lambda att, r, win, kv: w if (r, win) == (rows, window) else None)
+
+    def gap(weight):  # after training: keep probability of the read tokens minus the context's mean
+        torch.manual_seed(9)
+        net = gates.Gates(2, 4, 2, 16)
+        opt = torch.optim.Adam(net.parameters(), lr=3e-2)
+        ids = torch.randint(3, 97, (1, 48))
+        for _ in range(30):
+            row = train.train_step(model, net, opt, ids, 0.5, 10.0, 0.5, window, hindsight=(weight, rows))
+        assert 0.4 < row["keep"] < 0.75 and row["hindsight"] > 0
+        with torch.no_grad(), train.gated(model, net, 0.5, window):
+            model(ids, use_cache=False)
+            p = torch.stack([q[0, :, :C] for q in train._ACTIVE.probs])
+        return float(p[..., read].mean() - p.mean())
+
+    assert abs(gap(0.0)) < 0.05 and gap(5.0) > 0.15
