@@ -293,6 +293,8 @@ def _plot(path: Path, log: list[dict]) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
     a.plot(steps, [r["kl"] for r in log], label="KL(teacher || gated)")
     a.plot(steps, [r["loss"] for r in log], label="loss", alpha=0.6)
+    if seen := [(r["step"], r["hindsight"]) for r in log if "hindsight" in r]:
+        a.plot(*zip(*seen, strict=True), label="hindsight (retrieval steps)", alpha=0.6)
     a.set_xlabel("step")
     a.set_yscale("log")
     a.legend()
