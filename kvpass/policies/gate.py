@@ -28,8 +28,9 @@ class AttentionGate(Policy):
     From the paper: a learned per-layer gate before attention, per-token per-head flags, in-context
     eviction, training on a frozen model with a keep-rate penalty. Ours: the gate reads the
     layer's q, k, v instead of its hidden states (no graph surgery, no second cache; see
-    :mod:`kvpass.gates`), self-distillation as the main loss, and the grace ``window``. Zeng et
-    al., "In-context KV-Cache Eviction for LLMs via Attention-Gate", arXiv 2410.12876.
+    :mod:`kvpass.gates`), self-distillation as the main loss with a hindsight term (the keep
+    probability of the tokens a retrieval answer reads is pulled up; :mod:`kvpass.train`), and the
+    grace ``window``. Zeng et al., "In-context KV-Cache Eviction for LLMs via Attention-Gate", arXiv 2410.12876.
     """
 
     window: int | None = None  # type: ignore[assignment]
