@@ -189,7 +189,8 @@ def train_gates(args: argparse.Namespace) -> None:
     run(
         model, tok, args.out, target=args.target, steps=args.steps, seq_len=args.seq_len, lr=args.lr,
         rate_weight=args.rate_weight, window=args.window, answer_weight=args.answer_weight, seed=args.seed,
-        hindsight_weight=args.hindsight_weight, resume=not args.restart, allocation=alloc,
+        hindsight_weight=args.hindsight_weight, retrieval=tuple(args.retrieval), resume=not args.restart,
+        allocation=alloc,
     )  # fmt: skip
     print(f"wrote {args.out} (loss curves: {Path(args.out).with_suffix('.png')})")
 
@@ -306,6 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--answer-weight", type=float, default=20.0, help="KL weight of retrieval-answer positions")
     t.add_argument(
         "--hindsight-weight", type=float, default=0.0, help="weight of the term that keeps what retrieval answers read"
+    )
+    t.add_argument(
+        "--retrieval", nargs="+", default=["lockers"], help="retrieval chats: lockers shelves relays tallies"
     )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--restart", action="store_true", help="start over instead of resuming --out")

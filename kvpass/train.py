@@ -192,6 +192,7 @@ def train_gates(
     window: int = 32,
     answer_weight: float = 20.0,
     hindsight_weight: float = 0.0,
+    retrieval: tuple[str, ...] = ("lockers",),
     seed: int = 0,
     allocation: tuple[float, ...] | list[float] | None = None,
     save_every: int = 25,
@@ -203,7 +204,8 @@ def train_gates(
     ``window``: a token the gate flags out stays visible to the ``window`` queries after it (the
     policy's ``window`` at inference); ``threshold``: keep when p >= threshold; ``answer_weight``:
     the KL weight of the positions that predict a retrieval answer (1 elsewhere); ``hindsight_weight``:
-    of the hindsight term on retrieval samples (module docstring; 0: none). ``allocation``:
+    of the hindsight term on retrieval samples (module docstring; 0: none); ``retrieval``: the kinds
+    of retrieval chat trained on (:mod:`kvpass.corpus`), in turn with documentation text. ``allocation``:
     per-layer multiples of the budget (:mod:`kvpass.allocation`): layer i is trained to keep
     ``min(1, target * allocation[i])``, and the policy then gives each layer that share of the budget.
 
@@ -226,6 +228,8 @@ def train_gates(
     info |= {"lr": lr, "rate_weight": rate_weight, "answer_weight": answer_weight}
     if hindsight_weight:
         info["hindsight_weight"] = hindsight_weight
+    if tuple(retrieval) != ("lockers",):
+        info["retrieval"] = list(retrieval)
     if allocation is not None:
         info["allocation"] = [float(a) for a in allocation]
     log: list[dict] = []
@@ -244,7 +248,7 @@ def train_gates(
     device = next(model.parameters()).device
     targets = target if allocation is None else torch.tensor([min(1.0, target * a) for a in allocation], device=device)
     g.to(device).train()
-    data = corpus.samples(tokenizer, seq_len, seed)
+    data = corpus.samples(tokenizer, seq_len, seed, tuple(retrieval))
     for _ in range(len(log)):  # the samples already seen
         next(data)
     started = time.perf_counter()
