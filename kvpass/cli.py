@@ -253,6 +253,8 @@ def calibrate(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from kvpass.corpus import RETRIEVAL
+
     ap = argparse.ArgumentParser(prog="kvpass", description="Keep only the KV entries worth keeping.")
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help=demo.__doc__)
@@ -308,9 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument(
         "--hindsight-weight", type=float, default=0.0, help="weight of the term that keeps what retrieval answers read"
     )
-    t.add_argument(
-        "--retrieval", nargs="+", default=["lockers"], help="retrieval chats: lockers shelves relays tallies"
-    )
+    t.add_argument("--retrieval", nargs="+", default=["lockers"], choices=RETRIEVAL, help="retrieval chats trained on")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--restart", action="store_true", help="start over instead of resuming --out")
     t.add_argument("--allocation", help="a `kvpass calibrate` file: per-layer keep targets (and budgets)")

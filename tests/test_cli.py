@@ -66,3 +66,9 @@ def test_inspect_default_model_prints_30_sites():
 def test_eval_and_bench_refuse_bad_arguments_before_loading_anything(argv, message):
     with pytest.raises(SystemExit, match=message):
         main(argv)
+
+
+def test_train_gates_refuses_an_unknown_retrieval_kind_before_loading_anything(capsys):
+    with pytest.raises(SystemExit):
+        main(["train-gates", "--retrieval", "lockers", "ledgers"])
+    assert "invalid choice: 'ledgers'" in capsys.readouterr().err
