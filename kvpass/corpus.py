@@ -46,6 +46,11 @@ def _chat(tokenizer, tokens: int, build) -> tuple[list[int], int]:
         units = max(4, int(units * tokens / len(ids)) - 1)
 
 
+def _planted(tokenizer, tokens: int, rng: random.Random, facts, question: str, reply: str, start: str):
+    """A :func:`_chat` whose context is documentation text with ``facts`` planted in it."""
+    return _chat(tokenizer, tokens, lambda units: (_plant(rng, _haystack(rng, units), facts), question, reply, start))
+
+
 def _code(rng: random.Random) -> str:
     return f"{rng.randint(100000, 999999)}-{rng.choice('ABCDEFGHJKLMNPQRSTUVWXYZ')}"
 
@@ -58,9 +63,7 @@ def lockers(tokenizer, tokens: int, rng: random.Random) -> tuple[list[int], int]
     c, n = keys[asked := rng.randrange(len(keys))]
     question = f"What does the {c} locker of {n} hold?"
     reply = f"The {c} locker of {n} holds {codes[asked]}."
-    return _chat(
-        tokenizer, tokens, lambda units: (_plant(rng, _haystack(rng, units), facts), question, reply, codes[asked])
-    )
+    return _planted(tokenizer, tokens, rng, facts, question, reply, codes[asked])
 
 
 def shelves(tokenizer, tokens: int, rng: random.Random) -> tuple[list[int], int]:
@@ -71,9 +74,7 @@ def shelves(tokenizer, tokens: int, rng: random.Random) -> tuple[list[int], int]
     facts.insert(rng.randrange(len(facts) + 1), f"Note: {_code(rng)} was put on the {c2} shelf of {n2}.")
     question = f"Which codes were put on the {c} shelf of {n}? List every one."
     reply = f"On the {c} shelf of {n}: {', '.join(items)}."
-    return _chat(
-        tokenizer, tokens, lambda units: (_plant(rng, _haystack(rng, units), facts), question, reply, items[0])
-    )
+    return _planted(tokenizer, tokens, rng, facts, question, reply, items[0])
 
 
 def relays(tokenizer, tokens: int, rng: random.Random) -> tuple[list[int], int]:
@@ -85,9 +86,7 @@ def relays(tokenizer, tokens: int, rng: random.Random) -> tuple[list[int], int]:
     facts += [f"Log: {a} passed the message to {b}." for a, b in itertools.pairwise(people)]
     question = f"Who had the message {word} at some point? Name everyone."
     reply = f"The message {word} went through {', '.join(people)}."
-    return _chat(
-        tokenizer, tokens, lambda units: (_plant(rng, _haystack(rng, units), facts), question, reply, people[0])
-    )
+    return _planted(tokenizer, tokens, rng, facts, question, reply, people[0])
 
 
 def tallies(tokenizer, tokens: int, rng: random.Random) -> tuple[list[int], int]:
