@@ -273,7 +273,12 @@ def main(argv: list[str] | None = None) -> None:
         "--tasks", nargs="+", default=["niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe", "fwe"]
     )
     e.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048], help="context lengths in tokens")
-    e.add_argument("--policies", nargs="+", default=["streaming", "h2o", "tova", "snapkv", "aha", "gate"])
+    e.add_argument(
+        "--policies",
+        nargs="+",
+        default=["streaming", "h2o", "tova", "snapkv", "aha", "gate"],
+        help="policy names; knobs may ride along: gate:threshold=0.05",
+    )
     e.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.5, 0.25], help="fractions of the prompt kept")
     e.add_argument("--samples", type=int, default=3, help="samples per task and length")
     e.add_argument("--mode", default="aware", help="aware (question compressed too) or agnostic (context only)")

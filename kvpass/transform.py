@@ -62,7 +62,8 @@ def transform(
 ) -> nn.Module:
     """Return ``model`` with every causal self-attention rewritten onto an evicting KV cache.
 
-    ``policy``: a name from ``kvpass.policies()`` or a :class:`~kvpass.policies.Policy`.
+    ``policy``: a name from ``kvpass.policies()`` (knobs may ride along: ``"gate:threshold=0.05"``)
+    or a :class:`~kvpass.policies.Policy`.
     ``budget``: KV slots kept per layer and KV head (int), or a fraction of the prompt (float in
     (0, 1]). ``chunk``: prompts are prefilled ``chunk`` tokens at a time, so memory grows with
     budget + chunk, not with the prompt. ``evict_during_decode=False`` evicts only the prompt, as
@@ -75,6 +76,8 @@ def transform(
         raise ValueError("this model is already transformed by kvpass; transform the original model instead")
     if budget is not None:
         knobs["budget"] = budget
+    if isinstance(policy, str):  # "NAME:KNOB=VALUE,...": those knobs join the others
+        policy, knobs = policies.merge(policy, knobs)
     if isinstance(knobs.get("allocation"), (str, Path)):  # a `kvpass calibrate` file
         knobs["allocation"] = allocation.for_budget(allocation.load(knobs["allocation"]), budget)
     pol = policies.get(policy, **knobs)

@@ -152,6 +152,16 @@ def test_bad_inputs(llama):
         kvpass.cache_stats(llama)
 
 
+def test_knobs_in_the_policy_name(llama):
+    ids = prompt(int(torch.randint(0, 2**31, ())))
+    named = kvpass.transform(llama, "streaming:sink_tokens=2,window=5", 12, chunk=8)
+    given = kvpass.transform(llama, "streaming", 12, chunk=8, sink_tokens=2, window=5)
+    default = kvpass.transform(llama, "streaming", 12, chunk=8)
+    assert named.kvpass_policy == given.kvpass_policy != default.kvpass_policy
+    out = named.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, given.generate(ids, max_new_tokens=6, do_sample=False))
+
+
 def test_other_shapes_of_gqa():
     for heads, kv_heads in ((4, 4), (6, 2), (8, 1)):
         model = tiny_llama(seed=heads, heads=heads, kv_heads=kv_heads)

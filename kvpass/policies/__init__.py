@@ -1,10 +1,13 @@
 """Eviction policies, one file each, looked up by name.
 
 ``kvpass.policies()`` lists the names (this package is callable); ``get(name, **knobs)`` builds one.
+Where a policy is named by a string (the CLI, ``transform``), knobs may ride along with it:
+``"gate:threshold=0.05"``, ``"aha:k=64,value_norms=False"`` (values are Python literals, else strings).
 """
 
 from __future__ import annotations
 
+import ast
 import sys
 import types
 
@@ -29,12 +32,40 @@ def names() -> list[str]:
     return sorted(REGISTRY)
 
 
+def parse(spec: str) -> tuple[str, dict[str, object]]:
+    """``"NAME:KNOB=VALUE,KNOB=VALUE"`` -> ``(NAME, {KNOB: VALUE})``; a bare name has no knobs."""
+    name, _, rest = spec.partition(":")
+    knobs: dict[str, object] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key.isidentifier():
+            raise ValueError(f"policy {spec!r}: knobs are written NAME:KNOB=VALUE,KNOB=VALUE, not {item!r}")
+        if key in knobs:
+            raise ValueError(f"policy {spec!r}: knob {key!r} given twice")
+        try:
+            knobs[key] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):  # not a literal: a string (a checkpoint path, say)
+            knobs[key] = value.strip()
+    return name.strip(), knobs
+
+
+def merge(spec: str, knobs: dict[str, object]) -> tuple[str, dict[str, object]]:
+    """The name in ``spec`` and its knobs joined with ``knobs`` (a knob in both is an error)."""
+    name, named = parse(spec)
+    if both := sorted(set(named) & set(knobs)):
+        raise ValueError(f"policy {spec!r}: {', '.join(both)} given both in the name and as arguments")
+    return name, {**knobs, **named}
+
+
 def get(policy: str | Policy, **knobs) -> Policy:
-    """A policy instance from a name and knobs, or ``policy`` itself if it already is one."""
+    """A policy instance from a name (or ``NAME:KNOB=VALUE,...``) and knobs, or ``policy`` itself
+    if it already is one."""
     if isinstance(policy, Policy):
         if knobs:
             raise ValueError("pass knobs either to the Policy instance or to transform(), not both")
         return policy
+    policy, knobs = merge(policy, knobs)
     if policy not in REGISTRY:
         raise ValueError(f"unknown policy {policy!r}; valid policies: {', '.join(names())}")
     try:
@@ -66,5 +97,7 @@ __all__ = [
     "SnapKV",
     "Streaming",
     "get",
+    "merge",
     "names",
+    "parse",
 ]

@@ -197,6 +197,29 @@ def test_unknown_policy_lists_names():
     assert policies() == sorted(names)
 
 
+def test_knobs_written_in_the_name():
+    assert policies.parse("tova") == ("tova", {})
+    want = {"k": 64, "value_norms": False, "window": 8}
+    assert policies.parse("aha:k=64, value_norms=False,window=8") == ("aha", want)
+    assert policies.parse("gate:checkpoint=/tmp/a b.safetensors,threshold=0.05") == (
+        "gate",
+        {"checkpoint": "/tmp/a b.safetensors", "threshold": 0.05},
+    )
+    assert policies.get("aha:k=64,value_norms=False", budget=16) == policies.get(
+        "aha", budget=16, k=64, value_norms=False
+    )
+    assert policies.get("aha:k=64", budget=16) != policies.get("aha", budget=16)
+    for bad in ("aha:k", "aha:=3", "aha:k=1,k=2", "aha:2k=1"):
+        with pytest.raises(ValueError, match="knob"):
+            policies.get(bad, budget=16)
+    with pytest.raises(ValueError, match="both"):
+        policies.get("aha:k=64", budget=16, k=32)
+    with pytest.raises(ValueError, match="unexpected"):
+        policies.get("tova:kernel_size=3", budget=16)
+    with pytest.raises(ValueError, match="valid policies"):
+        policies.get("tovaa:window=3", budget=16)
+
+
 def test_tova_heads_keep_the_same_tokens_in_the_same_slots():
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     cache = EvictingCache(policies.get("tova", budget=6), chunk=4)
