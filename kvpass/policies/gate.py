@@ -21,6 +21,12 @@ class AttentionGate(Policy):
     stay than the budget holds, the lowest p go. ``sink_tokens`` is off by default: the gate learns
     which tokens to keep.
 
+    ``attention`` (beta): at the end of each prefill chunk, the ranking also counts what the chunk's
+    newest query reads, as TOVA does: candidate j's score is ``p_j + beta * min(1, N a_j)``, with a_j
+    the attention the chunk's last query gives j averaged over all the layer's heads and N the
+    number of candidates -- a token read at least as much as the average one gets the whole beta.
+    A slot keeps the score it was ranked with; a decoded token enters with p alone. 0: the gate alone.
+
     ``checkpoint``: a gate file from ``kvpass train-gates``; default: the gate shipped for the
     default model whose keep target (``target``; default the budget if it is a fraction, else 0.5)
     is nearest. ``gates``: a :class:`kvpass.gates.Gates` object instead of a file.
@@ -29,18 +35,20 @@ class AttentionGate(Policy):
     eviction, training on a frozen model with a keep-rate penalty. Ours: the gate reads the
     layer's q, k, v instead of its hidden states (no graph surgery, no second cache; see
     :mod:`kvpass.gates`), self-distillation as the main loss with a hindsight term (the keep
-    probability of the tokens a retrieval answer reads is pulled up; :mod:`kvpass.train`), and the
-    grace ``window``. Zeng et al., "In-context KV-Cache Eviction for LLMs via Attention-Gate", arXiv 2410.12876.
+    probability of the tokens a retrieval answer reads is pulled up; :mod:`kvpass.train`), the
+    grace ``window``, and the ``attention`` term (from TOVA, :mod:`kvpass.policies.tova`). Zeng et al.,
+    "In-context KV-Cache Eviction for LLMs via Attention-Gate", arXiv 2410.12876.
     """
 
     window: int | None = None  # type: ignore[assignment]
     threshold: float = 0.5
     checkpoint: str | None = None
     target: float | None = None
+    attention: float = 0.0
     gates: object = field(default=None, repr=False)  # kvpass.gates.Gates; loaded by bind() if None
     name = "gate"
     gated = True
-    obs = 1  # the attention mass is not used: the op's fused path
+    obs = 1  # the ``attention`` term reads the newest query's attention only
 
     def __post_init__(self) -> None:
         self._window_given = self.window is not None
@@ -50,6 +58,9 @@ class AttentionGate(Policy):
             raise ValueError(f"gate: threshold must be in (0, 1), got {self.threshold!r}")
         if self.target is not None and not 0.0 < self.target < 1.0:
             raise ValueError(f"gate: target must be in (0, 1), got {self.target!r}")
+        a = self.attention
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a < float("inf"):
+            raise ValueError(f"gate: attention must be a non-negative number, got {a!r}")
 
     def bind(self, model, sites) -> None:
         from kvpass import gates
@@ -91,4 +102,11 @@ class AttentionGate(Policy):
         return score < self.threshold
 
     def score(self, chunk: Chunk) -> Tensor:
-        return torch.cat([chunk.old, chunk.gate], dim=-1)
+        p = torch.cat([chunk.old, chunk.gate], dim=-1)
+        if not self.attention:
+            return p
+        a = chunk.mass.float().sum(dim=1, keepdim=True)  # [B, 1, N]: summed over every query head
+        n = (a > 0).sum(dim=-1, keepdim=True)  # the candidates the query could see
+        read = (a * n / a.sum(dim=-1, keepdim=True).clamp_min(1e-30)).clamp(max=1.0)
+        prefill = torch.sym_min(chunk.keys.shape[2] - 1, 1)  # 0 for a decoded token, 1 for a chunk
+        return p + (self.attention * prefill) * read.to(p.dtype)

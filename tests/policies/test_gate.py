@@ -7,7 +7,7 @@ import torch
 
 import kvpass
 from kvpass import gates, in_context, train
-from kvpass.policies import AttentionGate
+from kvpass.policies import AttentionGate, Chunk
 from kvpass.transform import sites_of
 from tests.conftest import tiny_llama
 
@@ -214,8 +214,37 @@ def test_gate_knobs_and_unbound_use():
         AttentionGate(threshold=1.0)
     with pytest.raises(ValueError, match="target"):
         AttentionGate(target=0.0)
+    for bad in (-0.1, float("nan"), float("inf"), True, "0.3"):
+        with pytest.raises(ValueError, match="attention"):
+            AttentionGate(attention=bad)
     with pytest.raises(RuntimeError, match="not bound"):
         AttentionGate().keep_prob(0, *[torch.ones(1, 1, 1, 1)] * 3, None)
+
+
+def _chunk(T: int, mass: list[list[float]]) -> Chunk:
+    return Chunk(
+        old=torch.tensor([[[0.9, 0.1], [0.2, 0.8]]]),
+        keys=torch.randn(1, 2, T, 4),
+        values=torch.randn(1, 2, T, 4),
+        pos=torch.arange(2, 2 + T)[None],
+        mass=torch.tensor([mass]),
+        slot_pos=torch.tensor([[[0, 1], [0, 1]]]),
+        gate=torch.tensor([[[0.3, 0.6], [0.5, 0.4]]])[..., :T],
+    )
+
+
+def test_the_attention_term_adds_what_the_newest_query_reads():
+    # summed over both KV heads the last query reads [0.4, 0, 1.6, 1.0]: 3 candidates seen, mean 1
+    # -> min(1, 3 a_j / 3.0) = [0.4, 0, 1, 1], times beta 0.5 -> [0.2, 0, 0.5, 0.5]
+    chunk = _chunk(2, [[0.2, 0.0, 1.0, 0.8], [0.2, 0.0, 0.6, 0.2]])
+    got = AttentionGate(budget=4, attention=0.5).score(chunk)
+    torch.testing.assert_close(got, torch.tensor([[[1.1, 0.1, 0.8, 1.1], [0.4, 0.8, 1.0, 0.9]]]))
+    p = torch.cat([chunk.old, chunk.gate], dim=-1)
+    torch.testing.assert_close(AttentionGate(budget=4).score(chunk), p)  # 0: the gate alone
+    decoded = _chunk(1, [[0.2, 0.0, 1.0], [0.3, 0.0, 0.5]])  # a decoded token: no term
+    torch.testing.assert_close(
+        AttentionGate(budget=4, attention=0.5).score(decoded), torch.cat([decoded.old, decoded.gate], dim=-1)
+    )
 
 
 def test_shipped_gates_cover_half_and_quarter():
