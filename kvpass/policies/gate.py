@@ -24,7 +24,7 @@ class AttentionGate(Policy):
     ``attention`` (beta): at the end of each prefill chunk, the ranking also counts what the chunk's
     newest query reads, as TOVA does: candidate j's score is ``p_j + beta * min(1, N a_j)``, with a_j
     the attention the chunk's last query gives j averaged over all the layer's heads and N the
-    number of candidates -- a token read at least as much as the average one gets the whole beta.
+    number of candidates it sees -- a token read at least as much as the average gets the whole beta.
     A slot keeps the score it was ranked with; a decoded token enters with p alone. 0: the gate alone.
 
     ``checkpoint``: a gate file from ``kvpass train-gates``; default: the gate shipped for the
