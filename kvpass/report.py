@@ -14,15 +14,16 @@ PPL = "perplexity"
 def table(records: list[Record]) -> tuple[list[str], list[list[str]]]:
     """Rows of mean scores (x100): one per (policy, budget), one column per task, then the average
     and its standard error (from each task's sample variance: sqrt(sum_t s_t^2 / n_t) / tasks;
-    blank with fewer than 2 samples of a task), and, where measured, the mean perplexity (not a
-    score, not averaged in)."""
+    blank with fewer than 2 samples of a task), the paired difference from the full cache (see
+    :func:`_vs_full`), and, where measured, the mean perplexity (not a score, not averaged in)."""
     task_names = sorted({r.task for r in records} - {PPL})
     has_ppl = any(r.task == PPL for r in records)
     cells: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         cells[(r.policy, r.budget)][r.task].append(r.score)
+    full = {_case(r): r.score for r in records if r.policy == "full" and r.task != PPL}
     order = sorted(cells, key=lambda k: (k[0] != "full", k[0], -(k[1] or 1.0)))
-    header = ["policy", "budget", *task_names, "average", "± s.e.", *([PPL] if has_ppl else [])]
+    header = ["policy", "budget", *task_names, "average", "± s.e.", "vs full (s.e.)", *([PPL] if has_ppl else [])]
     rows = []
     for policy, budget in order:
         means = [100 * sum(v) / len(v) for t in task_names if (v := cells[(policy, budget)][t])]
@@ -30,10 +31,33 @@ def table(records: list[Record]) -> tuple[list[str], list[list[str]]]:
         kept = "100 %" if budget is None else f"{budget:.0%}"
         avg = f"{sum(means) / len(means):.1f}" if means else ""
         ppl = [f"{sum(v) / len(v):.2f}" if (v := cells[(policy, budget)][PPL]) else ""] if has_ppl else []
-        rows.append(
-            [policy, kept, *per_task, avg, _standard_error([cells[(policy, budget)][t] for t in task_names]), *ppl]
+        se = _standard_error([cells[(policy, budget)][t] for t in task_names])
+        vs = (
+            "" if policy == "full" else _vs_full([r for r in records if (r.policy, r.budget) == (policy, budget)], full)
         )
+        rows.append([policy, kept, *per_task, avg, se, vs, *ppl])
     return header, rows
+
+
+def _case(r: Record) -> tuple:
+    return r.task, r.tokens, r.seed, r.mode
+
+
+def _vs_full(records: list[Record], full: dict[tuple, float]) -> str:
+    """A policy's average minus the full cache's on the same cases (x100): per task the mean of the
+    per-case differences, averaged over tasks, and its standard error from each task's sample
+    variance of those differences. Cases are paired by task, length, seed and mode (a case without
+    a full-cache run is left out); blank where a task has fewer than 2 pairs. Where a policy's
+    scores follow the full cache's from case to case, pairing takes how hard each case is out of
+    the noise, and this s.e. is smaller than the averages' own."""
+    diffs: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        if r.task != PPL and _case(r) in full:
+            diffs[r.task].append(r.score - full[_case(r)])
+    if not diffs or any(len(v) < 2 for v in diffs.values()):
+        return ""
+    mean = sum(sum(v) / len(v) for v in diffs.values()) / len(diffs)
+    return f"{100 * mean:+.1f} ({_standard_error(list(diffs.values()))})"
 
 
 def _standard_error(per_task: list[list[float]]) -> str:

@@ -1,6 +1,9 @@
 """Scoring, prompt rendering, the eval grid on a tiny model, and the report writer."""
 
 import json
+import math
+import random
+import statistics
 
 import pytest
 import torch
@@ -71,20 +74,42 @@ def test_report_table_json_and_plot(tmp_path):
         rec("h2o", 0.5, "cwe", 0.5), rec("h2o", 0.5, "cwe", 0.0), rec("h2o", 0.5, "cwe", 0.25),
     ]  # fmt: skip
     header, rows = report.table(records)
-    assert header == ["policy", "budget", "cwe", "vt", "average", "± s.e."]
+    assert header == ["policy", "budget", "cwe", "vt", "average", "± s.e.", "vs full (s.e.)"]
     # h2o: task means 0.25 (3 samples) and 0.5 (2); sample variances 0.0625 and 0.5:
-    # s.e. = sqrt(0.0625 / 3 + 0.5 / 2) / 2 = 0.2602
+    # s.e. = sqrt(0.0625 / 3 + 0.5 / 2) / 2 = 0.2602. Every case has seed 0, so each pairs with the
+    # one full-cache case of its task: the differences are the scores shifted by 0.5 and 1.0.
     assert rows == [
-        ["full", "100 %", "50.0", "100.0", "75.0", ""],
-        ["h2o", "50%", "25.0", "50.0", "37.5", "26.0"],
-        ["tova", "50%", "25.0", "50.0", "37.5", ""],
-        ["tova", "25%", "0.0", "0.0", "0.0", ""],
+        ["full", "100 %", "50.0", "100.0", "75.0", "", ""],
+        ["h2o", "50%", "25.0", "50.0", "37.5", "26.0", "-37.5 (26.0)"],
+        ["tova", "50%", "25.0", "50.0", "37.5", "", ""],
+        ["tova", "25%", "0.0", "0.0", "0.0", "", ""],
     ]
     paths = report.write(records, tmp_path / "out", {"model": "tiny", "title": "t"})
     data = json.loads(paths["json"].read_text())
     assert data["meta"]["model"] == "tiny" and len(data["records"]) == 12
-    assert paths["markdown"].read_text().splitlines()[2] == "| full | 100 % | 50.0 | 100.0 | 75.0 |  |"
+    assert paths["markdown"].read_text().splitlines()[2] == "| full | 100 % | 50.0 | 100.0 | 75.0 |  |  |"
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["plot"].stat().st_size > 10_000
+
+
+def test_the_difference_from_the_full_cache_is_paired_by_case():
+    g = random.Random(int(torch.randint(0, 2**31, ())))
+    full = {(t, seed): seed / 11 for t in ("vt", "cwe") for seed in range(12)}  # easy and hard cases
+    lost = {case: g.uniform(0.0, 0.05) for case in full}  # what the policy loses on each
+
+    def case(policy, budget, t, seed, score):
+        return Record(t, 1000, seed, "aware", policy, budget, score, "", ["x"], 0.1)
+
+    records = [case("full", None, t, seed, s) for (t, seed), s in full.items()]
+    records += [case("h2o", 0.5, t, seed, s - lost[t, seed]) for (t, seed), s in full.items()]
+    records += [case("h2o", 0.5, "vt", 99, 0.0)]  # no full-cache run of this case: left out
+    records += [case("tova", 0.5, "vt", seed, 0.5) for seed in range(6)] + [case("tova", 0.5, "cwe", 0, 0.5)]
+    rows = {row[0]: row for row in report.table(records)[1]}
+    d = {t: [-lost[t, seed] for seed in range(12)] for t in ("vt", "cwe")}
+    mean = sum(statistics.mean(v) for v in d.values()) / 2
+    se = math.sqrt(sum(statistics.variance(v) / 12 for v in d.values())) / 2
+    assert rows["h2o"][-1] == f"{100 * mean:+.1f} ({100 * se:.1f})"
+    assert float(rows["h2o"][-2]) > 5 * 100 * se  # unpaired, how hard each case is stays in the noise
+    assert rows["tova"][-1] == ""  # one pair of cwe: no variance
 
 
 def test_plot_gives_a_policys_variants_its_colour(tmp_path, monkeypatch):
@@ -122,8 +147,8 @@ def test_eval_with_perplexity_and_its_column(llama, tmp_path):
     ppl = [r for r in records if r.task == "perplexity"]
     assert [(r.policy, r.tokens) for r in ppl] == [("full", 150), ("tova", 150)] and all(r.score > 1 for r in ppl)
     header, rows = report.table(records)
-    assert header == ["policy", "budget", "vt", "average", "± s.e.", "perplexity"]
-    assert rows[0][-1] == f"{ppl[0].score:.2f}" and rows[0][-3] == f"{100 * records[0].score:.1f}"
+    assert header == ["policy", "budget", "vt", "average", "± s.e.", "vs full (s.e.)", "perplexity"]
+    assert rows[0][-1] == f"{ppl[0].score:.2f}" and rows[0][-4] == f"{100 * records[0].score:.1f}"
     report.write(records, tmp_path, {"title": "t"})  # the plot leaves perplexity out
     assert len(tasks.documentation(tok, 500, 1).split()) >= 500
 
