@@ -22,10 +22,12 @@ class AttentionGate(Policy):
     which tokens to keep.
 
     ``attention`` (beta): at the end of each prefill chunk, the ranking also counts what the chunk's
-    newest query reads, as TOVA does: candidate j's score is ``p_j + beta * min(1, N a_j)``, with a_j
-    the attention the chunk's last query gives j averaged over all the layer's heads and N the
-    number of candidates it sees -- a token read at least as much as the average gets the whole beta.
-    A slot keeps the score it was ranked with; a decoded token enters with p alone. 0: the gate alone.
+    newest query reads, as TOVA does: candidate j's score in KV head h is ``p_j + beta * min(1, N a_j)``,
+    with a_j the attention the chunk's last query gives j averaged over h's query heads and N the
+    number of candidates h sees -- a token read at least as much as the average gets the whole beta.
+    Per KV head, because each head keeps its own tokens: its slot i holds another token than slot i
+    of the next head, so their attention cannot be summed by slot. A slot keeps the score it was
+    ranked with; a decoded token enters with p alone. 0: the gate alone.
 
     ``checkpoint``: a gate file from ``kvpass train-gates``; default: the gate shipped for the
     default model whose keep target (``target``; default the budget if it is a fraction, else 0.5)
@@ -105,8 +107,8 @@ class AttentionGate(Policy):
         p = torch.cat([chunk.old, chunk.gate], dim=-1)
         if not self.attention:
             return p
-        a = chunk.mass.float().sum(dim=1, keepdim=True)  # [B, 1, N]: summed over every query head
-        n = (a > 0).sum(dim=-1, keepdim=True)  # the candidates the query could see
+        a = chunk.mass.float()  # [B, Hkv, N]: summed over each KV head's query heads
+        n = (a > 0).sum(dim=-1, keepdim=True)  # the candidates the head could see
         read = (a * n / a.sum(dim=-1, keepdim=True).clamp_min(1e-30)).clamp(max=1.0)
         prefill = torch.sym_min(chunk.keys.shape[2] - 1, 1)  # 0 for a decoded token, 1 for a chunk
         return p + (self.attention * prefill) * read.to(p.dtype)

@@ -234,11 +234,14 @@ def _chunk(T: int, mass: list[list[float]]) -> Chunk:
 
 
 def test_the_attention_term_adds_what_the_newest_query_reads():
-    # summed over both KV heads the last query reads [0.4, 0, 1.6, 1.0]: 3 candidates seen, mean 1
-    # -> min(1, 3 a_j / 3.0) = [0.4, 0, 1, 1], times beta 0.5 -> [0.2, 0, 0.5, 0.5]
+    # per KV head, 3 candidates seen: head 0 reads [0.2, 0, 1.0, 0.8] (sum 2) -> min(1, 3 a_j / 2) =
+    # [0.3, 0, 1, 1]; head 1 reads [0.2, 0, 0.6, 0.2] (sum 1) -> [0.6, 0, 1, 0.6]; times beta 0.5
     chunk = _chunk(2, [[0.2, 0.0, 1.0, 0.8], [0.2, 0.0, 0.6, 0.2]])
     got = AttentionGate(budget=4, attention=0.5).score(chunk)
-    torch.testing.assert_close(got, torch.tensor([[[1.1, 0.1, 0.8, 1.1], [0.4, 0.8, 1.0, 0.9]]]))
+    torch.testing.assert_close(got, torch.tensor([[[1.05, 0.1, 0.8, 1.1], [0.5, 0.8, 1.0, 0.7]]]))
+    # a head's slot i holds its own token: another head's attention to its slot i is not added
+    other = _chunk(2, [[0.2, 0.0, 1.0, 0.8], [0.9, 0.0, 0.1, 0.3]])
+    torch.testing.assert_close(AttentionGate(budget=4, attention=0.5).score(other)[:, 0], got[:, 0])
     p = torch.cat([chunk.old, chunk.gate], dim=-1)
     torch.testing.assert_close(AttentionGate(budget=4).score(chunk), p)  # 0: the gate alone
     decoded = _chunk(1, [[0.2, 0.0, 1.0], [0.3, 0.0, 0.5]])  # a decoded token: no term
