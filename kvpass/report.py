@@ -19,8 +19,10 @@ def table(records: list[Record]) -> tuple[list[str], list[list[str]]]:
     task_names = sorted({r.task for r in records} - {PPL})
     has_ppl = any(r.task == PPL for r in records)
     cells: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    runs: dict[tuple, list[Record]] = defaultdict(list)
     for r in records:
         cells[(r.policy, r.budget)][r.task].append(r.score)
+        runs[(r.policy, r.budget)].append(r)
     full = {_case(r): r.score for r in records if r.policy == "full" and r.task != PPL}
     order = sorted(cells, key=lambda k: (k[0] != "full", k[0], -(k[1] or 1.0)))
     header = ["policy", "budget", *task_names, "average", "± s.e.", "vs full (s.e.)", *([PPL] if has_ppl else [])]
@@ -32,9 +34,7 @@ def table(records: list[Record]) -> tuple[list[str], list[list[str]]]:
         avg = f"{sum(means) / len(means):.1f}" if means else ""
         ppl = [f"{sum(v) / len(v):.2f}" if (v := cells[(policy, budget)][PPL]) else ""] if has_ppl else []
         se = _standard_error([cells[(policy, budget)][t] for t in task_names])
-        vs = (
-            "" if policy == "full" else _vs_full([r for r in records if (r.policy, r.budget) == (policy, budget)], full)
-        )
+        vs = "" if policy == "full" else _vs_full(runs[(policy, budget)], full)
         rows.append([policy, kept, *per_task, avg, se, vs, *ppl])
     return header, rows
 
