@@ -36,7 +36,7 @@ def policy_cases(model):
         "streaming": {"sink_tokens": 2},
         "knorm": {"window": 2},
         "observed": {},
-        "gate": {"gates": net, "window": 3, "attention": 0.5},
+        "gate": {"gates": net, "window": 3, "attention": 0.5, "pool": 3},
     }
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .base import Chunk, Policy
+from .snapkv import pool_by_position
 
 
 @dataclass
@@ -29,6 +30,11 @@ class AttentionGate(Policy):
     of the next head, so their attention cannot be summed by slot. A slot keeps the score it was
     ranked with; a decoded token enters with p alone. 0: the gate alone.
 
+    ``pool`` (odd k): the term's ``min(1, N a_j)`` is max-pooled over each candidate's k nearest
+    candidates in position order (SnapKV's clustering, with the maximum: a token next to one the
+    query reads is kept with it), so a read phrase stays whole in every head and repeated words
+    keep their share. Only candidates the query sees are pooled. 0 or 1: no pooling.
+
     ``checkpoint``: a gate file from ``kvpass train-gates``; default: the gate shipped for the
     default model whose keep target (``target``; default the budget if it is a fraction, else 0.5)
     is nearest. ``gates``: a :class:`kvpass.gates.Gates` object instead of a file.
@@ -47,6 +53,7 @@ class AttentionGate(Policy):
     checkpoint: str | None = None
     target: float | None = None
     attention: float = 0.0
+    pool: int = 0
     gates: object = field(default=None, repr=False)  # kvpass.gates.Gates; loaded by bind() if None
     name = "gate"
     gated = True
@@ -63,6 +70,9 @@ class AttentionGate(Policy):
         a = self.attention
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a < float("inf"):
             raise ValueError(f"gate: attention must be a non-negative number, got {a!r}")
+        k = self.pool
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0 or (k > 1 and k % 2 == 0):
+            raise ValueError(f"gate: pool must be 0 or a positive odd number of positions, got {k!r}")
 
     def bind(self, model, sites) -> None:
         from kvpass import gates
@@ -110,5 +120,9 @@ class AttentionGate(Policy):
         a = chunk.mass.float()  # [B, Hkv, N]: summed over each KV head's query heads
         n = (a > 0).sum(dim=-1, keepdim=True)  # the candidates the head could see
         read = (a * n / a.sum(dim=-1, keepdim=True).clamp_min(1e-30)).clamp(max=1.0)
+        B, Hkv, T = chunk.keys.shape[:3]
+        if self.pool > 1 and T > 1:
+            pos = torch.cat([chunk.slot_pos, chunk.pos[:, None, :].expand(B, Hkv, T)], dim=-1)
+            read = pool_by_position(read, torch.where(a > 0, pos, -1), self.pool, how="max")
         prefill = torch.sym_min(chunk.keys.shape[2] - 1, 1)  # 0 for a decoded token, 1 for a chunk
         return p + (self.attention * prefill) * read.to(p.dtype)

@@ -42,15 +42,21 @@ class SnapKV(Policy):
         return pool_by_position(chunk.mass, pos, self.kernel_size)
 
 
-def pool_by_position(x: Tensor, pos: Tensor, kernel_size: int) -> Tensor:
-    """Average ``x [..., N]`` over each entry's ``kernel_size`` neighbours in position order
-    (``pos [..., N]``; entries with ``pos < 0`` are empty: neither pooled nor counted)."""
+def pool_by_position(x: Tensor, pos: Tensor, kernel_size: int, how: str = "mean") -> Tensor:
+    """Average (``how="max"``: the maximum, for ``x >= 0``) of ``x [..., N]`` over each entry's
+    ``kernel_size`` neighbours in position order (``pos [..., N]``; entries with ``pos < 0`` are
+    empty: neither pooled nor counted)."""
     if kernel_size <= 1:
         return x
     real = pos >= 0
     order = torch.where(real, pos, torch.iinfo(pos.dtype).max).argsort(dim=-1)
     w = real.gather(-1, order).to(x.dtype)
     xs = x.gather(-1, order) * w
+    if how == "max":  # empty entries and the padding are 0, which no x >= 0 loses to
+        r, N = kernel_size // 2, x.shape[-1]
+        padded = F.pad(xs, (r, r))  # shifted slices, not max_pool1d: that fixes N when exported
+        pooled = torch.stack([padded[..., i : i + N] for i in range(kernel_size)]).amax(dim=0)
+        return torch.where(real, torch.empty_like(x).scatter_(-1, order, pooled), x)
     flat = torch.stack([xs, w], dim=-2).reshape(-1, 2, x.shape[-1])
     sums = F.avg_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2).reshape(*x.shape[:-1], 2, x.shape[-1])
     pooled = sums[..., 0, :] / sums[..., 1, :].clamp_min(1e-12)

@@ -217,6 +217,9 @@ def test_gate_knobs_and_unbound_use():
     for bad in (-0.1, float("nan"), float("inf"), True, "0.3"):
         with pytest.raises(ValueError, match="attention"):
             AttentionGate(attention=bad)
+    for bad in (2, -1, True, 3.0):
+        with pytest.raises(ValueError, match="pool"):
+            AttentionGate(pool=bad)
     with pytest.raises(RuntimeError, match="not bound"):
         AttentionGate().keep_prob(0, *[torch.ones(1, 1, 1, 1)] * 3, None)
 
@@ -248,6 +251,37 @@ def test_the_attention_term_adds_what_the_newest_query_reads():
     torch.testing.assert_close(
         AttentionGate(budget=4, attention=0.5).score(decoded), torch.cat([decoded.old, decoded.gate], dim=-1)
     )
+
+
+def test_pooling_lifts_the_neighbours_of_what_the_query_reads():
+    # one KV head, slots at positions 5 and 0, chunk at 2, 3, 4 (so position order is slot 1, chunk 0-2,
+    # slot 0); the query reads position 3 (read 1) and 0 (0.5), not 4 (a = 0: not seen, not pooled)
+    chunk = Chunk(
+        old=torch.tensor([[[0.9, 0.1]]]),
+        keys=torch.randn(1, 1, 3, 4),
+        values=torch.randn(1, 1, 3, 4),
+        pos=torch.tensor([[2, 3, 4]]),
+        mass=torch.tensor([[[0.1, 0.1, 0.1, 0.3, 0.0]]]),  # 4 seen, mean 0.15: read = [2/3, 2/3, 2/3, 1, 0]
+        slot_pos=torch.tensor([[[5, 0]]]),
+        gate=torch.tensor([[[0.3, 0.6, 0.5]]]),
+    )
+    p = torch.cat([chunk.old, chunk.gate], dim=-1)
+    plain = AttentionGate(budget=4, attention=0.5).score(chunk)
+    torch.testing.assert_close(plain, p + 0.5 * torch.tensor([[[2 / 3, 2 / 3, 2 / 3, 1.0, 0.0]]]))
+    # k = 3 in position order 0, 2, 3, [4 unseen], 5: position 0 -> max(read 0, 2) = 2/3; 2 -> max(0, 2, 3) = 1;
+    # 3 -> max(2, 3, 5) = 1; 4 stays 0; 5 -> max(3, 5) = 1
+    got = AttentionGate(budget=4, attention=0.5, pool=3).score(chunk)
+    torch.testing.assert_close(got, p + 0.5 * torch.tensor([[[1.0, 2 / 3, 1.0, 1.0, 0.0]]]))
+    decoded = Chunk(
+        chunk.old,
+        chunk.keys[:, :, :1],
+        chunk.values[:, :, :1],
+        chunk.pos[:, :1],
+        chunk.mass[..., :3],
+        chunk.slot_pos,
+        chunk.gate[..., :1],
+    )
+    torch.testing.assert_close(AttentionGate(budget=4, attention=0.5, pool=3).score(decoded), p[..., :3])
 
 
 def test_shipped_gates_cover_half_and_quarter():

@@ -122,6 +122,9 @@ def test_pool_by_position_uses_position_order():
     pooled = pool_by_position(x, pos, 3)
     # position 0: mean(3, 6) = 4.5; position 1: mean(3, 6, 0) = 3; position 3: mean(6, 0) = 3
     torch.testing.assert_close(pooled[0, [1, 3, 0]], torch.tensor([4.5, 3.0, 3.0]))
+    # the maximum: position 0: max(3, 6); 1: max(3, 6, 0); 3: max(6, 0); the empty entry keeps its value
+    x = torch.tensor([[0.5, 3.0, 9.0, 6.0]])
+    torch.testing.assert_close(pool_by_position(x, pos, 3, how="max"), torch.tensor([[6.0, 6.0, 9.0, 6.0]]))
 
 
 def test_knorm_keeps_smallest_keys():
