@@ -124,5 +124,5 @@ class AttentionGate(Policy):
         if self.pool > 1 and T > 1:
             pos = torch.cat([chunk.slot_pos, chunk.pos[:, None, :].expand(B, Hkv, T)], dim=-1)
             read = pool_by_position(read, torch.where(a > 0, pos, -1), self.pool, how="max")
-        prefill = torch.sym_min(chunk.keys.shape[2] - 1, 1)  # 0 for a decoded token, 1 for a chunk
+        prefill = torch.sym_min(T - 1, 1)  # 0 for a decoded token, 1 for a chunk
         return p + (self.attention * prefill) * read.to(p.dtype)

@@ -46,6 +46,8 @@ def pool_by_position(x: Tensor, pos: Tensor, kernel_size: int, how: str = "mean"
     """Average (``how="max"``: the maximum, for ``x >= 0``) of ``x [..., N]`` over each entry's
     ``kernel_size`` neighbours in position order (``pos [..., N]``; entries with ``pos < 0`` are
     empty: neither pooled nor counted)."""
+    if how not in ("mean", "max"):
+        raise ValueError(f"pool_by_position: how must be 'mean' or 'max', got {how!r}")
     if kernel_size <= 1:
         return x
     real = pos >= 0

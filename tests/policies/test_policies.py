@@ -125,6 +125,8 @@ def test_pool_by_position_uses_position_order():
     # the maximum: position 0: max(3, 6); 1: max(3, 6, 0); 3: max(6, 0); the empty entry keeps its value
     x = torch.tensor([[0.5, 3.0, 9.0, 6.0]])
     torch.testing.assert_close(pool_by_position(x, pos, 3, how="max"), torch.tensor([[6.0, 6.0, 9.0, 6.0]]))
+    with pytest.raises(ValueError, match="how"):
+        pool_by_position(x, pos, 3, how="min")
 
 
 def test_knorm_keeps_smallest_keys():
