@@ -30,6 +30,11 @@ class Chunk:
     slot_pos: Tensor
     gate: Tensor | None = None
 
+    def positions(self) -> Tensor:
+        """The candidates' positions ``[B, Hkv, C + T]``: the slots', then the chunk's."""
+        B, Hkv, T = self.keys.shape[:3]
+        return torch.cat([self.slot_pos, self.pos[:, None, :].expand(B, Hkv, T)], dim=-1)
+
 
 @dataclass
 class Policy:

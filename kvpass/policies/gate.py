@@ -120,9 +120,8 @@ class AttentionGate(Policy):
         a = chunk.mass.float()  # [B, Hkv, N]: summed over each KV head's query heads
         n = (a > 0).sum(dim=-1, keepdim=True)  # the candidates the head could see
         read = (a * n / a.sum(dim=-1, keepdim=True).clamp_min(1e-30)).clamp(max=1.0)
-        B, Hkv, T = chunk.keys.shape[:3]
+        T = chunk.keys.shape[2]
         if self.pool > 1 and T > 1:
-            pos = torch.cat([chunk.slot_pos, chunk.pos[:, None, :].expand(B, Hkv, T)], dim=-1)
-            read = pool_by_position(read, torch.where(a > 0, pos, -1), self.pool, how="max")
+            read = pool_by_position(read, torch.where(a > 0, chunk.positions(), -1), self.pool, how="max")
         prefill = torch.sym_min(T - 1, 1)  # 0 for a decoded token, 1 for a chunk
         return p + (self.attention * prefill) * read.to(p.dtype)

@@ -37,9 +37,7 @@ class SnapKV(Policy):
     def score(self, chunk: Chunk) -> Tensor:
         if chunk.keys.shape[2] == 1:
             return accumulated(chunk)
-        B, Hkv, T = chunk.keys.shape[:3]
-        pos = torch.cat([chunk.slot_pos, chunk.pos[:, None, :].expand(B, Hkv, T)], dim=-1)
-        return pool_by_position(chunk.mass, pos, self.kernel_size)
+        return pool_by_position(chunk.mass, chunk.positions(), self.kernel_size)
 
 
 def pool_by_position(x: Tensor, pos: Tensor, kernel_size: int, how: str = "mean") -> Tensor:

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from .base import Chunk, Policy
@@ -21,5 +20,4 @@ class Streaming(Policy):
     obs = 1
 
     def score(self, chunk: Chunk) -> Tensor:
-        B, Hkv, T = chunk.keys.shape[:3]
-        return torch.cat([chunk.slot_pos, chunk.pos[:, None, :].expand(B, Hkv, T)], dim=-1).float()
+        return chunk.positions().float()
