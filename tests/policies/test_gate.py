@@ -255,7 +255,8 @@ def test_the_attention_term_adds_what_the_newest_query_reads():
 
 def test_pooling_lifts_the_neighbours_of_what_the_query_reads():
     # one KV head, slots at positions 5 and 0, chunk at 2, 3, 4 (so position order is slot 1, chunk 0-2,
-    # slot 0); the query reads position 3 (read 1) and 0 (0.5), not 4 (a = 0: not seen, not pooled)
+    # slot 0); the query reads position 3 most (read 1), positions 0, 2 and 5 less (2/3), and does not
+    # see position 4 (a = 0: neither pooled nor pooled into)
     chunk = Chunk(
         old=torch.tensor([[[0.9, 0.1]]]),
         keys=torch.randn(1, 1, 3, 4),
