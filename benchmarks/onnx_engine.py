@@ -29,12 +29,12 @@ from kvpass.passkey import passkey_prompt
 def torch_decode(model, ids: torch.Tensor, new: int) -> tuple[list[int], float]:
     """Greedy tokens and seconds for ``new`` decode steps after prefilling ``ids``."""
     cache = model.kvpass_new_cache(decode_reserve=new)
-    logits = model(input_ids=ids, past_key_values=cache, logits_to_keep=1).logits
+    logits, _ = model.kvpass_forward(ids, cache, logits_to_keep=1)
     tokens, start = [], time.perf_counter()
     for _ in range(new):
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(int(nxt))
-        logits = model(input_ids=nxt, past_key_values=cache, logits_to_keep=1).logits
+        logits, _ = model.kvpass_forward(nxt, cache, logits_to_keep=1)
     return tokens, time.perf_counter() - start
 
 

@@ -53,9 +53,9 @@ def answer_nll(model: nn.Module, prompt: Tensor, answer: Tensor) -> float:
         logits = model(input_ids=torch.cat([prompt, answer[:, :-1]], 1)).logits[:, prompt.shape[1] - 1 :]
     else:
         cache = model.kvpass_new_cache(decode_reserve=answer.shape[1])
-        first = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        rest = model(input_ids=answer[:, :-1], past_key_values=first.past_key_values, use_cache=True).logits
-        logits = torch.cat([first.logits, rest], dim=1)
+        first, cache = model.kvpass_forward(prompt, cache, logits_to_keep=1)
+        rest, _ = model.kvpass_forward(answer[:, :-1], cache)
+        logits = torch.cat([first, rest], dim=1)
     return float(torch.nn.functional.cross_entropy(logits[0].float(), answer[0].to(logits.device)))
 
 

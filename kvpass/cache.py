@@ -7,8 +7,7 @@ and the chunk's kept tokens move into the freed slots. A decoded token is writte
 arrival slot, attends over all ``C + 1`` slots at once, and then takes the place of the
 lowest-ranked slot, unless it ranks lowest itself. Tensors keep their shapes from step to step.
 
-To ``transformers`` this is a :class:`~transformers.Cache` whose ``get_seq_length()`` is the
-number of tokens *seen*, so ``generate()`` feeds only new tokens and derives true positions.
+Nothing here knows transformers: :mod:`kvpass.hf` presents this cache to ``generate()``.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor
-from transformers import Cache
 
 from kvpass.kernels.attend import attend_attention, attend_reference
 from kvpass.kernels.decode import decode_attention
@@ -78,7 +76,7 @@ class LayerSlots:
             setattr(self, name, torch.cat([t[:, :, :-1], pad, t[:, :, -1:]], dim=2))
 
 
-class EvictingCache(Cache):
+class EvictingCache:
     """Per-layer fixed-capacity KV slots, evicted by ``policy``.
 
     ``chunk``: prefill chunk length (prompts longer than it are processed in pieces).
@@ -95,7 +93,6 @@ class EvictingCache(Cache):
         evict_during_decode: bool = True,
         decode_reserve: int = 256,
     ) -> None:
-        super().__init__(layers=[])
         if chunk <= 0:
             raise ValueError(f"chunk must be positive, got {chunk}")
         self.policy = policy
@@ -113,16 +110,9 @@ class EvictingCache(Cache):
         self._pending: dict[int, tuple[Tensor, ...]] = {}
         self._stacks: dict[tuple[int, ...], LayerSlots] = {}
 
-    # --- what transformers asks of a Cache ---------------------------------------------------
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seen
-
-    @property
-    def is_compileable(self) -> bool:  # keeps generate() from building 4D masks for us
-        return False
-
-    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
-        raise NotImplementedError("kvpass attention builds its own masks from slot positions")
+    def __repr__(self) -> str:
+        name, p = type(self).__name__, self.policy.name
+        return f"{name}(policy={p}, seen={self.seen}, capacity={self.capacity}, layers={len(self.slots)})"
 
     def reset(self) -> None:
         self.slots.clear()
@@ -130,6 +120,18 @@ class EvictingCache(Cache):
         self._stacks.clear()
         self.seen = self.budget = self.capacity = 0
         self.lengths = None
+
+    def select_rows(self, index: Tensor) -> None:
+        """Keep the batch rows ``index`` (in that order; a row may repeat): how beam search moves
+        each beam's cache to the beams that continue it."""
+        if self._pending:
+            raise RuntimeError("rows can be selected only between forwards (decoded tokens are still pending)")
+        for s in self.slots.values():
+            for name in LayerSlots.FIELDS:
+                setattr(s, name, getattr(s, name).index_select(0, index))
+        self._stacks.clear()  # the layers have new tables: stack again at the next flush
+        if self.lengths is not None:
+            self.lengths = self.lengths.index_select(0, index)
 
     def evicted(self, layer: int) -> int:
         """Entries (token x KV head x batch row) that entered ``layer`` and are no longer held."""

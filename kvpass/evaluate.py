@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from kvpass import allocation, peers, tasks
+from kvpass import allocation, hf, peers, tasks
 from kvpass.transform import transform
 
 ALLOC = "+alloc"  # suffix of a policy run with per-layer budgets
@@ -93,16 +93,16 @@ def answer(model: nn.Module, pieces: list[Tensor], max_new_tokens: int, eos: int
     for i, piece in enumerate(pieces):
         pos = torch.arange(seen, seen + piece.shape[1], device=piece.device)[None]
         with peers.applied(press, model) if press is not None and i == 0 else contextlib.nullcontext():
-            out = model(input_ids=piece, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache, seen = out.past_key_values, seen + piece.shape[1]
-    nxt = out.logits[:, -1:].argmax(-1)
+            logits, cache = hf.call(model, piece, cache, position_ids=pos, logits_to_keep=1)
+        seen += piece.shape[1]
+    nxt = logits[:, -1:].argmax(-1)
     tokens = [nxt]
     for _ in range(max_new_tokens - 1):
         if eos is not None and int(nxt) == eos:
             break
         pos = torch.full_like(nxt, seen)
-        out = model(input_ids=nxt, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        nxt, seen = out.logits[:, -1:].argmax(-1), seen + 1
+        logits, cache = hf.call(model, nxt, cache, position_ids=pos, logits_to_keep=1)
+        nxt, seen = logits[:, -1:].argmax(-1), seen + 1
         tokens.append(nxt)
     return torch.cat(tokens, dim=1)[0]
 
@@ -110,7 +110,7 @@ def answer(model: nn.Module, pieces: list[Tensor], max_new_tokens: int, eos: int
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: Tensor) -> float:
     """exp(mean next-token NLL) over ``ids [1, n]``, prefilled in one call (a kvpass model evicts as it goes)."""
-    logits = model(input_ids=ids, use_cache=True).logits[0, :-1].float()
+    logits = hf.call(model, ids)[0][0, :-1].float()
     return float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]).exp())
 
 

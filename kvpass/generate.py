@@ -33,7 +33,7 @@ def generate(
     out, nxt = input_ids, input_ids
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
-        logits = model(input_ids=nxt, past_key_values=cache, logits_to_keep=1).logits[:, -1].float()
+        logits = model.kvpass_forward(nxt, cache, logits_to_keep=1)[0][:, -1].float()
         if do_sample:
             logits = logits / temperature
             if top_k is not None:

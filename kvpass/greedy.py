@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from kvpass import hf
 from kvpass.cache import EvictingCache
 
 
@@ -47,17 +48,17 @@ def greedy(
 
     t0 = time.perf_counter()
     with peers.applied(press, model) if press is not None else contextlib.nullcontext():
-        out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-    nxt = out.logits[:, -1:].argmax(-1)
+        logits, cache = hf.call(model, input_ids, logits_to_keep=1)
+    nxt = logits[:, -1:].argmax(-1)
     prefill = time.perf_counter() - t0
-    cache, tokens = out.past_key_values, [nxt]
+    tokens = [nxt]
     t1 = time.perf_counter()
     for _ in tqdm(range(max_new_tokens - 1), desc=desc, leave=False, disable=desc is None):
         if eos is not None and bool((nxt == eos).all()):
             break
         pos = torch.full_like(nxt, input_ids.shape[1] + len(tokens) - 1)  # true positions (kvpress caches shrink)
-        out = model(input_ids=nxt, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        nxt = out.logits[:, -1:].argmax(-1)
+        logits, cache = hf.call(model, nxt, cache, position_ids=pos, logits_to_keep=1)
+        nxt = logits[:, -1:].argmax(-1)
         tokens.append(nxt)
     decode = time.perf_counter() - t1
     steps = len(tokens) - 1

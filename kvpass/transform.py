@@ -6,12 +6,12 @@ from __future__ import annotations
 import copy
 import functools
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from kvpass import allocation, policies
+from kvpass import allocation, hf, policies
 from kvpass.attention import Binding, KVAttention
 from kvpass.cache import EvictingCache, prefill_spans
 from kvpass.generate import generate
@@ -123,43 +123,46 @@ def transform(
     return new
 
 
+class StepOutput(NamedTuple):
+    """What a transformed model's forward returns (a Hugging Face model's: see :mod:`kvpass.hf`)."""
+
+    logits: Tensor
+    cache: EvictingCache
+
+
 class KVPassMixin:
-    """Forward and generate of a transformed model (mixed in before the model's own class)."""
+    """kvpass's own API on a transformed model, the same for every model (mixed in before the
+    model's own class, after the front door that gives it ``forward`` and ``generate``:
+    :class:`PlainMixin`, or :class:`kvpass.hf.HFMixin` for a transformers model)."""
+
+    kvpass_cache_class: type[EvictingCache] = EvictingCache
 
     def kvpass_new_cache(self, decode_reserve: int = 256) -> EvictingCache:
         """A fresh, empty cache for this model's policy and options."""
-        return EvictingCache(self.kvpass_policy, decode_reserve=decode_reserve, **self.kvpass_options)
-
-    def generate(self, *args, **kwargs):
-        """A Hugging Face model's own ``generate()`` on an evicting cache; else :func:`kvpass.generate.generate`."""
-        if not hasattr(super(), "generate"):
-            return generate(self, *args, **kwargs)
-        if kwargs.get("past_key_values") is None:
-            config = kwargs.get("generation_config") or self.generation_config
-            reserve = kwargs.get("max_new_tokens") or config.max_new_tokens or 256
-            kwargs["past_key_values"] = self.kvpass_new_cache(decode_reserve=reserve)
-        return super().generate(*args, **kwargs)
+        return self.kvpass_cache_class(self.kvpass_policy, decode_reserve=decode_reserve, **self.kvpass_options)
 
     @torch.no_grad()
-    def forward(
+    def kvpass_forward(
         self,
-        input_ids: Tensor | None = None,
+        input_ids: Tensor,
+        cache: EvictingCache | None = None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
-        past_key_values: EvictingCache | None = None,
-        inputs_embeds: Tensor | None = None,
-        labels: Tensor | None = None,
-        use_cache: bool | None = None,
         logits_to_keep: int = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> tuple[Tensor, EvictingCache]:
+        """``(logits, cache)`` after feeding ``input_ids`` to ``cache`` (a fresh one if None).
+
+        ``attention_mask`` ``[B, seen + T]`` or ``[B, T]`` marks padding (0), which never takes a
+        slot; ``position_ids`` overrides the true positions, which are otherwise counted by the
+        cache; ``logits_to_keep`` > 0 returns only the last rows.
+        """
         if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be a non-negative int, got {logits_to_keep!r}")
-        cache, pos = self._kvpass_begin(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels)
-        return self._kvpass_run(input_ids, pos, cache, logits_to_keep, use_cache)
+        cache, pos = self._kvpass_begin(input_ids, attention_mask, position_ids, cache)
+        return self._kvpass_run(input_ids, pos, cache, logits_to_keep), cache
 
     @torch.compiler.disable(recursive=False)
-    def _kvpass_run(self, input_ids: Tensor, pos: Tensor, cache: EvictingCache, logits_to_keep: int, use_cache):
+    def _kvpass_run(self, input_ids: Tensor, pos: Tensor, cache: EvictingCache, logits_to_keep: int) -> Tensor:
         """The chunk loop. Under ``torch.compile`` this frame runs eagerly but the step graph and the
         head it calls are compiled: the bookkeeping around them never becomes graph guards."""
         T = input_ids.shape[1]
@@ -179,22 +182,19 @@ class KVPassMixin:
             cache.prefilling = cache.deferred = False
             self._kvpass_binding.cache = None
         self.kvpass_cache = cache
-        use_cache = getattr(getattr(self, "config", None), "use_cache", True) if use_cache is None else use_cache
-        return CausalLMOutputWithPast(logits=torch.cat(logits, dim=1), past_key_values=cache if use_cache else None)
+        return torch.cat(logits, dim=1)
 
     @torch.compiler.disable
-    def _kvpass_begin(self, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels):
+    def _kvpass_begin(self, input_ids, attention_mask, position_ids, cache) -> tuple[EvictingCache, Tensor]:
         """Check the inputs, start or continue the cache, and work out the true positions."""
-        if input_ids is None or inputs_embeds is not None:
-            raise ValueError("a kvpass model takes input_ids (inputs_embeds is not supported)")
-        if labels is not None:
-            raise ValueError("a kvpass model is for inference; compute losses with the original model")
-        if past_key_values is not None and not isinstance(past_key_values, EvictingCache):
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+            raise ValueError("a kvpass model takes input_ids as a [batch, sequence] tensor")
+        if cache is not None and not isinstance(cache, EvictingCache):
             raise TypeError(
-                f"a kvpass model keeps its KV in an EvictingCache, got {type(past_key_values).__name__}; "
+                f"a kvpass model keeps its KV in an EvictingCache, got {type(cache).__name__}; "
                 "pass None (a fresh cache is made) or a cache this model returned"
             )
-        cache = past_key_values if past_key_values is not None else self.kvpass_new_cache()
+        cache = cache if cache is not None else self.kvpass_new_cache()
         B, T = input_ids.shape
         if cache.seen == 0:
             cache.begin(B, T, input_ids.device)
@@ -203,6 +203,28 @@ class KVPassMixin:
         pos = _positions(attention_mask, position_ids, cache.lengths, T)
         cache.lengths = cache.lengths + (pos >= 0).sum(dim=1)
         return cache, pos
+
+
+class PlainMixin:
+    """``forward`` and ``generate`` of a transformed model that brings no transformers ``generate()``
+    (a model written by hand)."""
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int = 32, **kwargs) -> Tensor:
+        """kvpass's decode loop (:func:`kvpass.generate.generate`)."""
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        cache: EvictingCache | None = None,
+        *,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> StepOutput:
+        """Run ``input_ids`` ``[B, T]`` through the model on ``cache`` (a fresh one if None): see
+        :meth:`KVPassMixin.kvpass_forward`."""
+        return StepOutput(*self.kvpass_forward(input_ids, cache, attention_mask, position_ids, logits_to_keep))
 
 
 def _positions(attention_mask: Tensor | None, position_ids: Tensor | None, lengths: Tensor, T: int) -> Tensor:
@@ -219,4 +241,5 @@ def _positions(attention_mask: Tensor | None, position_ids: Tensor | None, lengt
 
 @functools.cache
 def _transformed_class(cls: type) -> type:
-    return type(f"KVPass{cls.__name__}", (KVPassMixin, cls), {"__module__": __name__})
+    front = hf.HFMixin if hf.is_hf_model(cls) else PlainMixin
+    return type(f"KVPass{cls.__name__}", (front, KVPassMixin, cls), {"__module__": __name__})

@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 import kvpass
+from kvpass import hf
 from kvpass.passkey import passkey_prompt
 
 pytestmark = pytest.mark.slow
@@ -28,12 +29,11 @@ def test_full_budget_reproduces_logits_and_tokens(default_model):
     assert len(small.kvpass_sites) == 30
 
     def steps(m, cache):
-        out = m(input_ids=ids, past_key_values=cache, use_cache=True)
-        logits, cache, nxt = [out.logits], out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out, cache = hf.call(m, ids, cache)
+        logits = [out]
         for _ in range(32):
-            out = m(input_ids=nxt, past_key_values=cache, use_cache=True)
-            logits.append(out.logits)
-            nxt = out.logits[:, -1:].argmax(-1)
+            out, cache = hf.call(m, out[:, -1:].argmax(-1), cache)
+            logits.append(out)
         return torch.cat(logits, 1)
 
     diff = (steps(small, None) - steps(model, DynamicCache(config=model.config))).abs().max()

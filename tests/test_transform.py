@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 import kvpass
+from kvpass import hf
 from tests.conftest import tiny_llama
 from tests.models import SDPAModel
 
@@ -18,13 +19,11 @@ def prompt(seed, B=1, T=40, vocab=97):
 
 def step_logits(model, ids, steps, cache):
     """Prefill ``ids``, then feed ``steps`` greedy tokens one at a time; all logits, concatenated."""
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-    logits, cache = [out.logits], out.past_key_values
-    nxt = out.logits[:, -1:].argmax(-1)
+    out, cache = hf.call(model, ids, cache)
+    logits = [out]
     for _ in range(steps):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        logits.append(out.logits)
-        nxt = out.logits[:, -1:].argmax(-1)
+        out, cache = hf.call(model, out[:, -1:].argmax(-1), cache)
+        logits.append(out)
     return torch.cat(logits, dim=1)
 
 
