@@ -156,9 +156,6 @@ class HFMixin:
             raise ValueError("a kvpass model always runs on its evicting cache: drop cache_implementation=")
         if getattr(asked, "prefill_chunk_size", None):
             raise ValueError("kvpass prefills in chunks itself: use kvpass.transform(model, ..., chunk=N)")
-        if config.cache_implementation is not None:  # the model's default (e.g. Gemma's "hybrid"): not ours to use
-            generation_config = copy.deepcopy(config)
-            generation_config.cache_implementation = None
         if cache is not None and not isinstance(cache, HFEvictingCache):
             raise TypeError(
                 f"a kvpass model generates on its own evicting cache, got {type(cache).__name__}; "
@@ -207,6 +204,15 @@ class HFMixin:
         out = CausalLMOutputWithPast(logits=logits, **{OUTPUT_CACHE: cache if use_cache else None})
         return_dict = getattr(config, "return_dict", True) if return_dict is None else return_dict
         return out if return_dict else out.to_tuple()
+
+
+def own_generation_config(model: nn.Module) -> None:
+    """Give a transformed model a generation config of its own that names no transformers cache
+    (some checkpoints name one, e.g. Gemma's "hybrid"; generate() would refuse it next to kvpass's)."""
+    config = getattr(model, "generation_config", None)
+    if config is not None:
+        model.generation_config = copy.deepcopy(config)
+        model.generation_config.cache_implementation = None
 
 
 def _one_cache(kwargs: dict) -> Any:

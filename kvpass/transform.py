@@ -113,6 +113,8 @@ def transform(
     for attr in ("_modules", "_parameters", "_buffers"):
         setattr(new, attr, dict(getattr(model, attr)))
     new.__class__ = _transformed_class(type(model))
+    if hf.is_hf_model(type(model)):
+        hf.own_generation_config(new)
     new.kvpass_graph = gm
     new.kvpass_head = split_head(gm)  # None: the graph itself returns logits
     new.kvpass_policy = pol

@@ -59,6 +59,17 @@ def test_full_budget_reproduces_logits(arch):
         assert layer.capacity == window if window else layer.capacity >= 40 + 12  # a window layer holds its window
 
 
+def test_full_budget_generates_the_same_tokens(arch):
+    """transformers' generate() on the transformed model: the original's greedy tokens, batch of two."""
+    name, model = arch
+    ids = prompt(int(torch.randint(0, 2**31, ())), B=2, T=30)
+    exact = kvpass.transform(model, policy="tova", budget=64, chunk=16)
+    want = model.generate(ids, max_new_tokens=12, do_sample=False)
+    torch.testing.assert_close(
+        exact.generate(ids, max_new_tokens=12, do_sample=False), want, msg=lambda m: f"{name}: {m}"
+    )
+
+
 def test_small_budget_runs_bounded(arch):
     name, model = arch
     ids = prompt(7, B=2, T=60)

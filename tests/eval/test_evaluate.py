@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvpass import report, tasks
+from kvpass import hf, report, tasks
 from kvpass.evaluate import Record, answer, evaluate, render, score
 from tests.conftest import tiny_llama
 from tests.eval.stub import WordTokenizer
@@ -167,7 +167,7 @@ class DropOldest:
                 self.handle = model.register_forward_hook(self.crop, with_kwargs=True)
 
             def crop(self, module, args, kwargs, out):
-                for layer in kwargs["past_key_values"].layers:
+                for layer in next(kwargs[n] for n in hf.CACHE_NAMES if n in kwargs).layers:
                     layer.keys, layer.values = layer.keys[:, :, -press.keep :], layer.values[:, :, -press.keep :]
 
             def __exit__(self, *exc):
