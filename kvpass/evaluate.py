@@ -22,7 +22,6 @@ from itertools import product
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
-from transformers import DynamicCache
 
 from kvpass import allocation, hf, peers, tasks
 from kvpass.transform import transform
@@ -85,7 +84,7 @@ def answer(model: nn.Module, pieces: list[Tensor], max_new_tokens: int, eos: int
     if hasattr(model, "kvpass_new_cache"):
         cache = model.kvpass_new_cache(decode_reserve=sum(p.shape[1] for p in pieces[1:]) + max_new_tokens)
     else:
-        cache = DynamicCache(config=getattr(model, "config", None))
+        cache = hf.full_cache(model)
     # Positions are passed explicitly: a kvpress cache holds fewer entries than tokens seen, and
     # transformers would otherwise number the next tokens by the entries held (as kvpress's own
     # pipeline does, the true positions continue from the prompt's length).

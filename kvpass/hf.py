@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import transformers
 from torch import Tensor, nn
-from transformers import Cache, GenerationMixin, PreTrainedModel
+from transformers import Cache, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.generation import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -256,6 +256,11 @@ def _check_inputs(model, input_ids, attention_mask, cache, cache_position, extra
             f"that hands the cache to forward under a name kvpass does not know (it takes {' or '.join(CACHE_NAMES)}); "
             "without it every step would start an empty cache and generate garbage"
         )
+
+
+def full_cache(model: nn.Module) -> Cache:
+    """The cache a transformers model keeps everything in (the baseline kvpass is compared with)."""
+    return DynamicCache(config=getattr(model, "config", None))
 
 
 def call(

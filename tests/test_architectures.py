@@ -10,6 +10,8 @@ import kvpass
 from tests.architectures import ARCHITECTURES, build
 from tests.test_transform import prompt, step_logits
 
+pytestmark = pytest.mark.hf
+
 # name -> (KV heads per site, sliding window per site, soft-cap per site)
 EXPECTED = {
     "llama": (2, [None, None], 0.0),

@@ -16,6 +16,7 @@ def graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+@pytest.mark.hf
 def test_compiled_generation_matches_eager_and_stops_recompiling(llama):
     torch._dynamo.reset()
     ids = prompt(int(torch.randint(0, 2**31, ())), B=2, T=50)

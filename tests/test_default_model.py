@@ -21,6 +21,7 @@ def test_loads_from_the_converted_copy_quickly(default_model):
     assert time.perf_counter() - t < 10  # the GGUF conversion (~20 s) happened once, before
 
 
+@pytest.mark.hf
 def test_full_budget_reproduces_logits_and_tokens(default_model):
     model, tok = default_model
     prompt, key = passkey_prompt(tok, 1100, seed=5, depth=0.3)

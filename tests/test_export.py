@@ -89,6 +89,7 @@ def test_a_full_capacity_step_reproduces_the_model():
     torch.testing.assert_close(logits[:, -1], model(ids).logits[:, -1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.hf
 @pytest.mark.parametrize("name", ["h2o", "snapkv", "aha", "gate"])
 def test_onnx_round_trip_gives_the_torch_tokens(tmp_path, name):
     model = tiny_llama(seed=4)
@@ -243,6 +244,7 @@ def test_tensorrt_engine_gives_the_torch_tokens(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.hf
 def test_default_model_onnx_engine_gives_the_torch_tokens(default_model, tmp_path):
     from kvpass.greedy import greedy
     from kvpass.passkey import passkey_prompt

@@ -14,6 +14,8 @@ from kvpass import hf
 from tests.conftest import tiny_llama
 from tests.test_transform import prompt
 
+pytestmark = pytest.mark.hf
+
 
 def seed() -> int:
     return int(torch.randint(0, 2**31, ()))
@@ -262,3 +264,9 @@ def test_cache_surface():
                 member = getattr(cache, name)
                 member(*[None] * (len(inspect.signature(getattr(Cache, name)).parameters) - 1))
     assert len(cache) == 0 and "policy=tova" in repr(cache)
+
+
+@pytest.mark.parametrize("kwargs", [{"foo": 1}, {"output_attentions": True}, {"output_hidden_states": True}])
+def test_generate_refuses_what_it_would_drop(exact, kwargs):
+    with pytest.raises(ValueError, match=r"foo|logits only"):
+        exact.generate(prompt(2, T=10), max_new_tokens=2, return_dict_in_generate=True, **kwargs)

@@ -1,13 +1,22 @@
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_ci_runs_the_readme_test_command():
-    ci = [
+def ci_commands() -> list[str]:
+    return [
         line
         for line in (ROOT / ".ci/run").read_text().splitlines()
         if line and not line.startswith(("#", "set ", "cd "))
     ]
-    assert len(ci) == 1
-    assert ci[0] in (ROOT / "README.md").read_text()
+
+
+def test_ci_runs_the_readme_test_command_then_the_oldest_transformers():
+    first, *rest = ci_commands()
+    assert first in (ROOT / "README.md").read_text()
+    assert len(rest) == 1
+    # the same install with the oldest transformers pyproject.toml allows, then the tests marked hf
+    lower = re.search(r'"transformers>=([\d.]+),<[\d.]+"', (ROOT / "pyproject.toml").read_text()).group(1)
+    oldest = first.replace(".venv", ".venv-oldest").replace('-e ".[test]"', f'-e ".[test]" transformers=={lower}.0')
+    assert rest[0] == oldest.replace("pytest", "pytest -m hf")

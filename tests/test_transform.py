@@ -11,6 +11,8 @@ from kvpass import hf
 from tests.conftest import tiny_llama
 from tests.models import SDPAModel
 
+pytestmark = pytest.mark.hf
+
 
 def prompt(seed, B=1, T=40, vocab=97):
     g = torch.Generator().manual_seed(seed)

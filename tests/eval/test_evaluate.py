@@ -176,6 +176,7 @@ class DropOldest:
         return Hooked()
 
 
+@pytest.mark.hf
 def test_decoding_after_a_shrunken_cache_continues_at_true_positions():
     """A cache that holds fewer entries than tokens seen (as kvpress leaves it) must not renumber the
     next tokens: after the prompt's 50 tokens, the question is at positions 50-59, whatever is held."""
