@@ -126,7 +126,8 @@ def transform(
 
 
 class StepOutput(NamedTuple):
-    """What a transformed model's forward returns (a Hugging Face model's: see :mod:`kvpass.hf`)."""
+    """What ``kvpass_forward`` returns (and the forward of a model written by hand; a transformers
+    model's forward returns transformers' output: see :mod:`kvpass.hf`)."""
 
     logits: Tensor
     cache: EvictingCache
@@ -151,7 +152,7 @@ class KVPassMixin:
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         logits_to_keep: int = 0,
-    ) -> tuple[Tensor, EvictingCache]:
+    ) -> StepOutput:
         """``(logits, cache)`` after feeding ``input_ids`` to ``cache`` (a fresh one if None).
 
         ``attention_mask`` ``[B, seen + T]`` or ``[B, T]`` marks padding (0), which never takes a
@@ -161,7 +162,7 @@ class KVPassMixin:
         if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be a non-negative int, got {logits_to_keep!r}")
         cache, pos = self._kvpass_begin(input_ids, attention_mask, position_ids, cache)
-        return self._kvpass_run(input_ids, pos, cache, logits_to_keep), cache
+        return StepOutput(self._kvpass_run(input_ids, pos, cache, logits_to_keep), cache)
 
     @torch.compiler.disable(recursive=False)
     def _kvpass_run(self, input_ids: Tensor, pos: Tensor, cache: EvictingCache, logits_to_keep: int) -> Tensor:
@@ -215,18 +216,7 @@ class PlainMixin:
         """kvpass's decode loop (:func:`kvpass.generate.generate`)."""
         return generate(self, input_ids, max_new_tokens, **kwargs)
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        cache: EvictingCache | None = None,
-        *,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        logits_to_keep: int = 0,
-    ) -> StepOutput:
-        """Run ``input_ids`` ``[B, T]`` through the model on ``cache`` (a fresh one if None): see
-        :meth:`KVPassMixin.kvpass_forward`."""
-        return StepOutput(*self.kvpass_forward(input_ids, cache, attention_mask, position_ids, logits_to_keep))
+    forward = KVPassMixin.kvpass_forward
 
 
 def _positions(attention_mask: Tensor | None, position_ids: Tensor | None, lengths: Tensor, T: int) -> Tensor:
