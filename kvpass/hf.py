@@ -121,16 +121,13 @@ def _refuse(name: str, is_property: bool):
     return property(refused) if is_property else refused
 
 
-for _name, _member in inspect.getmembers(Cache):
+for _name in dir(Cache):
     if not _name.startswith("_") and _name not in vars(HFEvictingCache) and not hasattr(EvictingCache, _name):
         setattr(HFEvictingCache, _name, _refuse(_name, isinstance(inspect.getattr_static(Cache, _name), property)))
 HFEvictingCache.layers = _refuse("layers", True)  # an instance attribute of Cache, walked by some of its methods
 
 # Keywords a transformers forward may get that kvpass does not act on, and why that is safe.
-IGNORED = {
-    "cache_position": "kvpass counts positions itself; it is checked against the cache when one starts",
-    "return_dict": "answered: False gives a tuple",
-}
+IGNORED = {"cache_position": "kvpass counts positions itself; it is only checked against a cache that starts"}
 
 
 class HFMixin:
@@ -232,7 +229,7 @@ def _check_inputs(model, input_ids, attention_mask, cache, cache_position, extra
         raise TypeError(
             f"{type(model).__name__}.forward got {', '.join(sorted(extra))}, which a kvpass model does not handle; "
             f"it takes input_ids, attention_mask, position_ids, the cache ({' or '.join(CACHE_NAMES)}), use_cache, "
-            f"logits_to_keep, return_dict (and ignores {', '.join(k for k in IGNORED if k != 'return_dict')})"
+            f"logits_to_keep, return_dict (and ignores {', '.join(IGNORED)})"
         )
     if input_ids is None or inputs_embeds is not None:
         raise ValueError("a kvpass model takes input_ids (inputs_embeds is not supported)")
