@@ -187,13 +187,13 @@ def test_decoding_after_a_shrunken_cache_continues_at_true_positions():
     ids = torch.randint(3, 97, (1, 60), generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()))))
     got = answer(llama, [ids[:, :50], ids[:, 50:]], 6, press=DropOldest(20))
     cache = DynamicCache(config=llama.config)
-    llama(input_ids=ids[:, :50], past_key_values=cache)
+    hf.call(llama, ids[:, :50], cache)
     for layer in cache.layers:
         layer.keys, layer.values = layer.keys[:, :, -20:], layer.values[:, :, -20:]
     assert cache.get_seq_length() == 20
-    out = llama(input_ids=ids[:, 50:], position_ids=torch.arange(50, 60)[None], past_key_values=cache)
-    want = [out.logits[:, -1:].argmax(-1)]
+    logits, cache = hf.call(llama, ids[:, 50:], cache, position_ids=torch.arange(50, 60)[None])
+    want = [logits[:, -1:].argmax(-1)]
     for i in range(5):
-        out = llama(input_ids=want[-1], position_ids=torch.tensor([[60 + i]]), past_key_values=cache)
-        want.append(out.logits[:, -1:].argmax(-1))
+        logits, cache = hf.call(llama, want[-1], cache, position_ids=torch.tensor([[60 + i]]))
+        want.append(logits[:, -1:].argmax(-1))
     assert torch.equal(got, torch.cat(want, dim=1)[0])
