@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import inspect
 from typing import Any
 
@@ -214,11 +215,9 @@ def own_generation_config(model: nn.Module) -> None:
 
 def _one_cache(kwargs: dict) -> Any:
     """The cache given under any of :data:`CACHE_NAMES` (removed from ``kwargs``); two is an error."""
-    given = {n: kwargs.pop(n) for n in CACHE_NAMES if kwargs.get(n) is not None}
+    given = {n: c for n in CACHE_NAMES if (c := kwargs.pop(n, None)) is not None}
     if len(given) > 1:
         raise ValueError(f"the cache was given twice ({' and '.join(given)}); give it once")
-    for n in CACHE_NAMES:
-        kwargs.pop(n, None)
     return next(iter(given.values()), None)
 
 
@@ -267,9 +266,15 @@ def call(
     own API, a transformers model with the cache under the name its forward takes."""
     if hasattr(model, "kvpass_forward"):
         return model.kvpass_forward(input_ids, cache, position_ids=position_ids, logits_to_keep=logits_to_keep)
-    params = inspect.signature(model.forward).parameters
-    name = next((n for n in CACHE_NAMES if n in params), GENERATE_CACHE)
+    name = _forward_cache_name(type(model))
     out = model(
         input_ids=input_ids, position_ids=position_ids, use_cache=True, logits_to_keep=logits_to_keep, **{name: cache}
     )
-    return out.logits, next(getattr(out, n) for n in CACHE_NAMES if n in out.__dataclass_fields__)
+    return out.logits, getattr(out, OUTPUT_CACHE)
+
+
+@functools.cache
+def _forward_cache_name(cls: type) -> str:
+    """The name a model class's forward takes the cache under (once per class: decode loops call it per step)."""
+    params = inspect.signature(cls.forward).parameters
+    return next((n for n in CACHE_NAMES if n in params), GENERATE_CACHE)
