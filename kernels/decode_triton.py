@@ -14,6 +14,9 @@ the output, then turns the stored logits into probabilities summed over the grou
 q.k by the adaptive scale (two more passes over the stored logits, none over K), and
 ``value_weighted`` multiplies by ``||v||^2``, computed in pass 1 from the values it reads anyway.
 
+The new token's own key and value (``k_new, v_new``), when given, are the ``N + 1``-th key: the
+block that holds index ``N`` reads them from their own tensors, so the cache is never appended to.
+
 Inputs may be fp32, fp16 or bf16; products run on ``tl.dot`` in the input dtype (the query
 heads of a group padded to 16 rows) with fp32 accumulation. Head dims and blocks are powers of
 two, at least 16 (64, 128, 256 in practice).
@@ -32,12 +35,13 @@ from torch import Tensor
 
 @triton.jit
 def _partial(
-    Q, K, V, VALID, SPOS, QPOS,  # inputs
+    Q, K, V, VALID, SPOS, QPOS, KNEW, VNEW,  # inputs
     M, L, ACC, LOGITS, VNORM,  # outputs
-    scale, softcap, window, N, split_len, Hkv,
-    sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_h, sp_b, sp_h,
+    scale, softcap, window, N, NA, split_len, Hkv,
+    sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_h, sp_b, sp_h, skn_b, skn_h, svn_b, svn_h,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, RAW: tl.constexpr, NORMS: tl.constexpr, UPCAST: tl.constexpr,
+    NEW: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -51,17 +55,19 @@ def _partial(
     lsum = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
     start = split * split_len
-    end = tl.minimum(start + split_len, N)
+    end = tl.minimum(start + split_len, NA)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         inside = n < end
-        seen = (tl.load(VALID + b * sm_b + h * sm_h + n, mask=inside, other=0) != 0) & inside
-        if WINDOW:
-            spos = tl.load(SPOS + b * sp_b + h * sp_h + n, mask=inside, other=0)
-            seen = seen & (qpos - spos < window)
+        seen = _seen(VALID, SPOS, b * sm_b + h * sm_h, b * sp_b + h * sp_h, n, N, qpos, window, WINDOW, NEW) & inside
         if tl.max(seen.to(tl.int32), axis=0) > 0:  # a block nobody sees is not read
-            k = tl.load(K + b * sk_b + h * sk_h + n[:, None] * sk_n + d[None, :], mask=seen[:, None], other=0.0)
-            v = tl.load(V + b * sv_b + h * sv_h + n[:, None] * sv_n + d[None, :], mask=seen[:, None], other=0.0)
+            slot = seen & (n < N)  # a slot, not the token
+            k = tl.load(K + b * sk_b + h * sk_h + n[:, None] * sk_n + d[None, :], mask=slot[:, None], other=0.0)
+            v = tl.load(V + b * sv_b + h * sv_h + n[:, None] * sv_n + d[None, :], mask=slot[:, None], other=0.0)
+            if NEW:  # the token's own key and value, at index N
+                own = (n == N)[:, None]
+                k = tl.where(own, tl.load(KNEW + b * skn_b + h * skn_h + d)[None, :], k)
+                v = tl.where(own, tl.load(VNEW + b * svn_b + h * svn_h + d)[None, :], v)
             if UPCAST:  # Triton's interpreter computes bf16 dots wrongly (3.9); GPUs use bf16 tensor cores
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
@@ -71,10 +77,10 @@ def _partial(
                 x = softcap * (2.0 / (1.0 + tl.exp(-2.0 * x / softcap)) - 1.0)  # softcap * tanh(x / softcap)
             x = tl.where(seen[None, :], x, float("-inf"))
             keep = tl.where(seen[None, :], raw, float("-inf")) if RAW else x
-            tl.store(LOGITS + (bh * G + g)[:, None] * N + n[None, :], keep, mask=(g[:, None] < G) & inside[None, :])
+            tl.store(LOGITS + (bh * G + g)[:, None] * NA + n[None, :], keep, mask=(g[:, None] < G) & inside[None, :])
             if NORMS:
                 vf = v.to(tl.float32)
-                tl.store(VNORM + bh * N + n, tl.sum(vf * vf, axis=1), mask=inside)
+                tl.store(VNORM + bh * NA + n, tl.sum(vf * vf, axis=1), mask=inside)
             m_new = tl.maximum(m, tl.max(x, axis=1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(x - m_new[:, None])
@@ -91,10 +97,10 @@ def _partial(
 def _merge(
     M, L, ACC, LOGITS, VNORM, VALID, SPOS, QPOS,  # inputs
     OUT, MASS,  # outputs
-    scale, window, entropy_k, N, splits, Hkv,
+    scale, window, entropy_k, N, NA, splits, Hkv,
     so_b, so_h, sm_b, sm_h, sp_b, sp_h,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    WINDOW: tl.constexpr, RAW: tl.constexpr, NORMS: tl.constexpr,
+    WINDOW: tl.constexpr, RAW: tl.constexpr, NORMS: tl.constexpr, NEW: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     b = bh // Hkv
@@ -118,13 +124,13 @@ def _merge(
     tl.store(OUT + b * so_b + (h * G + g)[:, None] * so_h + d[None, :], out.to(OUT.dtype.element_ty),
              mask=g[:, None] < G)  # fmt: skip
     qpos = tl.load(QPOS + b)
-    rows = (bh * G + g)[:, None] * N
+    rows = (bh * G + g)[:, None] * NA
     if RAW:  # the mass at AhaKV's adaptive scale: count what the query sees, then max and sum of the rescaled
         count = tl.zeros([BLOCK_N], tl.float32)
         big = tl.full([G_PAD], float("-inf"), tl.float32)
-        for n0 in range(0, N, BLOCK_N):
+        for n0 in range(0, NA, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
-            seen = _seen(VALID, SPOS, b * sm_b + h * sm_h, b * sp_b + h * sp_h, n, N, qpos, window, WINDOW)
+            seen = _seen(VALID, SPOS, b * sm_b + h * sm_h, b * sp_b + h * sp_h, n, N, qpos, window, WINDOW, NEW)
             count += seen.to(tl.float32)
             x = tl.load(LOGITS + rows + n[None, :], mask=seen[None, :] & (g[:, None] < G), other=float("-inf"))
             big = tl.maximum(big, tl.max(x, axis=1))
@@ -132,31 +138,35 @@ def _merge(
         lam = tl.maximum(tl.sqrt(tl.maximum(2.0 * tl.log(seen_n / entropy_k) / D, 0.0)), scale)
         top = big * lam
         total = tl.zeros([G_PAD], tl.float32)
-        for n0 in range(0, N, BLOCK_N):
+        for n0 in range(0, NA, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
-            seen = _seen(VALID, SPOS, b * sm_b + h * sm_h, b * sp_b + h * sp_h, n, N, qpos, window, WINDOW)
+            seen = _seen(VALID, SPOS, b * sm_b + h * sm_h, b * sp_b + h * sp_h, n, N, qpos, window, WINDOW, NEW)
             x = tl.load(LOGITS + rows + n[None, :], mask=seen[None, :] & (g[:, None] < G), other=float("-inf"))
             total += tl.sum(tl.exp(x * lam - top[:, None]), axis=1)
     else:
         lam = 1.0
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(0, NA, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        seen = _seen(VALID, SPOS, b * sm_b + h * sm_h, b * sp_b + h * sp_h, n, N, qpos, window, WINDOW)
+        seen = _seen(VALID, SPOS, b * sm_b + h * sm_h, b * sp_b + h * sp_h, n, N, qpos, window, WINDOW, NEW)
         x = tl.load(LOGITS + rows + n[None, :], mask=seen[None, :] & (g[:, None] < G), other=float("-inf"))
         p = tl.exp(x * lam - top[:, None]) / total[:, None]
         p = tl.where(seen[None, :] & (g[:, None] < G), p, 0.0)
         mass = tl.sum(p, axis=0)
         if NORMS:
-            mass = mass * tl.load(VNORM + bh * N + n, mask=seen, other=0.0)
-        tl.store(MASS + bh * N + n, mass, mask=n < N)
+            mass = mass * tl.load(VNORM + bh * NA + n, mask=seen, other=0.0)
+        tl.store(MASS + bh * NA + n, mass, mask=n < NA)
 
 
 @triton.jit
-def _seen(VALID, SPOS, valid_at, pos_at, n, N, qpos, window, WINDOW: tl.constexpr):
+def _seen(VALID, SPOS, valid_at, pos_at, n, N, qpos, window, WINDOW: tl.constexpr, NEW: tl.constexpr):
+    """Which of the keys ``n`` the query sees: valid slots (inside its window), and at index ``N``
+    the token itself unless it is padding."""
     inside = n < N
     seen = (tl.load(VALID + valid_at + n, mask=inside, other=0) != 0) & inside
     if WINDOW:
         seen = seen & (qpos - tl.load(SPOS + pos_at + n, mask=inside, other=0) < window)
+    if NEW:
+        seen = seen | ((n == N) & (qpos + n * 0 >= 0))  # (a tensor comparison: the interpreter)
     return seen
 
 
@@ -179,6 +189,8 @@ def decode_triton(
     softcap: float,
     entropy_k: int = 0,
     value_weighted: bool = False,
+    k_new: Tensor | None = None,
+    v_new: Tensor | None = None,
     *,
     block_n: int | None = None,
     splits: int | None = None,
@@ -192,6 +204,7 @@ def decode_triton(
     fill outputs and scratch with NaN first (tests: every element read must have been written)."""
     B, H, _, D = q.shape
     Hkv, N = slot_k.shape[1], slot_k.shape[2]
+    NA = N + (k_new is not None)  # keys: the slots, then the token's own
     G = H // Hkv
     config = launch(D, q.element_size())
     block_n = block_n or config["BLOCK_N"]
@@ -201,33 +214,38 @@ def decode_triton(
         raise ValueError("decode_triton needs the head dimension contiguous")
     if splits is None:
         programs = 264 if q.is_cuda else 4  # ~2 per SM of an H100
-        splits = max(1, min(math.ceil(programs / (B * Hkv)), math.ceil(N / block_n)))
-    split_len = math.ceil(math.ceil(N / splits) / block_n) * block_n
-    splits = math.ceil(N / split_len)
+        splits = max(1, min(math.ceil(programs / (B * Hkv)), math.ceil(NA / block_n)))
+    split_len = math.ceil(math.ceil(NA / splits) / block_n) * block_n
+    splits = math.ceil(NA / split_len)
     G_PAD = max(16, triton.next_power_of_2(G))  # tl.dot: >= 16 rows
     new = functools.partial(torch.full, fill_value=torch.nan, device=q.device) if poison else torch.empty
     f32 = dict(dtype=torch.float32, device=q.device)
     m = new((B * Hkv * splits * G_PAD,), **f32)
     lsum = new((B * Hkv * splits * G_PAD,), **f32)
     acc = new((B * Hkv * splits * G_PAD * D,), **f32)
-    logits = new((B * Hkv * G * N,), **f32)
-    vnorm = new((B * Hkv * N if value_weighted else 1,), **f32)
+    logits = new((B * Hkv * G * NA,), **f32)
+    vnorm = new((B * Hkv * NA if value_weighted else 1,), **f32)
     out = new(tuple(q.shape), dtype=q.dtype, device=q.device)
-    mass = new((B, Hkv, N), **f32)
+    mass = new((B, Hkv, NA), **f32)
+    if k_new is None:  # never read
+        k_new = v_new = slot_k
+    elif k_new.stride(-1) != 1 or v_new.stride(-1) != 1:
+        raise ValueError("decode_triton needs the head dimension contiguous")
     valid = slot_valid.to(torch.int8)
     qpos = pos[:, 0].contiguous()
     spos = slot_pos
-    common = dict(G=G, G_PAD=G_PAD, D=D, BLOCK_N=block_n, WINDOW=window > 0, RAW=entropy_k > 0)
+    common = dict(G=G, G_PAD=G_PAD, D=D, BLOCK_N=block_n, WINDOW=window > 0, RAW=entropy_k > 0, NEW=NA > N)
     _partial[(B * Hkv, splits)](
-        q, slot_k, slot_v, valid, spos, qpos, m, lsum, acc, logits, vnorm,
-        scale, softcap, window, N, split_len, Hkv,
+        q, slot_k, slot_v, valid, spos, qpos, k_new, v_new, m, lsum, acc, logits, vnorm,
+        scale, softcap, window, N, NA, split_len, Hkv,
         q.stride(0), q.stride(1), *slot_k.stride()[:3], *slot_v.stride()[:3], *valid.stride()[:2], *spos.stride()[:2],
+        *k_new.stride()[:2], *v_new.stride()[:2],
         SOFTCAP=softcap > 0, NORMS=value_weighted, UPCAST=not q.is_cuda and q.dtype == torch.bfloat16, **common,
         num_warps=config["num_warps"],
     )  # fmt: skip
     _merge[(B * Hkv,)](
         m, lsum, acc, logits, vnorm, valid, spos, qpos, out, mass,
-        scale, window, max(entropy_k, 1), N, splits, Hkv,
+        scale, window, max(entropy_k, 1), N, NA, splits, Hkv,
         out.stride(0), out.stride(1), *valid.stride()[:2], *spos.stride()[:2],
         NORMS=value_weighted, **common, num_warps=config["merge_warps"],
     )  # fmt: skip

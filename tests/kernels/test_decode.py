@@ -1,5 +1,5 @@
-"""kvpass::decode (one token over the slots, its own key already in the arrival slot) against the
-dense per-query reference of ``attend``, which keeps the new token apart from the slots."""
+"""kvpass::decode (one token over the slots and its own key, given apart or as one more slot)
+against the dense per-query reference of ``attend``."""
 
 import pytest
 import torch
@@ -17,13 +17,24 @@ def with_arrival(case):
     return q, torch.cat([slot_k, k], dim=2), torch.cat([slot_v, v], dim=2), valid, slot_pos, pos
 
 
+def run(case, apart, *options):
+    """``decode`` on ``attend``'s one-token case: the token's key and value handed apart (as the
+    runtime does), or appended to the slots."""
+    if not apart:
+        return decode(*with_arrival(case), *options)
+    q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos = case
+    options = (*options, *(0, False)[len(options) - 3 :])
+    return decode(q, slot_k, slot_v, slot_valid, slot_pos, pos, *options, k, v)
+
+
 @pytest.mark.parametrize("G", [1, 3, 4])
 @pytest.mark.parametrize("window", [0, 30])
 @pytest.mark.parametrize("softcap", [0.0, 1.5])
-def test_matches_dense_reference(G, window, softcap):
+@pytest.mark.parametrize("apart", [True, False])
+def test_matches_dense_reference(G, window, softcap, apart):
     seed = torch.randint(0, 2**31, ()).item()
     case = random_case(seed, B=2, Hkv=2, G=G, C=9, T=1, D=8, dtype=torch.float32, window=window)
-    out, mass = decode(*with_arrival(case), 0.3, window, softcap)
+    out, mass = run(case, apart, 0.3, window, softcap)
     ref_out, ref_mass = dense_reference(*case, 0.3, window, softcap, 1)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
     torch.testing.assert_close(mass, ref_mass, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
@@ -31,10 +42,11 @@ def test_matches_dense_reference(G, window, softcap):
 
 @pytest.mark.parametrize("entropy_k", [0, 2])
 @pytest.mark.parametrize("value_weighted", [False, True])
-def test_mass_options(entropy_k, value_weighted):
+@pytest.mark.parametrize("apart", [True, False])
+def test_mass_options(entropy_k, value_weighted, apart):
     seed = torch.randint(0, 2**31, ()).item()
     case = random_case(seed, B=2, Hkv=3, G=2, C=20, T=1, D=8, dtype=torch.float32)
-    out, mass = decode(*with_arrival(case), 0.3, 0, 0.0, entropy_k, value_weighted)
+    out, mass = run(case, apart, 0.3, 0, 0.0, entropy_k, value_weighted)
     ref_out, ref_mass = dense_reference(*case, 0.3, 0, 0.0, 1, entropy_k, value_weighted)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
     torch.testing.assert_close(mass, ref_mass, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
@@ -44,7 +56,7 @@ def test_mass_options(entropy_k, value_weighted):
 def test_low_precision_inputs(dtype, tol):
     seed = torch.randint(0, 2**31, ()).item()
     case = random_case(seed, B=1, Hkv=2, G=2, C=6, T=1, D=8, dtype=dtype)
-    out, mass = decode(*with_arrival(case), 0.35, 0, 0.0)
+    out, mass = run(case, True, 0.35, 0, 0.0)
     ref_out, ref_mass = dense_reference(*case, 0.35, 0, 0.0, 1)
     assert out.dtype == dtype and mass.dtype == torch.float32
     torch.testing.assert_close(out.float(), ref_out.float(), rtol=tol, atol=tol, msg=f"seed {seed}")
@@ -54,15 +66,17 @@ def test_low_precision_inputs(dtype, tol):
 def test_only_the_arrival_and_a_single_valid_slot():
     case = list(random_case(torch.randint(0, 2**31, ()).item(), B=1, Hkv=1, G=2, C=4, T=1, D=4, dtype=torch.float32))
     case[5] = torch.zeros(1, 1, 4, dtype=torch.bool)  # nothing kept: the query sees only itself
-    out, mass = decode(*with_arrival(case), 0.5, 0, 0.0)
+    out, mass = run(case, True, 0.5, 0, 0.0)
     torch.testing.assert_close(out, case[2].expand(1, 2, 1, 4))
     assert mass[0, 0, :4].abs().sum() == 0 and mass[0, 0, 4] == pytest.approx(2.0)
     case[5] = torch.tensor([[[False, False, True, False]]])
-    got, ref = decode(*with_arrival(case), 0.5, 0, 0.0), dense_reference(*case, 0.5, 0, 0.0, 1)
+    got, ref = run(case, True, 0.5, 0, 0.0), dense_reference(*case, 0.5, 0, 0.0, 1)
     torch.testing.assert_close(got[0], ref[0])
     torch.testing.assert_close(got[1], ref[1])
 
 
 def test_opcheck():
-    case = with_arrival(random_case(5, B=1, Hkv=2, G=2, C=5, T=1, D=8, dtype=torch.float32))
-    torch.library.opcheck(torch.ops.kvpass.decode.default, (*case, 0.3, 3, 1.5))
+    case = random_case(5, B=1, Hkv=2, G=2, C=5, T=1, D=8, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.kvpass.decode.default, (*with_arrival(case), 0.3, 3, 1.5))
+    q, k, v, *slots, pos = case
+    torch.library.opcheck(torch.ops.kvpass.decode.default, (q, *slots, pos, 0.3, 3, 1.5, 2, True, k, v))

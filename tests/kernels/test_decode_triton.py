@@ -77,6 +77,27 @@ def test_mass_options_and_splits(entropy_k, value_weighted, splits):
     close(mass, ref_mass, 1e-5, 1e-4, seed)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("N", "splits"), [(47, 1), (48, 3), (100, 4)])
+@pytest.mark.parametrize(("entropy_k", "value_weighted", "window"), [(0, False, 0), (4, True, 30)])
+def test_own_key_apart(dtype, N, splits, entropy_k, value_weighted, window):
+    """The token's own key and value handed apart (index ``N``, also at a block's edge); a padding
+    token (position -1) does not see itself."""
+    seed = torch.randint(0, 2**31, ()).item()
+    case = ragged_case(seed, B=3, Hkv=2, G=3, N=N, D=16, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed + 1)
+    k_new, v_new = (torch.randn(3, 2, 1, 16, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
+    case[5] = case[5].clone()
+    case[5][1] = -1
+    args = (*case, 0.25, window, 0.0, entropy_k, value_weighted, k_new, v_new)
+    out, mass = decode_triton(*args, block_n=16, splits=splits, poison=True)
+    ref_out, ref_mass = decode_reference(*args)
+    assert mass.shape == (3, 2, N + 1) and mass[1, :, N].abs().sum() == 0
+    tol = TOL[dtype]
+    close(out.float(), ref_out.float(), tol, tol, seed)
+    close(mass, ref_mass, tol, 1e-4 if dtype == torch.float32 else tol, seed)
+
+
 def test_a_row_that_sees_nothing_gets_nan_like_the_reference():
     case = ragged_case(1, B=1, Hkv=1, G=2, N=32, D=16, dtype=torch.float32)
     case[3][:] = False
