@@ -105,8 +105,10 @@ def attend_reference(
 ):
     """The op's torch implementation, callable without the dispatcher's per-call cost (eager runtime)."""
     T = q.shape[2]
-    obs = min(obs, T)
     mask = visible(slot_valid, slot_pos, pos, window, chunk_keep, keep_window)
+    if isinstance(T, torch.SymInt):  # traced for any chunk length (an exported prefill): no branch on T
+        return _attend_any_length(q, k, v, slot_k, slot_v, mask, scale, softcap, obs, entropy_k, value_weighted)
+    obs = min(obs, T)
     if T == 1 or obs == T or softcap:
         probs = _probs(q, (slot_k, k), mask, scale, softcap)
         C = slot_k.shape[2]
@@ -122,6 +124,21 @@ def attend_reference(
         lam = mass_scale(m.sum(dim=-1), q.shape[-1], scale, entropy_k)[:, :, None, :, None] if entropy_k else scale
         probs = _probs(q[:, :, T - obs :], (slot_k, k), m, lam, 0.0 if entropy_k else softcap)
     mass = probs.sum(dim=(2, 3))
+    return out, mass * value_weights(torch.cat([slot_v, v], dim=2)) if value_weighted else mass
+
+
+def _attend_any_length(q, k, v, slot_k, slot_v, mask, scale, softcap, obs, entropy_k, value_weighted):
+    """``attend_reference`` without a Python branch on the chunk length: every query's probabilities,
+    the last ``obs`` queries' summed by a mask (a branch would hold for some lengths only)."""
+    B, H, T, D = q.shape
+    C = slot_k.shape[2]
+    probs = _probs(q, (slot_k, k), mask, scale, softcap)
+    pg = probs.flatten(2, 3)
+    out = (pg[..., :C] @ slot_v.float() + pg[..., C:] @ v.float()).view(B, H, T, D).to(q.dtype)
+    if entropy_k:
+        probs = _probs(q, (slot_k, k), mask, mass_scale(mask.sum(dim=-1), D, scale, entropy_k)[:, :, None, :, None])
+    observed = torch.arange(T, device=q.device) >= T - obs
+    mass = (probs * observed[:, None]).sum(dim=(2, 3))
     return out, mass * value_weights(torch.cat([slot_v, v], dim=2)) if value_weighted else mass
 
 

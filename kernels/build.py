@@ -26,7 +26,7 @@ FP32_SCRATCH = {"M", "L", "ACC", "LOGITS", "VNORM", "LSE", "MUL", "MASS"}
 INT8 = {"VALID", "KEEP"}
 INT64 = {"SPOS", "QPOS", "CPOS"}
 FLOATS = {"scale", "softcap"}
-SIZES = {"N", "C", "T", "R", "OBS"}  # upper-case names that are numbers, not pointers
+SIZES = {"N", "NA", "C", "T", "R", "OBS"}  # upper-case names that are numbers, not pointers
 
 
 @dataclass
@@ -118,8 +118,8 @@ def plan(quick: bool = False):
         decode, mass = dt.launch(D, itemsize[dtype]), mt.launch(D, itemsize[dtype])
         shapes = dict(G=G, G_PAD=max(16, 1 << (G - 1).bit_length()), D=D, BLOCK_N=decode["BLOCK_N"])
         options = dict(WINDOW=on, RAW=on, NORMS=on)
-        yield dt._partial, dtype, {**shapes, **options, "SOFTCAP": on, "UPCAST": False}, decode["num_warps"]
-        yield dt._merge, dtype, {**shapes, **options}, decode["merge_warps"]
+        yield dt._partial, dtype, {**shapes, **options, "NEW": on, "SOFTCAP": on, "UPCAST": False}, decode["num_warps"]
+        yield dt._merge, dtype, {**shapes, **options, "NEW": on}, decode["merge_warps"]
         shapes = dict(G=G, D=D, BLOCK_M=mass["BLOCK_M"], BLOCK_N=mass["BLOCK_N"], KEEPING=on, SOFTCAP=on, UPCAST=False)
         yield mt._rows, dtype, {**shapes, "RAW": on}, mass["num_warps"]
         for slots in (True, False):

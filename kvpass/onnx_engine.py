@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kvpass.cache import prefill_spans
 from kvpass.onnx_export import TABLE_DTYPES, layout_of
+from kvpass.step import prefill_spans
 
 
 class OnnxEngine:
@@ -56,8 +56,8 @@ class OnnxEngine:
     def new_cache(self, batch: int) -> list[np.ndarray]:
         """Empty tables for ``batch`` sequences, in the model's input order."""
         tables = []
-        for c in self.layout.capacity:
-            shape = (batch, self.layout.kv_heads, c)
+        for layers, c in zip(self.layout.groups, self.layout.capacity, strict=True):
+            shape = (len(layers), batch, self.layout.kv_heads, c)
             tables += [
                 np.zeros((*shape, self.layout.head_dim), self.dtype),
                 np.zeros((*shape, self.layout.head_dim), self.dtype),

@@ -1,6 +1,6 @@
 """``kvpass.export_onnx``: a transformed model as one ONNX model that plain onnxruntime runs.
 
-The model is the pure step of :mod:`kvpass.step` -- ``(input_ids, positions, *tables) ->
+The model is the step of :mod:`kvpass.step` (as :class:`~kvpass.step.PureStep`) -- ``(input_ids, positions, *tables) ->
 (logits, *new tables)`` -- with the evicting cache as budget-sized inputs and outputs, eviction
 included, in standard ONNX operators (``torch.export`` decomposes the step, ``torch.onnx``
 translates it; no custom operator). Policies score a decoded token and a prefill chunk
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kvpass.step import Layout, Step
+from kvpass.step import Layout, PureStep
 
 TABLE_DTYPES = {"pos": "int64", "score": "float32", "valid": "bool"}  # keys/values: the model's dtype
 
@@ -30,7 +30,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, capacity: int | None = No
     import onnx
 
     path = Path(path)
-    step = Step(model, capacity).eval()
+    step = PureStep(model, capacity)
     policy, chunk = step.policy, step.chunk
     param = next(model.parameters())
     graphs = {"decode": _to_onnx(step, 1, param, 1)}
@@ -41,7 +41,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, capacity: int | None = No
         "format": 1,
         "policy": policy.name,
         "chunk": chunk,
-        "layers": list(step.layout.layers),
+        "groups": [list(g) for g in step.layout.groups],
         "kv_heads": step.layout.kv_heads,
         "head_dim": step.layout.head_dim,
         "capacity": list(step.layout.capacity),
@@ -60,10 +60,10 @@ def export_onnx(model: nn.Module, path: str | Path, *, capacity: int | None = No
 
 def layout_of(meta: dict) -> Layout:
     """The table layout an exported model's ``kvpass`` metadata describes."""
-    return Layout(tuple(meta["layers"]), meta["kv_heads"], meta["head_dim"], tuple(meta["capacity"]))
+    return Layout(tuple(tuple(g) for g in meta["groups"]), tuple(meta["capacity"]), meta["kv_heads"], meta["head_dim"])
 
 
-def _to_onnx(step: Step, T: int, param: torch.Tensor, chunk: int):
+def _to_onnx(step: PureStep, T: int, param: torch.Tensor, chunk: int):
     """The step as an ONNX ModelProto, traced with ``T`` tokens: for exactly one token (``T = 1``),
     else for any length from 2 to ``chunk``."""
     B = 2
@@ -72,7 +72,7 @@ def _to_onnx(step: Step, T: int, param: torch.Tensor, chunk: int):
     pos = torch.arange(T, device=param.device).expand(B, T).contiguous()
     D = torch.export.Dim.DYNAMIC
     tokens = {0: D} if T == 1 else {0: D, 1: D}
-    dims = (tokens, tokens, tuple({0: D} for _ in tables))
+    dims = (tokens, tokens, tuple({1: D} for _ in tables))  # tables: [L, batch, ...]
     with torch.no_grad():
         program = torch.export.export(step, (ids, pos, *tables), dynamic_shapes=dims, strict=False)
     _check_guards(program, step.layout, chunk)
@@ -98,7 +98,7 @@ def _check_guards(program, layout: Layout, chunk: int) -> None:
             L = {
                 "input_ids": _Shape((batch, T)),
                 "positions": _Shape((batch, T)),
-                "tables": [_Shape((batch,)) for _ in range(n)],
+                "tables": [_Shape((1, batch)) for _ in range(n)],
             }
             for guard, code in compiled:
                 if not eval(code, {"L": L, "min": min, "max": max}):  # torch's own guard text

@@ -1,124 +1,374 @@
-"""A transformed model as one pure step: ``(input_ids, positions, *tables) -> (logits, *new tables)``.
+"""The one step: a transformed model's forward over explicit cache tables.
 
-This is what exported engines contain. The rewritten graph of :func:`kvpass.transform` is reused
-as it is; only its attention modules are swapped for ones that run :func:`kvpass.functional.step`
-on tables handed in by the step and hand their new tables back, so the whole cache is explicit
-input and output -- budget-sized, with the same shapes at every step.
+``Step(input_ids, positions, *tables, layout=...)`` runs the rewritten graph of
+:func:`kvpass.transform`; each attention site attends over its layer's tables and the new tokens,
+and the policy decides what stays. Attention, scoring, eviction and admission live here once:
+the eager runtime, ``torch.compile`` (the whole decode step, one graph) and the exported engines
+(:class:`PureStep`) all run this code, so they cannot disagree.
+
+Tables are stacked by *group*: the layers that share a capacity, sliding window and scale hold one
+tensor per field, ``[L, B, Hkv, C(, D)]`` (:class:`Layout`). A step writes its tables in place,
+at fixed shapes, so a compiled decode step reads the cache once and writes one slot per layer and
+KV head:
+
+- a prefill chunk (``T`` tokens, or any input with ``keep``): each layer attends over its ``C``
+  slots and the chunk causally, the policy scores the ``C + T`` candidates, and the best ``keep``
+  of them become the layer's slots;
+- a decoded token: each layer attends over its slots and the token's own key (the cache is only
+  read), and at the end of the step every group admits its layers' tokens at once: a token takes
+  the place of the lowest-ranked slot, unless it ranks lowest itself.
 """
 
 from __future__ import annotations
 
-import copy
-import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
-from kvpass import functional
 from kvpass.attention import KVAttention
-from kvpass.functional import Slots
+from kvpass.kernels.attend import attend_attention, attend_reference
+from kvpass.kernels.decode import decode_attention
+from kvpass.policies.base import Chunk, Policy
+
+
+class Slots(NamedTuple):
+    """Slot tables: keys and values (the model's dtype) ``[..., Hkv, C, D]``, true positions (int64,
+    -1 = empty), scores (fp32) and valid flags (bool) ``[..., Hkv, C]``. A group's tables lead with
+    ``[L, B]``, one layer's (a view) with ``[B]``."""
+
+    keys: Tensor
+    values: Tensor
+    pos: Tensor
+    score: Tensor
+    valid: Tensor
+
+    @classmethod
+    def empty(cls, lead: tuple[int, ...], capacity: int, head_dim: int, dtype=torch.float32, device=None) -> Slots:
+        shape = (*lead, capacity)
+        return cls(
+            keys=torch.zeros(*shape, head_dim, dtype=dtype, device=device),
+            values=torch.zeros(*shape, head_dim, dtype=dtype, device=device),
+            pos=torch.full(shape, -1, dtype=torch.long, device=device),
+            score=torch.zeros(shape, dtype=torch.float32, device=device),
+            valid=torch.zeros(shape, dtype=torch.bool, device=device),
+        )
+
+    def layer(self, i: int) -> Slots:
+        """Layer ``i`` of a group (views)."""
+        return Slots(*(t[i] for t in self))
+
+    @property
+    def capacity(self) -> int:
+        return self.pos.shape[-1]
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    @property
+    def meta_bytes(self) -> int:
+        return self.pos.nbytes + self.score.nbytes + self.valid.nbytes
 
 
 @dataclass(frozen=True)
 class Layout:
-    """The cache tables of an exported step: for each rewritten layer, ``Slots`` of
-    ``[batch, kv_heads, capacity(, head_dim)]``; ``capacity`` is smaller for sliding-window layers."""
+    """How a step's tables are laid out: ``groups`` of layers, each with one ``capacity`` (slots per
+    layer and KV head); five tables per group (:class:`Slots`), ``[len(group), batch, kv_heads,
+    capacity(, head_dim)]``, in group order."""
 
-    layers: tuple[int, ...]
+    groups: tuple[tuple[int, ...], ...]
+    capacity: tuple[int, ...]
     kv_heads: int
     head_dim: int
-    capacity: tuple[int, ...]
+    where: dict[int, tuple[int, int]] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        where = {layer: (g, i) for g, layers in enumerate(self.groups) for i, layer in enumerate(layers)}
+        object.__setattr__(self, "where", where)
+
+    def __hash__(self) -> int:
+        return hash((self.groups, self.capacity, self.kv_heads, self.head_dim))
+
+    @classmethod
+    def build(cls, capacity: dict[int, int], keys: dict[int, tuple], kv_heads: int, head_dim: int) -> Layout:
+        """Layers grouped by their capacity and ``keys`` (what else their admission shares)."""
+        groups: dict[tuple, list[int]] = {}
+        for layer in sorted(capacity):
+            groups.setdefault((capacity[layer], *keys[layer]), []).append(layer)
+        return cls(tuple(tuple(g) for g in groups.values()), tuple(k[0] for k in groups), kv_heads, head_dim)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted(self.where))
+
+    def layer_capacity(self, layer: int) -> int:
+        return self.capacity[self.where[layer][0]]
 
     def names(self, prefix: str = "") -> list[str]:
-        return [f"{prefix}{field}.{layer}" for layer in self.layers for field in Slots._fields]
+        return [f"{prefix}{name}.{g}" for g in range(len(self.groups)) for name in Slots._fields]
 
     def empty(self, batch: int, dtype=torch.float32, device=None) -> list[Tensor]:
         return [
             t
-            for c in self.capacity
-            for t in Slots.empty(batch, self.kv_heads, c, self.head_dim, dtype=dtype, device=device)
+            for layers, c in zip(self.groups, self.capacity, strict=True)
+            for t in Slots.empty((len(layers), batch, self.kv_heads), c, self.head_dim, dtype, device)
         ]
 
+    def split(self, tables) -> list[Slots]:
+        """The flat list of tables as one :class:`Slots` per group."""
+        n = len(Slots._fields)
+        if len(tables) != n * len(self.groups):
+            raise ValueError(f"this layout has {n * len(self.groups)} tables, got {len(tables)}")
+        return [Slots(*tables[g * n : (g + 1) * n]) for g in range(len(self.groups))]
 
-class _Exchange:
-    """Where a step hands each layer its tables and takes the new ones back (a plain object, not a
-    dict: export snapshots and restores module attributes that are containers of tensors)."""
+
+def prefill_spans(length: int, chunk: int) -> list[tuple[int, int]]:
+    """Where an input of ``length`` tokens is cut into prefill chunks of at most ``chunk``: from its
+    end, so the last chunk is a whole one and the first takes the remainder. Eviction follows every
+    chunk; cut this way, the end of a prompt (where the question usually is) scores the most
+    candidates before anything is lost, at the same peak memory."""
+    return [(max(0, end - chunk), end) for end in reversed(range(length, 0, -chunk))]
+
+
+# --- one layer ----------------------------------------------------------------------------------
+def prefill(
+    policy: Policy,
+    layer: int,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pos: Tensor,
+    slots: Slots,
+    scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
+    keep: int | None = None,
+) -> Tensor:
+    """Attend the chunk (``q [B, H, T, D]``, ``k, v [B, Hkv, T, D]``, ``pos [B, T]``, -1 = padding)
+    over the layer's ``slots`` and itself; the best ``keep`` (default: all ``C``) of the ``C + T``
+    candidates become its slots (written in place). Returns the attention output."""
+    B, Hkv, _, D = k.shape
+    C = slots.capacity
+    gate = chunk_keep = None
+    if policy.gated:  # keep probabilities first: a token flagged out is hidden from the chunk's later queries
+        args = (k, v, slots.keys, slots.values, slots.valid, slots.pos, pos, scale, window, 0.0, 1)
+        gate = policy.keep_prob(layer, q, k, v, lambda a: attend_reference(a, *args)[0])
+        chunk_keep = ~policy.drops(gate) | (pos < policy.sink_tokens)[:, None, :]
+    out, mass = attend_attention(
+        q, k, v, slots.keys, slots.values, slots.valid, slots.pos, pos, scale, window, softcap, policy.obs,
+        policy.mass_entropy_k, policy.mass_by_value, chunk_keep, policy.window,
+    )  # fmt: skip
+    score = policy.score(Chunk(old=slots.score, keys=k, values=v, pos=pos, mass=mass, slot_pos=slots.pos, gate=gate))
+    cand_pos, cand_valid, rank = rank_candidates(policy, score, slots.pos, slots.valid, pos, window)
+    best = rank.topk(C, dim=-1).indices  # [B, Hkv, C], best first
+    rows = best[..., None].expand(B, Hkv, C, D)
+    kept = cand_valid.gather(-1, best)
+    if keep is not None and keep < C:
+        kept = kept & (torch.arange(C, device=k.device) < keep)
+    new = (
+        torch.cat([slots.keys, k], dim=2).gather(2, rows),
+        torch.cat([slots.values, v], dim=2).gather(2, rows),
+        cand_pos.gather(-1, best),
+        score.gather(-1, best),
+        kept,
+    )
+    for table, value in zip(slots, new, strict=True):
+        table.copy_(value)
+    return out
+
+
+def decode(
+    policy: Policy, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, slots: Slots, scale: float, window=0, softcap=0.0
+) -> tuple[Tensor, Tensor]:
+    """A decoded token (``q [B, H, 1, D]``, ``k, v [B, Hkv, 1, D]``, ``pos [B, 1]``) attends over the
+    layer's slots and its own key; returns ``(out, mass [B, Hkv, C + 1])``. The slots are only read:
+    :func:`admit` writes the token later."""
+    return decode_attention(
+        q, slots.keys, slots.values, slots.valid, slots.pos, pos, scale, window, softcap, policy.mass_entropy_k,
+        policy.mass_by_value, k, v,
+    )  # fmt: skip
+
+
+def admit(
+    policy: Policy,
+    layers: int | tuple[int, ...],
+    group: Slots,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pos: Tensor,
+    mass: Tensor,
+    scale: float,
+    window: int = 0,
+) -> None:
+    """Admit the decoded tokens of ``layers`` into their tables, ``group`` (``[L, B, Hkv, C, ...]``,
+    written in place); ``q, k, v, pos, mass`` are those layers' rows one after the other (``L * B``).
+
+    Each token takes the place of its head's lowest-ranked slot (the first, on ties), unless it
+    ranks lowest itself or may not stay; slots that may not stay (dropped by the policy, or out of
+    the next query's window) leave. One batch for all the layers: a few operations per step, not
+    per layer, and a compiled step writes one slot per layer and KV head."""
+    L, B, Hkv, C = group.pos.shape
+    flat = Slots(*(t.flatten(0, 1) for t in group))  # [L * B, Hkv, C, ...]: views, only read
+    gate = None
+    if policy.gated:  # the gate queries attend over what the token saw: the slots and itself
+        args = (flat.keys, flat.values, flat.valid, flat.pos, pos, scale, window, 0.0, 0, False, k, v)
+        gate = policy.keep_prob(layers, q, k, v, lambda a: decode_attention(a, *args)[0])
+    score = policy.score(Chunk(old=flat.score, keys=k, values=v, pos=pos, mass=mass, slot_pos=flat.pos, gate=gate))
+    cand_pos, cand_valid, rank = rank_candidates(policy, score, flat.pos, flat.valid, pos, window)
+    dest = rank.argmin(dim=-1)  # [L * B, Hkv]; C: the token itself
+    put = (dest < C).view(L, B, Hkv)
+    at = (
+        torch.arange(L, device=k.device)[:, None, None],
+        torch.arange(B, device=k.device)[None, :, None],
+        torch.arange(Hkv, device=k.device)[None, None, :],
+        dest.clamp(max=C - 1).view(L, B, Hkv),
+    )  # index the stacked tables themselves: a compiled step updates them in place
+    group.valid.copy_(cand_valid[..., :C].view(L, B, Hkv, C))
+    group.score.copy_(score[..., :C].view(L, B, Hkv, C))
+    new = (
+        k.view(L, B, Hkv, -1),
+        v.view(L, B, Hkv, -1),
+        cand_pos[..., C].view(L, B, Hkv),
+        score[..., C].view(L, B, Hkv),
+        cand_valid[..., C].view(L, B, Hkv),
+    )
+    for table, value in zip(group, new, strict=True):
+        hit = put if value.dim() == 3 else put[..., None]
+        old = table[at]
+        table[at] = (hit & value) | (~hit & old) if value.dtype == torch.bool else torch.where(hit, value, old)
+        # (onnxruntime has no Where on booleans)
+
+
+def rank_candidates(
+    policy: Policy, score: Tensor, slot_pos: Tensor, slot_valid: Tensor, pos: Tensor, window: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A step's candidates -- the slots, then the new tokens (``pos [B, T]``) -- as ``[B, Hkv, C + T]``:
+    their positions, which of them may stay (valid, visible to the next query, not dropped by the
+    policy) and what they are ranked by (``score`` as the policy ranks it; protected +inf; those
+    that may not stay -inf)."""
+    B, Hkv, _ = slot_pos.shape
+    T = pos.shape[1]
+    cand_pos = torch.cat([slot_pos, pos[:, None, :].expand(B, Hkv, T)], dim=-1)
+    cand_valid = torch.cat([slot_valid, (pos >= 0)[:, None, :].expand(B, Hkv, T)], dim=-1)
+    newest = cand_pos.amax(dim=(1, 2))  # [B]
+    if window:  # the next query (newest + 1) sees positions > newest + 1 - window; the rest is dead
+        cand_valid = cand_valid & (cand_pos > newest[:, None, None] + 1 - window)
+    drop = policy.drops(score)
+    if drop is not None:  # in-context eviction: dropped at once, unless protected
+        cand_valid = cand_valid & ~(drop & ~policy.protected(cand_pos, newest))
+    rank = torch.where(policy.protected(cand_pos, newest), torch.inf, policy.rank(score, cand_pos, newest))
+    return cand_pos, cand_valid, torch.where(cand_valid, rank, -torch.inf)
+
+
+# --- the model ----------------------------------------------------------------------------------
+class Exchange:
+    """Where a step hands each attention site its layer's tables, and collects the decoded tokens
+    to admit (a plain object: dynamo traces its use; export snapshots module attributes that are
+    containers of tensors)."""
 
     def __init__(self) -> None:
-        self.slots: dict[int, Slots] = {}
+        self.groups: list[Slots] | None = None
+        self.layout: Layout | None = None
+        self.keep: dict[int, int] | None = None
+        self.decoding = False
+        self.pending: dict[int, tuple[Tensor, ...]] = {}
 
-
-class _SlotAttention(nn.Module):
-    """A rewritten site that takes its layer's tables from ``io`` and puts the new ones back."""
-
-    def __init__(self, site: KVAttention, policy, io: _Exchange) -> None:
-        super().__init__()
-        self.layer, self.scale, self.window, self.softcap = site.layer, site.scale, site.window, site.softcap
-        self.policy, self.io = policy, io
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
-        slots = self.io.slots.pop(self.layer)
-        out, self.io.slots[self.layer] = functional.step(
-            self.policy, self.layer, q, k, v, pos, slots, self.scale, self.window, self.softcap
-        )
-        return out
+    def attend(self, site, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+        """What the site of ``site.layer`` computes: its output; its tables updated (prefill) or its
+        token kept for admission (decode)."""
+        if self.groups is None:
+            raise RuntimeError("a kvpass attention ran outside a kvpass step (no cache tables are bound)")
+        layer = site.layer
+        g, i = self.layout.where[layer]
+        slots = self.groups[g].layer(i)
+        if self.decoding:
+            out, mass = decode(self.policy, q, k, v, pos, slots, site.scale, site.window, site.softcap)
+            self.pending[layer] = (q, k, v, pos, mass)
+            return out
+        keep = None if self.keep is None else self.keep[layer]
+        return prefill(self.policy, layer, q, k, v, pos, slots, site.scale, site.window, site.softcap, keep)
 
 
 class Step(nn.Module):
-    """``forward(input_ids [B, T], positions [B, T], *tables) -> (logits [B, 1, V], *new tables)``.
+    """``forward(input_ids [B, T], positions [B, T], *tables, layout, keep=None, rows=1) -> logits``.
 
-    ``positions``: true positions, -1 for padding. ``logits``: for the last column only (what
-    generation reads). ``tables``: ``layout.names()`` in order. ``capacity``: slots per layer and
-    KV head. The model's weights are shared, not copied.
+    ``positions``: true positions, -1 for padding. ``tables``: ``layout.names()`` in order, updated
+    in place. ``keep``: per layer, how many slots a prefill keeps (default all; given, also a
+    one-token input is a prefill chunk). ``rows``: logits for the last ``rows`` columns (0: all).
+    ``decode`` and ``prefill`` are the same step, as separate entry points for ``torch.compile``.
     """
+
+    def __init__(
+        self, graph: nn.Module, head: nn.Module | None, policy: Policy, io: Exchange, kv_heads: int, head_dim: int
+    ) -> None:
+        super().__init__()
+        self.body, self.head, self.policy, self.io = graph, head, policy, io
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        io.policy = policy
+        self.sites = {m.layer: m for m in graph.modules() if isinstance(m, KVAttention)}
+        if not self.sites:
+            raise ValueError("this graph has no rewritten attention")
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        *tables: Tensor,
+        layout: Layout,
+        keep: dict[int, int] | None = None,
+        rows: int = 1,
+    ) -> Tensor:
+        io = self.io
+        io.groups, io.layout, io.keep = layout.split(tables), layout, keep
+        io.decoding, io.pending = input_ids.shape[1] == 1 and keep is None, {}
+        try:
+            hidden = self.body(input_ids, positions)
+            if io.decoding:
+                for group, layers in zip(io.groups, layout.groups, strict=True):
+                    q, k, v, pos, mass = (torch.cat(t) for t in zip(*(io.pending[i] for i in layers), strict=True))
+                    site = self.sites[layers[0]]
+                    admit(self.policy, layers, group, q, k, v, pos, mass, site.scale, site.window)
+        finally:
+            io.groups = io.layout = io.keep = None
+            io.pending = {}
+        hidden = hidden[0] if isinstance(hidden, (tuple, list)) else hidden
+        hidden = hidden[:, -rows:] if rows else hidden
+        return hidden if self.head is None else self.head(hidden)
+
+    def decode(self, input_ids: Tensor, positions: Tensor, *tables: Tensor, layout: Layout) -> Tensor:
+        return self(input_ids, positions, *tables, layout=layout)
+
+    def prefill(self, input_ids, positions, *tables, layout: Layout, keep=None, rows: int = 1) -> Tensor:
+        return self(input_ids, positions, *tables, layout=layout, keep=keep, rows=rows)
+
+    def layout(self, capacity: dict[int, int]) -> Layout:
+        """The layout of tables with ``capacity`` slots per layer (capped by a layer's sliding window)."""
+        sites = self.sites
+        cap = {i: min(c, sites[i].window) if sites[i].window else c for i, c in capacity.items()}
+        return Layout.build(cap, {i: (s.window, s.scale) for i, s in sites.items()}, self.kv_heads, self.head_dim)
+
+
+class PureStep(nn.Module):
+    """What exported engines contain: ``forward(input_ids, positions, *tables) -> (logits [B, 1, V]
+    (fp32) of the last column, *new tables)``, the :class:`Step` of a transformed model at a fixed
+    ``capacity`` (slots per layer and KV head), evicting at every step. It copies the tables it is
+    given before the step writes them, so the exported graph is a function. Weights are shared."""
 
     def __init__(self, model: nn.Module, capacity: int | None = None) -> None:
         super().__init__()
         capacity = export_capacity(model, capacity)
         self.policy = model.kvpass_policy
         self.chunk: int = model.kvpass_options["chunk"]
-        self._io = _Exchange()
-        # A graph module of its own, holding exactly what the graph reads (each weight under one
-        # name: export refuses a parameter reachable under two), with the attention modules swapped.
-        source = model.kvpass_graph
-        graph = copy.deepcopy(source.graph)
-        owned, sites = {}, {}
-        for node in graph.nodes:
-            if node.op == "get_attr":
-                owned[node.target] = operator.attrgetter(node.target)(source)
-            elif node.op == "call_module":
-                module = source.get_submodule(node.target)
-                if isinstance(module, KVAttention):
-                    sites[module.layer] = module
-                    module = _SlotAttention(module, self.policy, self._io)
-                owned[node.target] = module
-        if not sites:
-            raise ValueError("this transformed model has no rewritten attention to export")
-        self.body, self.head = fx.GraphModule(owned, graph), model.kvpass_head
-        rewritten = [s for s in model.kvpass_sites if s.action == "rewrite"]
-        self.layout = Layout(
-            layers=tuple(sorted(sites)),
-            kv_heads=rewritten[0].kv_heads,
-            head_dim=rewritten[0].head_dim,
-            capacity=tuple(_capacity(self.policy.layer_slots(capacity, i), sites[i].window) for i in sorted(sites)),
-        )
+        self.step = model.kvpass_step
+        self.layout = self.step.layout({i: self.policy.layer_slots(capacity, i) for i in self.step.sites})
 
     def forward(self, input_ids: Tensor, positions: Tensor, *tables: Tensor) -> tuple[Tensor, ...]:
-        n = len(Slots._fields)
-        self._io.slots = {layer: Slots(*tables[i * n : (i + 1) * n]) for i, layer in enumerate(self.layout.layers)}
-        try:
-            hidden = self.body(input_ids, positions)
-            hidden = hidden[0] if isinstance(hidden, (tuple, list)) else hidden
-            last = hidden[:, -1:]
-            logits = last if self.head is None else self.head(last)
-            return (logits.float(), *(t for layer in self.layout.layers for t in self._io.slots[layer]))
-        finally:
-            self._io.slots = {}
-
-
-def _capacity(slots: int, window: int) -> int:
-    return min(slots, window) if window else slots
+        tables = [t.clone() for t in tables]
+        logits = self.step(input_ids, positions, *tables, layout=self.layout)
+        return (logits.float(), *tables)
 
 
 def export_capacity(model: nn.Module, capacity: int | None) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kvpass.step import Layout, Step
+from kvpass.step import Layout, PureStep
 
 
 def missing() -> list[str]:
@@ -36,8 +36,8 @@ def input_shapes(layout: Layout, T: tuple[int, int, int], batch: tuple[int, int,
     """``(min, opt, max)`` shapes of the step's inputs -- ``input_ids``, ``positions``, then the tables
     in ``layout.names()`` order -- for chunk lengths ``T`` and batch sizes ``batch`` (each min, opt, max)."""
     shapes = [tuple((b, t) for b, t in zip(batch, T, strict=True))] * 2
-    for c in layout.capacity:
-        table = tuple((b, layout.kv_heads, c) for b in batch)
+    for layers, c in zip(layout.groups, layout.capacity, strict=True):
+        table = tuple((len(layers), b, layout.kv_heads, c) for b in batch)
         shapes += [tuple((*s, layout.head_dim) for s in table)] * 2 + [table] * 3
     return shapes
 
@@ -49,7 +49,7 @@ def export_tensorrt(
     ``path/prefill.ep`` (load with ``torch.export.load``) and return their paths. ``capacity``:
     as in :func:`kvpass.export_onnx`. Raises ``RuntimeError`` naming what is missing on a machine
     without CUDA or TensorRT."""
-    step = Step(model, capacity).eval()  # bad arguments fail before the machine is checked
+    step = PureStep(model, capacity)  # bad arguments fail before the machine is checked
     lacks = missing()
     if lacks:
         raise RuntimeError("the TensorRT export needs " + " and ".join(lacks))
@@ -61,7 +61,7 @@ def export_tensorrt(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     dtypes = [torch.long, torch.long] + [
-        dtype for _ in step.layout.layers for dtype in (param.dtype, param.dtype, torch.long, torch.float32, torch.bool)
+        dtype for _ in step.layout.groups for dtype in (param.dtype, param.dtype, torch.long, torch.float32, torch.bool)
     ]
     batch = (1, 1, max_batch)
     written = []

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from kvpass import allocation, hf, policies
-from kvpass.attention import Binding, KVAttention
-from kvpass.cache import EvictingCache, prefill_spans
+from kvpass.attention import KVAttention
+from kvpass.cache import EvictingCache
 from kvpass.generate import generate
 from kvpass.passes import (
     PROBE_LEN,
@@ -27,6 +27,7 @@ from kvpass.passes import (
     rewrite,
     split_head,
 )
+from kvpass.step import Exchange, Step, prefill_spans
 
 
 def sites_of(model: nn.Module) -> tuple[torch.fx.GraphModule, list[Site]]:
@@ -104,8 +105,8 @@ def transform(
         raise ValueError(f"no attention site of {type(model).__name__} can be rewritten: {sites[0].reason}")
     pol.bind(model, sites)  # (a gate checkpoint may bring its allocation)
     pol.check_layers(len(sites))
-    binding = Binding()
-    rewrite(gm, sites, lambda site: KVAttention(site, binding))
+    io = Exchange()
+    rewrite(gm, sites, lambda site: KVAttention(site, io))
     check_token_local(gm, exempt={s.node for s in sites if s.action == "rewrite"})
     flatten_attrs(gm)
 
@@ -121,7 +122,9 @@ def transform(
     new.kvpass_sites = sites
     new.kvpass_options = {"chunk": chunk, "evict_during_decode": evict_during_decode}
     new.kvpass_cache = None
-    new._kvpass_binding = binding
+    first = next(s for s in sites if s.action == "rewrite")
+    object.__setattr__(new, "kvpass_step", Step(gm, new.kvpass_head, pol, io, first.kv_heads, first.head_dim))
+    new._kvpass_compiled = None
     return new
 
 
@@ -143,6 +146,19 @@ class KVPassMixin:
     def kvpass_new_cache(self, decode_reserve: int = 256) -> EvictingCache:
         """A fresh, empty cache for this model's policy and options."""
         return self.kvpass_cache_class(self.kvpass_policy, decode_reserve=decode_reserve, **self.kvpass_options)
+
+    def compile(self, *, backend: str = "kvpass", mode: str | None = None, options: dict | None = None) -> None:
+        """Compile this model's step, in place (:mod:`kvpass.compile`): ``fullgraph``, one decode
+        graph for a whole generation. ``mode``: Inductor's (``"reduce-overhead"``: decode steps
+        replay as CUDA graphs); ``options``: Inductor's config patches."""
+        if backend != "kvpass":
+            raise ValueError(
+                f"a kvpass model compiles its step with backend='kvpass', got {backend!r} "
+                "(Inductor does the work; any other backend would see no kvpass step)"
+            )
+        from kvpass.compile import compile_step
+
+        self._kvpass_compiled = compile_step(self.kvpass_step, mode, options)
 
     @torch.no_grad()
     def kvpass_forward(
@@ -166,26 +182,27 @@ class KVPassMixin:
 
     @torch.compiler.disable(recursive=False)
     def _kvpass_run(self, input_ids: Tensor, pos: Tensor, cache: EvictingCache, logits_to_keep: int) -> Tensor:
-        """The chunk loop. Under ``torch.compile`` this frame runs eagerly but the step graph and the
-        head it calls are compiled: the bookkeeping around them never becomes graph guards."""
+        """The chunk loop: the step (:class:`kvpass.step.Step`) on each prefill chunk, or on the
+        decoded token. Under ``torch.compile`` this frame runs eagerly and the steps it calls are
+        compiled, so the bookkeeping around them never becomes graph guards."""
         T = input_ids.shape[1]
-        self._kvpass_binding.cache = cache
-        cache.prefilling = cache.seen == 0
-        cache.deferred = True
+        keep = cache.keep() if cache.seen == 0 else None  # a prompt keeps the budget (+ no reserve)
+        step, compiled = self.kvpass_step, self._kvpass_compiled
         logits: list[Tensor] = []
-        try:
-            for start, end in prefill_spans(T, cache.chunk):
-                out = self.kvpass_graph(input_ids[:, start:end], pos[:, start:end])
-                cache.flush()
-                if not logits_to_keep or end > T - logits_to_keep:  # some rows of this chunk are wanted
-                    out = out if not logits_to_keep else out[:, max(0, T - logits_to_keep - start) :]
-                    logits.append(out if self.kvpass_head is None else self.kvpass_head(out))
-                cache.seen += end - start
-        finally:
-            cache.prefilling = cache.deferred = False
-            self._kvpass_binding.cache = None
+        for start, end in prefill_spans(T, cache.chunk):
+            cache.make_room(end - start, step)
+            rows = end - start if not logits_to_keep else min(end - start, max(0, end - (T - logits_to_keep)))
+            args = (input_ids[:, start:end], pos[:, start:end], *cache.tables)
+            if end - start == 1 and keep is None:
+                out = (compiled.decode if compiled else step.decode)(*args, layout=cache.layout)
+            else:
+                run = compiled.prefill if compiled else step.prefill
+                out = run(*args, layout=cache.layout, keep=keep, rows=max(rows, 1))
+            if rows:
+                logits.append(out if compiled is None or not compiled.graphs else out.clone())
+            cache.seen += end - start
         self.kvpass_cache = cache
-        return torch.cat(logits, dim=1)
+        return torch.cat(logits, dim=1) if len(logits) > 1 else logits[0]
 
     @torch.compiler.disable
     def _kvpass_begin(self, input_ids, attention_mask, position_ids, cache) -> tuple[EvictingCache, Tensor]:
@@ -200,7 +217,8 @@ class KVPassMixin:
         cache = cache if cache is not None else self.kvpass_new_cache()
         B, T = input_ids.shape
         if cache.seen == 0:
-            cache.begin(B, T, input_ids.device)
+            dtype = next(self.kvpass_graph.parameters(), torch.empty(0)).dtype
+            cache.begin(B, T, self.kvpass_step, dtype, input_ids.device)
         elif cache.lengths.shape[0] != B:
             raise ValueError(f"this cache holds {cache.lengths.shape[0]} sequences, got a batch of {B}")
         pos = _positions(attention_mask, position_ids, cache.lengths, T)

@@ -9,7 +9,7 @@ import torch
 
 import kvpass
 from kvpass import allocation, policies
-from kvpass.step import Step
+from kvpass.step import PureStep
 from tests.conftest import tiny_llama
 from tests.eval.stub import WordTokenizer
 from tests.test_export import greedy_with_step
@@ -70,21 +70,22 @@ def test_a_layer_given_the_whole_prompt_attends_as_the_model_does():
 def test_the_exported_step_has_the_allocated_tables_and_keeps_what_the_cache_keeps():
     model = tiny_llama(seed=8, layers=3)
     small = kvpass.transform(model, "aha", 12, chunk=16, recent=8, k=4, allocation=[1.5, 0.5, 1.0])
-    step = Step(small)
-    assert step.layout.capacity == (18, 6, 12)
+    step = PureStep(small)
+    assert [step.layout.layer_capacity(i) for i in range(3)] == [18, 6, 12]
     torch.manual_seed(12)
     ids = torch.randint(3, 97, (2, 40))
     ref = small.generate(ids, max_new_tokens=8, do_sample=False)
     got, tables = greedy_with_step(step, ids, 8)
     assert torch.equal(got, ref)
-    assert [int(tables[5 * i + 4].sum()) for i in range(3)] == [2 * 2 * 18, 2 * 2 * 6, 2 * 2 * 12]
+    held = [int(tables[5 * g + 4][i].sum()) for g, i in (step.layout.where[layer] for layer in range(3))]
+    assert held == [2 * 2 * 18, 2 * 2 * 6, 2 * 2 * 12]
 
 
 def test_an_onnx_engine_with_per_layer_tables_gives_the_torch_tokens(tmp_path):
     model = tiny_llama(seed=13)
     small = kvpass.transform(model, "tova", 16, chunk=16, allocation=[1.75, 0.25])
     engine = kvpass.OnnxEngine(kvpass.export_onnx(small, tmp_path / "alloc.onnx"))
-    assert engine.layout.capacity == (28, 4)
+    assert engine.layout.capacity == (28, 4) and engine.layout.groups == ((0,), (1,))
     torch.manual_seed(14)
     ids = torch.randint(3, 97, (2, 40))
     ref = small.generate(ids, max_new_tokens=8, do_sample=False)

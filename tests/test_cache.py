@@ -1,14 +1,18 @@
-"""The evicting cache's bookkeeping, checked against brute force on random inputs."""
+"""Eviction (:mod:`kvpass.step`) checked against brute force on random inputs, and the cache's state."""
 
 import itertools
 
 import pytest
 import torch
 
+import kvpass
 from kvpass import gates, policies
-from kvpass.cache import EvictingCache, prefill_spans
+from kvpass.cache import EvictingCache
 from kvpass.kernels import attend
 from kvpass.policies.base import Chunk
+from kvpass.step import prefill_spans
+from tests.conftest import tiny_llama
+from tests.layers import Layers, kept_positions
 
 
 def fresh_seed() -> int:
@@ -24,19 +28,17 @@ def feed(cache, g, B, Hkv, G, T, D, start, pad_rows=()):
     return q, k, v, pos
 
 
-def brute_force_keep(cache, s, q, k, v, pos, scale):
+def brute_force_keep(policy, s, q, k, v, pos, scale, target):
     """Per (row, KV head): the positions of the top-``target`` candidates by (protected, score)."""
-    s = s.kept()
-    p = cache.policy
+    p = policy
     options = (p.obs, p.mass_entropy_k, p.mass_by_value)
     _, mass = attend(q, k, v, s.keys, s.values, s.valid, s.pos, pos, scale, 0, 0.0, *options)
-    score = cache.policy.score(Chunk(s.score.clone(), k, v, pos, mass, s.pos.clone()))
+    score = p.score(Chunk(s.score.clone(), k, v, pos, mass, s.pos.clone()))
     B, Hkv, T = k.shape[:3]
     cand_pos = torch.cat([s.pos, pos[:, None].expand(B, Hkv, T)], -1)
     cand_ok = torch.cat([s.valid, (pos >= 0)[:, None].expand(B, Hkv, T)], -1)
     newest = int(cand_pos.max())
-    score = cache.policy.rank(score, cand_pos, torch.full((B,), newest))
-    target = cache.budget if cache.prefilling else s.capacity
+    score = p.rank(score, cand_pos, torch.full((B,), newest))
     keep = {}
     for b in range(B):
         for h in range(Hkv):
@@ -44,16 +46,11 @@ def brute_force_keep(cache, s, q, k, v, pos, scale):
             for j in range(cand_pos.shape[-1]):
                 if cand_ok[b, h, j]:
                     p = int(cand_pos[b, h, j])
-                    prot = p < cache.policy.sink_tokens or p > newest - cache.policy.window
+                    prot = p < policy.sink_tokens or p > newest - policy.window
                     entries.append((prot, float(score[b, h, j]), p))
             entries.sort(reverse=True)
             keep[b, h] = sorted(p for _, _, p in entries[:target])
     return keep, k, v
-
-
-def kept_positions(s):
-    B, Hkv = s.pos.shape[:2]
-    return {(b, h): sorted(s.pos[b, h][s.valid[b, h]].tolist()) for b in range(B) for h in range(Hkv)}
 
 
 @pytest.mark.parametrize("policy", ["h2o", "observed", "tova", "snapkv", "knorm", "aha"])
@@ -63,20 +60,16 @@ def test_selection_matches_brute_force(policy):
     B, Hkv, G, D, C = 2, 3, 2, 4, 6
     knobs = {"snapkv": {"window": 2}, "aha": {"window": 1, "recent": 3, "k": 2}}.get(policy, {"window": 1})
     pol = policies.get(policy, budget=C, **knobs)
-    cache = EvictingCache(pol, chunk=4)
-    cache.begin(B, 20, torch.device("cpu"))
+    layers = Layers(pol, B, Hkv, D, C)
     ptr = None
     history = {}  # (row, head, pos) -> key, to check that stored keys belong to their positions
     start = 0
     for T in (4, 4, 3, 1, 1, 2, 1, 1):
-        q, k, v, pos = feed(cache, g, B, Hkv, G, T, D, start, pad_rows=(1,) if start == 0 else ())
-        cache.prefilling = start < 11
-        s = cache.slots.get(0)
-        if s is not None:
-            want, _, _ = brute_force_keep(cache, s, q, k, v, pos, 0.5)
-        cache.step(0, q, k, v, pos, 0.5, 0)
-        s = cache.slots[0]
-        assert not s.valid[..., C].any(), "the arrival slot is empty between steps"
+        q, k, v, pos = feed(None, g, B, Hkv, G, T, D, start, pad_rows=(1,) if start == 0 else ())
+        prefilling = start < 11
+        want, _, _ = brute_force_keep(pol, layers.slots(), q, k, v, pos, 0.5, C)
+        layers(q, k, v, pos, 0.5, keep=C if prefilling else None)
+        s = layers.slots()
         for b in range(B):
             for h in range(Hkv):
                 for t in range(T):
@@ -91,7 +84,7 @@ def test_selection_matches_brute_force(policy):
                 if s.valid[b, h, j]:
                     torch.testing.assert_close(s.keys[b, h, j], history[b, h, int(s.pos[b, h, j])])
         start += T
-    assert s.capacity == C and s.keys.shape[2] == C + 1  # C slots and the arrival slot
+    assert s.capacity == C and s.keys.shape[2] == C  # exactly the budget
     kept = kept_positions(s)
     assert len({tuple(p) for p in kept.values()}) > 1, f"heads should keep different tokens (seed {seed})"
 
@@ -100,15 +93,12 @@ def test_decode_fast_path_equals_general_path():
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     B, Hkv, G, D, C = 2, 2, 2, 4, 5
-    caches = [EvictingCache(policies.get("h2o", budget=C, window=1)) for _ in range(2)]
-    for c in caches:
-        c.begin(B, 8, torch.device("cpu"))
+    caches = [Layers(policies.get("h2o", budget=C, window=1), B, Hkv, D, C) for _ in range(2)]
     steps = [feed(None, g, B, Hkv, G, 8 if i == 0 else 1, D, 0 if i == 0 else 7 + i) for i in range(12)]
     for i, (q, k, v, pos) in enumerate(steps):
-        for j, c in enumerate(caches):
-            c.prefilling = i == 0 or j == 1  # cache 1 always takes the general (top-k) path
-            c.step(0, q, k, v, pos, 0.5, 0)
-        a, b = caches[0].slots[0], caches[1].slots[0]
+        for j, c in enumerate(caches):  # cache 1 always takes the general (top-k) path
+            c(q, k, v, pos, 0.5, keep=C if i == 0 or j == 1 else None)
+        a, b = caches[0].slots(), caches[1].slots()
         assert kept_positions(a) == kept_positions(b), f"seed {seed}, step {i}"
 
 
@@ -127,79 +117,85 @@ def _policy(name, seed, **knobs):
 
 @pytest.mark.parametrize("policy", ["h2o", "tova", "streaming", "full", "gate"])
 def test_deferred_batched_admission_equals_layer_by_layer(policy):
-    """A forward admits decoded tokens at its end, all layers in one batch (``flush``): the same
-    outputs and slots as admitting each layer right after its step."""
+    """A step admits decoded tokens at its end, all layers of a group in one batch: the same
+    outputs and slots as admitting each layer right after its attention."""
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     B, Hkv, G, D, C, L = 2, 2, 3, 4, 5, 3
     knobs = {} if policy == "full" else {"budget": C, "window": 1 if policy != "streaming" else 0}
-    caches = [EvictingCache(_policy(policy, seed, **knobs)) for _ in range(2)]
-    for c in caches:
-        c.begin(B, 8, torch.device("cpu"))
+    pol = _policy(policy, seed, **knobs)
+    capacity = 8 + 10 if policy == "full" else C  # full: room for every token
+    caches = [Layers(pol, B, Hkv, D, capacity, layers=L) for _ in range(2)]
     for i in range(10):
         T = 8 if i == 0 else 1
         start = 0 if i == 0 else 7 + i
         steps = [feed(None, g, B, Hkv, G, T, D, start) for _ in range(L)]
         outs = []
         for j, c in enumerate(caches):
-            c.prefilling, c.deferred = i == 0, j == 0
-            outs.append([c.step(layer, q, k, v, pos, 0.5, 0) for layer, (q, k, v, pos) in enumerate(steps)])
-            c.flush()
-            c.seen += T
+            keep = capacity if i == 0 else None
+            outs.append(
+                [
+                    c(q, k, v, pos, 0.5, layer=layer, keep=keep, admit=j == 1)
+                    for layer, (q, k, v, pos) in enumerate(steps)
+                ]
+            )
+            if j == 0 and i:
+                c.admit(list(range(L)), 0.5)
         for layer in range(L):
             torch.testing.assert_close(outs[0][layer], outs[1][layer], rtol=0, atol=0)
-            a, b = caches[0].slots[layer], caches[1].slots[layer]
+            a, b = caches[0].slots(layer), caches[1].slots(layer)
             assert kept_positions(a) == kept_positions(b), f"seed {seed}, step {i}, layer {layer}"
             for f in ("keys", "values", "pos", "score", "valid"):
                 tol = 1e-6 if f == "score" and policy == "gate" else 0  # gate: batched vs per-layer products
                 torch.testing.assert_close(getattr(a, f), getattr(b, f), rtol=tol, atol=tol)
     if policy == "gate":  # beyond the window, only tokens the gate kept hold slots (scores: keep probabilities)
-        s = caches[0].slots[0].kept()
+        s = caches[0].slots(0)
         old = s.valid & (s.pos < int(s.pos.max()))  # window 1: the newest token may be flagged out
         assert s.valid.any() and bool((s.score[old] >= 0.5).all())
-    if policy != "full":  # the batched cache really stacked its layers' tables
-        views = [caches[0].slots[layer].keys for layer in range(L)]
-        assert len({v.untyped_storage().data_ptr() for v in views}) == 1
+
+
+def small_step():
+    return kvpass.transform(tiny_llama(), "tova", 8).kvpass_step
 
 
 def test_evicted_count_and_capacity():
     cache = EvictingCache(policies.get("streaming", budget=4, sink_tokens=1))
-    cache.begin(1, 10, torch.device("cpu"))
-    g = torch.Generator().manual_seed(fresh_seed())
-    q, k, v, pos = feed(cache, g, 1, 2, 1, 10, 4, 0)
-    cache.prefilling = True
-    cache.step(0, q, k, v, pos, 0.5, 0)
-    cache.lengths += 10
+    cache.begin(1, 10, small_step(), torch.float32, torch.device("cpu"))
+    assert [s.capacity for s in cache.slots.values()] == [4, 4]
     s = cache.slots[0]
-    assert cache.evicted(0) == 2 * 6 and int(s.valid.sum()) == 2 * 4
-    assert s.kv_bytes == 2 * (1 * 2 * (4 + 1) * 4 * 4)  # K and V, 2 KV heads, 4 slots + arrival, D 4, fp32
+    g = torch.Generator().manual_seed(fresh_seed())
+    layers = Layers(cache.policy, 1, 2, 16, 4)
+    layers.group = kvpass.step.Slots(*(t[:1] for t in cache.layout.split(cache.tables)[0]))
+    q, k, v, pos = feed(None, g, 1, 2, 1, 10, 16, 0)
+    layers(q, k, v, pos, 0.5, keep=4)
+    cache.lengths += 10
+    assert cache.evicted(0) == 2 * 6 and int(s.valid.sum()) == 2 * 4 and cache.evicted(1) == 2 * 10
+    assert s.kv_bytes == 2 * (1 * 2 * 4 * 16 * 4)  # K and V, 2 KV heads, 4 slots, D 16, fp32
 
 
 def test_prefill_only_eviction_keeps_room_for_decoding():
     cache = EvictingCache(policies.get("tova", budget=4), evict_during_decode=False, decode_reserve=3)
-    cache.begin(1, 10, torch.device("cpu"))
-    assert cache.capacity == 7
+    cache.begin(1, 10, small_step(), torch.float32, torch.device("cpu"))
+    assert cache.capacity == 7 and cache.keep() == {0: 4, 1: 4}
     g = torch.Generator().manual_seed(fresh_seed())
-    cache.prefilling = True
-    cache.step(0, *feed(cache, g, 1, 1, 1, 10, 4, 0)[:3], torch.arange(10)[None], 0.5, 0)
-    cache.prefilling = False
-    cache.lengths += 10
-    assert int(cache.slots[0].valid.sum()) == 4
+    layers = Layers(cache.policy, 1, 1, 4, 7)
+    layers(*feed(None, g, 1, 1, 1, 10, 4, 0)[:3], torch.arange(10)[None], 0.5, keep=4)
+    assert int(layers.slots().valid.sum()) == 4
     for i in range(3):  # the reserve takes the generated tokens without evicting
-        cache.step(0, *feed(cache, g, 1, 1, 1, 1, 4, 0)[:3], torch.tensor([[10 + i]]), 0.5, 0)
-        cache.lengths += 1
-    assert int(cache.slots[0].valid.sum()) == 7 and cache.evicted(0) == 6
-    cache.step(0, *feed(cache, g, 1, 1, 1, 1, 4, 0)[:3], torch.tensor([[13]]), 0.5, 0)
-    cache.lengths += 1
-    assert int(cache.slots[0].valid.sum()) == 7 and cache.evicted(0) == 7
+        layers(*feed(None, g, 1, 1, 1, 1, 4, 0)[:3], torch.tensor([[10 + i]]), 0.5)
+    assert int(layers.slots().valid.sum()) == 7
+    layers(*feed(None, g, 1, 1, 1, 1, 4, 0)[:3], torch.tensor([[13]]), 0.5)
+    assert int(layers.slots().valid.sum()) == 7
 
 
 def test_float_budget_is_a_fraction_of_the_prompt():
     cache = EvictingCache(policies.get("tova", budget=0.25))
-    cache.begin(2, 101, torch.device("cpu"))
-    assert cache.capacity == 26
+    cache.begin(2, 101, small_step(), torch.float32, torch.device("cpu"))
+    assert cache.capacity == 26 and cache.tables[0].shape == (2, 2, 2, 26, 16)
     with pytest.raises(ValueError, match="window"):
-        EvictingCache(policies.get("h2o", budget=0.1, window=8)).begin(1, 50, torch.device("cpu"))
+        EvictingCache(policies.get("h2o", budget=0.1, window=8)).begin(
+            1, 50, small_step(), torch.float32, torch.device("cpu")
+        )
 
 
 def test_bad_chunk():

@@ -9,6 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import kvpass
+from kvpass.step import Step
 from tests.test_transform import prompt
 
 
@@ -16,25 +17,33 @@ def graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def compiled_entries(fn) -> int:
+    """How many compiled graphs dynamo holds for the function ``fn`` (its code object)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return len(_debug_get_cache_entry_list(fn.__code__))
+
+
 @pytest.mark.hf
-def test_compiled_generation_matches_eager_and_stops_recompiling(llama):
+def test_one_decode_graph_for_whole_generations(llama):
+    """The whole decode step -- attention, scoring, eviction, admission, the head -- is one graph
+    (``fullgraph``: a graph break would raise), compiled once: over 256 and more new tokens and two
+    prompt lengths, the same tokens as eager, and no recompilation."""
     torch._dynamo.reset()
-    ids = prompt(int(torch.randint(0, 2**31, ())), B=2, T=50)
+    counters.clear()
+    seed = int(torch.randint(0, 2**31, ()))
     eager = kvpass.transform(llama, policy="tova", budget=24, chunk=16)
     compiled = kvpass.transform(llama, policy="tova", budget=24, chunk=16)
-    compiled.compile(backend="kvpass")
-    start = graphs()
-    torch.testing.assert_close(
-        compiled.generate(ids, max_new_tokens=20, do_sample=False),
-        eager.generate(ids, max_new_tokens=20, do_sample=False),
-    )
-    first = graphs() - start
-    assert 0 < first <= 6  # step and head graphs for the chunk lengths 16 and 2, and for decoding
-    compiled.generate(ids, max_new_tokens=60, do_sample=False)
-    assert graphs() - start == first  # three times as many decode steps: nothing recompiled
-    for T in (37, 41, 23, 29):  # new prompt lengths: recompiled once as a dynamic length, then reused
-        compiled.generate(ids[:, :T], max_new_tokens=5, do_sample=False)
-    assert graphs() - start <= first + 4
+    compiled.compile()
+    for T, new in ((50, 260), (37, 40)):
+        ids = prompt(seed + T, B=2, T=T)
+        want = eager.generate(ids, max_new_tokens=new, do_sample=False, min_new_tokens=new)
+        got = compiled.generate(ids, max_new_tokens=new, do_sample=False, min_new_tokens=new)
+        assert got.shape == (2, T + new)
+        assert torch.equal(got, want), f"seed {seed}, prompt {T}"
+        assert compiled_entries(Step.decode) == 1, "decoding recompiled"
+    assert compiled_entries(Step.prefill) <= 3  # chunk lengths 2 and 16, then any length
+    assert not counters["graph_break"]
 
 
 def test_torch_compile_of_the_module(llama):

@@ -10,10 +10,9 @@ import torch
 
 import kvpass
 from kvpass import gates
-from kvpass.cache import prefill_spans
 from kvpass.cli import main
 from kvpass.policies import H2O
-from kvpass.step import Step
+from kvpass.step import PureStep, Slots, prefill_spans
 from kvpass.tensorrt_export import input_shapes, missing
 from kvpass.transform import sites_of
 from tests.conftest import tiny_llama
@@ -40,7 +39,7 @@ def policy_cases(model):
     }
 
 
-def greedy_with_step(step: Step, ids: torch.Tensor, new: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def greedy_with_step(step: PureStep, ids: torch.Tensor, new: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Greedy tokens from the pure step (prefill in the runtime's chunks, then one token a step)."""
     B, T = ids.shape
     tables = step.layout.empty(B)
@@ -62,14 +61,16 @@ def test_the_pure_step_keeps_what_the_cache_keeps(name):
     torch.manual_seed(hash(name) % 1000)
     ids = torch.randint(3, 97, (2, 45))
     ref = small.generate(ids, max_new_tokens=10, do_sample=False)
-    got, tables = greedy_with_step(Step(small), ids, 10)
+    got, tables = greedy_with_step(PureStep(small), ids, 10)
     assert torch.equal(got, ref)
     if name == "knorm":  # a repeated token has the same key norm at layer 0: ties, broken by either path its way
         return
     cache = small.kvpass_cache  # the same tokens kept per layer and KV head
-    for i, layer in enumerate(Step(small).layout.layers):
-        kept = cache.slots[layer].kept()
-        pos, score, valid = tables[5 * i + 2], tables[5 * i + 3], tables[5 * i + 4]
+    layout = PureStep(small).layout
+    for layer in layout.layers:
+        kept = cache.slots[layer]
+        g, i = layout.where[layer]
+        _, _, pos, score, valid = Slots(*tables[5 * g : 5 * g + 5]).layer(i)
         for b in range(2):
             for h in range(pos.shape[1]):
                 want = kept.score[b, h][kept.valid[b, h]].sort()
@@ -82,7 +83,7 @@ def test_the_pure_step_keeps_what_the_cache_keeps(name):
 def test_a_full_capacity_step_reproduces_the_model():
     model = tiny_llama(seed=2)
     ids = torch.randint(3, 97, (1, 40))
-    step = Step(kvpass.transform(model, "full", chunk=CHUNK), capacity=64)
+    step = PureStep(kvpass.transform(model, "full", chunk=CHUNK), capacity=64)
     tables = step.layout.empty(1)
     for s in range(0, 40, CHUNK):
         logits, *tables = step(ids[:, s : s + CHUNK], torch.arange(s, min(s + CHUNK, 40))[None], *tables)
@@ -217,13 +218,14 @@ def test_tensorrt_export_says_what_is_missing(tmp_path):
 
 
 def test_tensorrt_input_shapes_follow_the_tables():
-    step = Step(kvpass.transform(tiny_llama(), "tova", 16, chunk=CHUNK))
+    step = PureStep(kvpass.transform(tiny_llama(), "tova", 16, chunk=CHUNK))
     shapes = input_shapes(step.layout, (2, 16, 16), (1, 1, 8))
     examples = step.layout.empty(3)
     assert len(shapes) == 2 + len(examples)
     assert shapes[0] == ((1, 2), (1, 16), (8, 16))
     for (lo, opt, hi), t in zip(shapes[2:], examples, strict=True):
-        assert lo[1:] == opt[1:] == hi[1:] == tuple(t.shape[1:]) and (lo[0], hi[0]) == (1, 8)
+        assert lo[0] == opt[0] == hi[0] == t.shape[0] and (lo[1], hi[1]) == (1, 8)  # [L, batch, ...]
+        assert lo[2:] == opt[2:] == hi[2:] == tuple(t.shape[2:])
 
 
 @pytest.mark.skipif(bool(missing()), reason="needs a CUDA GPU and torch-tensorrt: " + "; ".join(missing()))
@@ -233,7 +235,7 @@ def test_tensorrt_engine_gives_the_torch_tokens(tmp_path):
     steps = {n: torch.export.load(str(p)).module() for n, p in (("decode", decode), ("prefill", prefill))}
     ids = torch.randint(3, 97, (1, 40), device="cuda")
     ref = small.generate(ids, max_new_tokens=8, do_sample=False)
-    tables = Step(small).layout.empty(1, device="cuda")
+    tables = PureStep(small).layout.empty(1, device="cuda")
     for s, e in prefill_spans(40, CHUNK):  # 8, 16, 16 tokens: each a prefill graph input
         logits, *tables = steps["prefill"](ids[:, s:e], torch.arange(s, e, device="cuda")[None], *tables)
     out = [ids]

@@ -64,7 +64,7 @@ def test_small_budget_stays_bounded(llama):
     assert len(stats.layers) == 2
     for layer in stats.layers:
         assert layer.capacity == 24
-        assert layer.kv_bytes == 2 * (24 + 1) * per_slot  # batch 2; the slots and the arrival slot
+        assert layer.kv_bytes == 2 * 24 * per_slot  # batch 2: exactly the budget
         assert layer.held == 2 * 2 * 24
         assert layer.evicted == 2 * 2 * (339 - 24)
     assert stats.kv_bytes == 2 * 2 * (24 + 1) * per_slot

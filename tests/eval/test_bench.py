@@ -24,6 +24,6 @@ def test_table_reports_ratios_against_the_full_cache_of_the_same_length():
 def test_one_length_on_the_default_model():
     full, small = run_all([600], ["tova"], 128, 4)
     assert (full.policy, small.policy) == ("full", "tova")
-    # layers x KV heads x (slots + arrival slot) x head dim x (K, V) x fp32
-    assert small.kv_bytes == 30 * 3 * (128 + 1) * 64 * 2 * 4
+    # layers x KV heads x slots x head dim x (K, V) x fp32
+    assert small.kv_bytes == 30 * 3 * 128 * 64 * 2 * 4
     assert full.kv_bytes > 4 * small.kv_bytes and small.decode_tok_s > 0 and full.prefill_s > 0

@@ -116,7 +116,7 @@ def test_inference_matches_the_training_forward(llama, window):
     assert 0.2 < float(kept.mean()) < 0.8  # the test exercises eviction, not a trivial gate
     out = small(ids)
     torch.testing.assert_close(out.logits, expected, atol=2e-4, rtol=2e-4)
-    valid = small.kvpass_cache.slots[0].kept().valid
+    valid = small.kvpass_cache.slots[0].valid
     if not window:
         assert abs(float(valid.float().mean()) - float(rates[0])) < 1e-6  # layer 0 holds what its gate kept
 
@@ -132,7 +132,7 @@ def test_dropped_decode_tokens_never_take_a_slot(llama):
     out = small.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert out.shape[1] == 16
     for s in small.kvpass_cache.slots.values():
-        assert int(s.valid[0, 0].sum()) == 0 and int(s.valid[0, 1].sum()) == 15  # the last token is not cached yet
+        assert int(s.valid[0, 0].sum()) == 0 and int(s.valid[0, 1].sum()) == 15  # the last token is not fed yet
 
 
 def test_a_training_step_lowers_the_loss_and_resume_continues(tmp_path):

@@ -1,6 +1,6 @@
 """Which slots survive, for each policy, on small cases worked out by hand.
 
-The cache is driven directly with one layer, one batch row and one KV head (head dim 1), so
+The step's layer functions are driven directly with one layer, one batch row and one KV head (head dim 1), so
 attention is controlled by the key values: with query 1 and scale 1, a key of +8 draws nearly
 all attention, keys of 0 share what is left.
 """
@@ -11,27 +11,25 @@ import pytest
 import torch
 
 from kvpass import policies
-from kvpass.cache import EvictingCache
 from kvpass.policies.base import Chunk
 from kvpass.policies.snapkv import pool_by_position
+from tests.layers import Layers
 
 
 def run(policy, keys, *, chunk, prompt=None, queries=None, values=None):
     """Feed ``keys`` (one float per token) in pieces of ``chunk``; return the kept positions, sorted."""
     n = len(keys)
-    cache = EvictingCache(policy, chunk=chunk)
-    cache.begin(1, prompt or n, torch.device("cpu"))
+    layers = Layers(policy, 1, 1, 1, policy.capacity(prompt or n))
     k_all = torch.tensor(keys, dtype=torch.float32).view(1, 1, n, 1)
     q_all = torch.ones(1, 1, n, 1) if queries is None else torch.tensor(queries, dtype=torch.float32).view(1, 1, n, 1)
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
-        cache.prefilling = end <= (prompt or n)
+        keep = layers.slots().capacity if end <= (prompt or n) else None  # the prompt: a prefill
         pos = torch.arange(start, end)[None]
         v = torch.randn(1, 1, end - start, 1) if values is None else torch.tensor(values[start:end]).view(1, 1, -1, 1)
-        cache.step(0, q_all[:, :, start:end], k_all[:, :, start:end], v, pos, 1.0, 0)
-        cache.seen, cache.lengths = end, cache.lengths + (pos >= 0).sum(dim=1)
-    s = cache.slots[0]
-    return sorted(s.pos[0, 0][s.valid[0, 0]].tolist()), cache
+        layers(q_all[:, :, start:end], k_all[:, :, start:end], v, pos, 1.0, keep=keep)
+    s = layers.slots()
+    return sorted(s.pos[0, 0][s.valid[0, 0]].tolist()), layers
 
 
 def test_streaming_keeps_sinks_and_most_recent():
@@ -85,13 +83,17 @@ def test_aha_adaptive_scale():
     # in the cache: 8 keys seen, k = 1, d = 1 -> scale sqrt(2 ln 8) = 2.04 instead of 1, a sharper
     # scoring softmax: the most attended key gains mass from the newest query, the others lose
     keys = [0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-    low = run(policies.get("aha", budget=8, recent=1, k=0, value_norms=False), keys, chunk=8)[1].slots[0].score
-    high = run(policies.get("aha", budget=8, recent=1, k=1, value_norms=False), keys, chunk=8)[1].slots[0].score
+
+    def scores(k):  # by position (slot order means nothing)
+        s = run(policies.get("aha", budget=8, recent=1, k=k, value_norms=False), keys, chunk=8)[1].slots()
+        return s.score[0, 0][s.pos[0, 0].argsort()]
+
+    low, high = scores(0), scores(1)
     e = math.exp
-    torch.testing.assert_close(low[0, 0, 1].item(), e(0.5) / (7 + e(0.5)), rtol=1e-5, atol=0)
+    torch.testing.assert_close(low[1].item(), e(0.5) / (7 + e(0.5)), rtol=1e-5, atol=0)
     lam = math.sqrt(2 * math.log(8))
-    torch.testing.assert_close(high[0, 0, 1].item(), e(0.5 * lam) / (7 + e(0.5 * lam)), rtol=1e-5, atol=0)
-    assert high[0, 0, 0] < low[0, 0, 0]
+    torch.testing.assert_close(high[1].item(), e(0.5 * lam) / (7 + e(0.5 * lam)), rtol=1e-5, atol=0)
+    assert high[0] < low[0]
 
 
 def test_aha_knobs_are_checked():
@@ -143,9 +145,16 @@ def test_random_is_seeded_and_bounded():
 
 
 def test_full_never_evicts_and_grows():
-    kept, cache = run(policies.get("full"), [0.0] * 11, chunk=3, prompt=5)
-    assert kept == list(range(11))
-    assert cache.evicted(0) == 0 and cache.slots[0].capacity >= 11
+    import kvpass
+    from tests.conftest import tiny_llama
+
+    model = kvpass.transform(tiny_llama(), "full", chunk=3)
+    model.generate(torch.randint(3, 97, (2, 5)), max_new_tokens=7, do_sample=False)
+    cache = model.kvpass_cache
+    assert cache.seen == 11 and cache.capacity >= 11
+    for layer, s in cache.slots.items():
+        assert cache.evicted(layer) == 0 and s.capacity == cache.capacity
+        assert sorted(s.pos[0, 0][s.valid[0, 0]].tolist()) == list(range(11))
 
 
 def test_sink_tokens_are_protected_in_every_policy():
@@ -227,14 +236,11 @@ def test_knobs_written_in_the_name():
 
 def test_tova_heads_keep_the_same_tokens_in_the_same_slots():
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
-    cache = EvictingCache(policies.get("tova", budget=6), chunk=4)
-    cache.begin(2, 20, torch.device("cpu"))
+    layers = Layers(policies.get("tova", budget=6), 2, 2, 8, 6)
     for start in range(0, 24, 4):
-        cache.prefilling = start < 20
         T = 4 if start < 20 else 1
         q, k, v = (torch.randn(2, h, T, 8, generator=g) for h in (6, 2, 2))
-        cache.step(0, q, k, v, torch.arange(start, start + T).expand(2, T), 0.35, 0)
-        cache.seen = start + T
-    s = cache.slots[0]
+        layers(q, k, v, torch.arange(start, start + T).expand(2, T), 0.35, keep=6 if start < 20 else None)
+    s = layers.slots()
     assert s.valid.sum() == 2 * 2 * 6
     assert torch.equal(s.pos[:, 0], s.pos[:, 1]) and torch.equal(s.valid[:, 0], s.valid[:, 1])

@@ -1,0 +1,48 @@
+"""Driving :mod:`kvpass.step`'s layer functions directly, as a model's step does, for tests that
+work out which slots survive (brute force, or by hand)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kvpass import step
+from kvpass.step import Slots
+
+
+class Layers:
+    """Slot tables for ``layers`` layers of one group, ``[L, B, Hkv, C, ...]``, fed chunks or
+    decoded tokens."""
+
+    def __init__(self, policy, batch: int, kv_heads: int, head_dim: int, capacity: int, layers: int = 1) -> None:
+        self.policy = policy
+        self.group = Slots.empty((layers, batch, kv_heads), capacity, head_dim)
+
+    def slots(self, layer: int = 0) -> Slots:
+        return self.group.layer(layer)
+
+    def __call__(self, q, k, v, pos, scale, window=0, *, layer=0, keep=None, admit=True) -> Tensor:
+        """One layer's step: a prefill chunk when ``T > 1`` or ``keep`` is given (it keeps ``keep``
+        slots, default all), else a decoded token, admitted at once unless ``admit=False`` (then
+        :meth:`admit` takes it later, with others). Returns the attention output."""
+        if k.shape[2] > 1 or keep is not None:
+            return step.prefill(self.policy, layer, q, k, v, pos, self.slots(layer), scale, window, keep=keep)
+        out, mass = step.decode(self.policy, q, k, v, pos, self.slots(layer), scale, window)
+        self.pending = {**getattr(self, "pending", {}), layer: (q, k, v, pos, mass)}
+        if admit:
+            self.admit([layer], scale, window)
+        return out
+
+    def admit(self, layers, scale, window=0) -> None:
+        """Admit the pending tokens of ``layers`` (consecutive) in one batch, as a step does."""
+        lo, hi = layers[0], layers[-1] + 1
+        q, k, v, pos, mass = (torch.cat(t) for t in zip(*(self.pending.pop(i) for i in layers), strict=True))
+        group = Slots(*(t[lo:hi] for t in self.group))
+        step.admit(
+            self.policy, tuple(layers) if len(layers) > 1 else layers[0], group, q, k, v, pos, mass, scale, window
+        )
+
+
+def kept_positions(s: Slots) -> dict[tuple[int, int], list[int]]:
+    B, Hkv = s.pos.shape[:2]
+    return {(b, h): sorted(s.pos[b, h][s.valid[b, h]].tolist()) for b in range(B) for h in range(Hkv)}
