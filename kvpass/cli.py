@@ -157,12 +157,15 @@ def bench(args: argparse.Namespace) -> None:
         kvpass.policies.get(p, budget=args.budget if args.budget <= 1 else int(args.budget))
     name = label(args.model)
     cases = run_all(
-        args.lengths, args.policies, args.budget, args.new_tokens, args.chunk, args.peer, args.compile, args.model
-    )
+        args.lengths, args.policies, args.budget, args.new_tokens, args.chunk, args.peer, args.compile, args.model,
+        tuple(args.batch), args.static,
+    )  # fmt: skip
     device = "CUDA" if torch.cuda.is_available() else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     md = (
         f"{name} fp32, budget {args.budget:g}, chunk {args.chunk}, {args.new_tokens} greedy decode "
-        f"steps; {device}, torch {torch.__version__}\n\n" + table(cases)
+        f"steps; {device}, torch {torch.__version__}. decode tok/s: tokens of all rows; ratios per "
+        "sequence against the original at the same length and batch; step / floor: a decode step's time "
+        "over its weight-reading floor\n\n" + table(cases)
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -302,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--out", default="bench-results")
     b.add_argument("--peer", choices=["kvpress"], help="also run kvpress's presses (needs a fractional --budget)")
     b.add_argument("--compile", action="store_true", help="also each policy compiled with the kvpass backend")
+    b.add_argument("--static", action="store_true", help="also the original with a static cache and torch.compile")
+    b.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes")
     b.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model directory")
     b.set_defaults(run=bench)
     t = sub.add_parser("train-gates", help=train_gates.__doc__)

@@ -39,16 +39,20 @@ def greedy(
     eos: int | None = None,
     desc: str | None = None,
     press=None,
+    cache=None,
 ) -> Run:
     """Prefill ``input_ids``, then decode greedily one token at a time (stopping at ``eos``).
 
-    ``press``: a kvpress press applied during the prefill (see :mod:`kvpass.peers`).
+    ``press``: a kvpress press applied during the prefill (see :mod:`kvpass.peers`). ``cache``: the
+    cache to start from (e.g. a transformers ``StaticCache``, reset first); default a fresh one.
     """
     from kvpass import peers
 
     t0 = time.perf_counter()
     with peers.applied(press, model) if press is not None else contextlib.nullcontext():
-        logits, cache = hf.call(model, input_ids, logits_to_keep=1)
+        if cache is not None:
+            cache.reset()
+        logits, cache = hf.call(model, input_ids, cache, logits_to_keep=1)
     nxt = logits[:, -1:].argmax(-1)
     prefill = time.perf_counter() - t0
     tokens = [nxt]

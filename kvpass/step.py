@@ -163,10 +163,10 @@ def prefill(
     score = policy.score(Chunk(old=slots.score, keys=k, values=v, pos=pos, mass=mass, slot_pos=slots.pos, gate=gate))
     cand_pos, cand_valid, rank = rank_candidates(policy, score, slots.pos, slots.valid, pos, window)
     best = rank.topk(C, dim=-1).indices  # [B, Hkv, C], best first
-    rows = best[..., None].expand(B, Hkv, C, D)
     kept = cand_valid.gather(-1, best)
     if keep is not None and keep < C:
         kept = kept & (torch.arange(C, device=k.device) < keep)
+    rows = best[..., None].expand(B, Hkv, C, D)
     new = (
         torch.cat([slots.keys, k], dim=2).gather(2, rows),
         torch.cat([slots.values, v], dim=2).gather(2, rows),
