@@ -37,13 +37,10 @@ def random_model(layers: int, device: str, dtype: torch.dtype):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02, generator=gen)
-        for m in model.modules():  # norms at one, rotary tables as transformers computes them
+        for m in model.modules():  # norms at one
             if hasattr(m, "variance_epsilon"):
                 m.weight.fill_(1.0)
-            if hasattr(m, "inv_freq"):
-                inv, _ = m.rope_init_fn(m.config, device)
-                m.inv_freq.copy_(inv)
-                m.original_inv_freq = inv
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)  # its tables, not random
     return model.eval()
 
 

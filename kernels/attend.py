@@ -149,7 +149,12 @@ def attend_attention(
     """``kvpass::attend`` without the dispatcher. Where :func:`backend.use_triton` says so (CUDA, by
     default) and there is no soft-capping (which SDPA lacks): the output from fused SDPA and the mass
     from the Triton chunk-scoring kernel, so no probability matrix is built. Else the reference."""
-    if backend.use_triton(q) and not softcap:
+    if backend.use_triton(q) and not softcap and not torch.compiler.is_exporting():  # an engine: torch ops
+        if torch.compiler.is_compiling():  # a compiled step sees the op, opaque
+            return attend(
+                q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k,
+                value_weighted, chunk_keep, keep_window,
+            )  # fmt: skip
         from .mass_triton import chunk_mass_triton
 
         mask = visible(slot_valid, slot_pos, pos, window, chunk_keep, keep_window)

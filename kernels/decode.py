@@ -58,7 +58,7 @@ def decode_attention(
     step, as the opaque op), else the torch reference, which Inductor compiles with the rest of the
     step. Returns ``(out, mass)``. ``backend.BACKEND`` overrides the choice."""
     args = (q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, entropy_k, value_weighted)
-    if backend.use_triton(q):
+    if backend.use_triton(q) and not torch.compiler.is_exporting():  # an exported engine: torch ops only
         if torch.compiler.is_compiling():
             return decode(*args, k_new, v_new)
         from .decode_triton import decode_triton

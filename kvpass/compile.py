@@ -80,7 +80,9 @@ def compile_step(step, mode: str | None = None, options: dict | None = None) -> 
     without CUDA graphs and with a dynamic length."""
     from torch._inductor import list_mode_options
 
-    decode_options = {**(list_mode_options(mode) if mode else {}), **(options or {})}
+    # Without Inductor's locality reordering, the last layers' reads of the tables stay before the
+    # admission that writes them, so the write is done in place (with it, a table is copied per step)
+    decode_options = {"reorder_for_locality": False, **(list_mode_options(mode) if mode else {}), **(options or {})}
     prefill_options = {k: v for k, v in decode_options.items() if k != "triton.cudagraphs"}
     return CompiledStep(
         decode_fn=torch.compile(

@@ -270,6 +270,7 @@ class Exchange:
     containers of tensors)."""
 
     def __init__(self) -> None:
+        self.policy: Policy | None = None  # set by the Step
         self.groups: list[Slots] | None = None
         self.layout: Layout | None = None
         self.keep: dict[int, int] | None = None
