@@ -76,3 +76,9 @@ def test_backend_is_an_entry_point():
         "assert fn.__module__ == 'kvpass.compile', fn\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_kvpass_model_compiles_only_with_its_backend(llama):
+    small = kvpass.transform(llama, policy="tova", budget=16)
+    with pytest.raises(ValueError, match="backend='kvpass'"):
+        small.compile(backend="inductor")
