@@ -19,9 +19,13 @@ from kvpass.transform import transform
 
 def find_attention(model):
     """The attention sites kvpass finds in ``model``: layer, heads, KV heads, head dim, scale,
-    causal, sliding window, and whether it will be rewritten."""
+    causal, sliding window, and whether it will be rewritten (of its text model, for a multimodal
+    transformers model, as :func:`transform` does)."""
+    from kvpass import hf
     from kvpass.transform import sites_of
 
+    if hf.is_hf_model(type(model)):
+        model = hf.text_model(model) or model
     return sites_of(model)[1]
 
 

@@ -61,6 +61,48 @@ def is_hf_model(cls: type) -> bool:
     return issubclass(cls, PreTrainedModel) and issubclass(cls, GenerationMixin)
 
 
+def text_model(model: nn.Module) -> nn.Module | None:
+    """The text causal LM of a multimodal model (``Gemma3ForConditionalGeneration`` -> a
+    ``Gemma3ForCausalLM`` over the same decoder and LM head, weights shared), or None where
+    ``model`` is a text model or its text model cannot be rebuilt that way."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text is config or type(text) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return None
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    with torch.device("meta"):
+        lm = MODEL_FOR_CAUSAL_LM_MAPPING[type(text)](text)
+    if (
+        type(getattr(lm, "model", None)) is not type(decoder)
+        or head is None
+        or set(dict(lm.named_children()))
+        != {
+            "model",
+            "lm_head",
+        }
+    ):
+        return None
+    lm.model, lm.lm_head = decoder, head
+    lm.generation_config = copy.deepcopy(model.generation_config)
+    if any(t.is_meta for t in (*lm.parameters(), *lm.buffers())):
+        return None
+    return lm.eval() if not model.training else lm
+
+
+def row_wise_modules(model: nn.Module) -> set[str]:
+    """Paths of the modules of ``model`` that transformers makes row-wise by contract: the experts
+    of a mixture of experts built with ``use_experts_implementation`` (every implementation it
+    dispatches to computes output row ``t`` from row ``t`` of the hidden states, expert indices and
+    routing weights). Tested by the sweep's MoE architectures at full budget."""
+    return {
+        path
+        for path, m in model.named_modules()
+        if getattr(type(m).forward, "__globals__", {}).get("__name__") == "transformers.integrations.moe"
+    }
+
+
 class HFEvictingCache(EvictingCache, Cache):
     """The evicting cache as ``generate()`` sees it: a :class:`transformers.Cache` whose
     ``get_seq_length()`` is the number of tokens *seen*, so ``generate()`` feeds only new tokens.

@@ -56,11 +56,12 @@ class OnnxEngine:
     def new_cache(self, batch: int) -> list[np.ndarray]:
         """Empty tables for ``batch`` sequences, in the model's input order."""
         tables = []
-        for layers, c in zip(self.layout.groups, self.layout.capacity, strict=True):
-            shape = (len(layers), batch, self.layout.kv_heads, c)
+        lo = self.layout
+        for layers, c, h, d in zip(lo.groups, lo.capacity, lo.kv_heads, lo.head_dim, strict=True):
+            shape = (len(layers), batch, h, c)
             tables += [
-                np.zeros((*shape, self.layout.head_dim), self.dtype),
-                np.zeros((*shape, self.layout.head_dim), self.dtype),
+                np.zeros((*shape, d), self.dtype),
+                np.zeros((*shape, d), self.dtype),
                 np.full(shape, -1, TABLE_DTYPES["pos"]),
                 np.zeros(shape, TABLE_DTYPES["score"]),
                 np.zeros(shape, TABLE_DTYPES["valid"]),

@@ -42,8 +42,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, capacity: int | None = No
         "policy": policy.name,
         "chunk": chunk,
         "groups": [list(g) for g in step.layout.groups],
-        "kv_heads": step.layout.kv_heads,
-        "head_dim": step.layout.head_dim,
+        "kv_heads": list(step.layout.kv_heads),
+        "head_dim": list(step.layout.head_dim),
         "capacity": list(step.layout.capacity),
         "dtype": str(param.dtype).removeprefix("torch."),
         "evicts": policy.evicts,
@@ -60,7 +60,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, capacity: int | None = No
 
 def layout_of(meta: dict) -> Layout:
     """The table layout an exported model's ``kvpass`` metadata describes."""
-    return Layout(tuple(tuple(g) for g in meta["groups"]), tuple(meta["capacity"]), meta["kv_heads"], meta["head_dim"])
+    groups = tuple(tuple(g) for g in meta["groups"])
+    return Layout(groups, *(tuple(meta[k]) for k in ("capacity", "kv_heads", "head_dim")))
 
 
 def _to_onnx(step: PureStep, T: int, param: torch.Tensor, chunk: int):

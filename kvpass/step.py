@@ -75,13 +75,13 @@ class Slots(NamedTuple):
 @dataclass(frozen=True)
 class Layout:
     """How a step's tables are laid out: ``groups`` of layers, each with one ``capacity`` (slots per
-    layer and KV head); five tables per group (:class:`Slots`), ``[len(group), batch, kv_heads,
-    capacity(, head_dim)]``, in group order."""
+    layer and KV head), number of KV heads and head dim; five tables per group (:class:`Slots`),
+    ``[len(group), batch, kv_heads, capacity(, head_dim)]``, in group order."""
 
     groups: tuple[tuple[int, ...], ...]
     capacity: tuple[int, ...]
-    kv_heads: int
-    head_dim: int
+    kv_heads: tuple[int, ...]
+    head_dim: tuple[int, ...]
     where: dict[int, tuple[int, int]] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -92,12 +92,14 @@ class Layout:
         return hash((self.groups, self.capacity, self.kv_heads, self.head_dim))
 
     @classmethod
-    def build(cls, capacity: dict[int, int], keys: dict[int, tuple], kv_heads: int, head_dim: int) -> Layout:
-        """Layers grouped by their capacity and ``keys`` (what else their admission shares)."""
+    def build(cls, capacity: dict[int, int], shape: dict[int, tuple[int, int]], keys: dict[int, tuple]) -> Layout:
+        """Layers grouped by their capacity, ``shape`` (KV heads, head dim) and ``keys`` (what else
+        their admission shares)."""
         groups: dict[tuple, list[int]] = {}
         for layer in sorted(capacity):
-            groups.setdefault((capacity[layer], *keys[layer]), []).append(layer)
-        return cls(tuple(tuple(g) for g in groups.values()), tuple(k[0] for k in groups), kv_heads, head_dim)
+            groups.setdefault((capacity[layer], *shape[layer], *keys[layer]), []).append(layer)
+        capacity, kv_heads, head_dim = (tuple(k[i] for k in groups) for i in range(3))
+        return cls(tuple(tuple(g) for g in groups.values()), capacity, kv_heads, head_dim)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -112,8 +114,8 @@ class Layout:
     def empty(self, batch: int, dtype=torch.float32, device=None) -> list[Tensor]:
         return [
             t
-            for layers, c in zip(self.groups, self.capacity, strict=True)
-            for t in Slots.empty((len(layers), batch, self.kv_heads), c, self.head_dim, dtype, device)
+            for layers, c, h, d in zip(self.groups, self.capacity, self.kv_heads, self.head_dim, strict=True)
+            for t in Slots.empty((len(layers), batch, h), c, d, dtype, device)
         ]
 
     def split(self, tables) -> list[Slots]:
@@ -302,12 +304,9 @@ class Step(nn.Module):
     ``decode`` and ``prefill`` are the same step, as separate entry points for ``torch.compile``.
     """
 
-    def __init__(
-        self, graph: nn.Module, head: nn.Module | None, policy: Policy, io: Exchange, kv_heads: int, head_dim: int
-    ) -> None:
+    def __init__(self, graph: nn.Module, head: nn.Module | None, policy: Policy, io: Exchange) -> None:
         super().__init__()
         self.body, self.head, self.policy, self.io = graph, head, policy, io
-        self.kv_heads, self.head_dim = kv_heads, head_dim
         io.policy = policy
         self.sites = {m.layer: m for m in graph.modules() if isinstance(m, KVAttention)}
         if not self.sites:
@@ -349,7 +348,8 @@ class Step(nn.Module):
         """The layout of tables with ``capacity`` slots per layer (capped by a layer's sliding window)."""
         sites = self.sites
         cap = {i: min(c, sites[i].window) if sites[i].window else c for i, c in capacity.items()}
-        return Layout.build(cap, {i: (s.window, s.scale) for i, s in sites.items()}, self.kv_heads, self.head_dim)
+        shape = {i: (s.kv_heads, s.head_dim) for i, s in sites.items()}
+        return Layout.build(cap, shape, {i: (s.window, s.scale) for i, s in sites.items()})
 
 
 class PureStep(nn.Module):

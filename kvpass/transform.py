@@ -46,6 +46,8 @@ def sites_of(model: nn.Module) -> tuple[torch.fx.GraphModule, list[Site]]:
 
 def _vocab_size(model: nn.Module) -> int:
     config = getattr(model, "config", None)
+    if hasattr(config, "get_text_config"):  # a multimodal model's tokens are its text model's
+        config = config.get_text_config()
     if getattr(config, "vocab_size", None):
         return config.vocab_size
     emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
@@ -71,10 +73,14 @@ def transform(
     kvpress does. Other keyword arguments are the policy's knobs (``sink_tokens``, ``window``, ...);
     ``allocation`` (per-layer multiples of the budget) may be a ``kvpass calibrate`` file.
 
-    The original model is left as it was; the returned one shares its weights.
+    The original model is left as it was; the returned one shares its weights. A multimodal
+    transformers model is transformed as its text model (a ``...ForCausalLM`` over its decoder:
+    text in, text out).
     """
     if getattr(model, "kvpass_policy", None) is not None:
         raise ValueError("this model is already transformed by kvpass; transform the original model instead")
+    if hf.is_hf_model(type(model)):
+        model = hf.text_model(model) or model
     if budget is not None:
         knobs["budget"] = budget
     if isinstance(policy, str):  # "NAME:KNOB=VALUE,...": those knobs join the others
@@ -107,7 +113,8 @@ def transform(
     pol.check_layers(len(sites))
     io = Exchange()
     rewrite(gm, sites, lambda site: KVAttention(site, io))
-    check_token_local(gm, exempt={s.node for s in sites if s.action == "rewrite"})
+    row_wise = hf.row_wise_modules(model) if hf.is_hf_model(type(model)) else set()
+    check_token_local(gm, exempt={s.node for s in sites if s.action == "rewrite"}, row_wise=row_wise)
     flatten_attrs(gm)
 
     new = copy.copy(model)
@@ -122,8 +129,7 @@ def transform(
     new.kvpass_sites = sites
     new.kvpass_options = {"chunk": chunk, "evict_during_decode": evict_during_decode}
     new.kvpass_cache = None
-    first = next(s for s in sites if s.action == "rewrite")
-    object.__setattr__(new, "kvpass_step", Step(gm, new.kvpass_head, pol, io, first.kv_heads, first.head_dim))
+    object.__setattr__(new, "kvpass_step", Step(gm, new.kvpass_head, pol, io))
     new._kvpass_compiled = None
     return new
 

@@ -1,5 +1,6 @@
 """kvpass graph passes: capture a model as an FX graph, find its attention, rewrite it onto the evicting cache."""
 
+from .arange_positions import arange_positions
 from .capture import capture
 from .drop_noops import drop_noops
 from .eager_to_sdpa import eager_to_sdpa
@@ -14,6 +15,7 @@ __all__ = [
     "Head",
     "Site",
     "TokenMixingError",
+    "arange_positions",
     "capture",
     "check_token_local",
     "drop_noops",

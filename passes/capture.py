@@ -7,6 +7,8 @@ import inspect
 import torch
 from torch import nn
 
+from .arange_positions import arange_positions
+
 POSITION_NAMES = ("position_ids", "input_pos", "pos", "positions")
 
 
@@ -14,9 +16,10 @@ class LogitsStep(nn.Module):
     """``(input_ids, position_ids) -> logits`` for a causal LM, with no cache of its own.
 
     The model is called with the token ids as its first argument and the ``[batch, sequence]``
-    positions under the first of :data:`POSITION_NAMES` its forward takes (plus ``use_cache=False``
-    where it takes that, as Hugging Face models do); it may return logits or an output with a
-    ``logits`` field.
+    positions under the first of :data:`POSITION_NAMES` its forward takes, if any (plus
+    ``use_cache=False`` where it takes that, as Hugging Face models do); it may return logits or
+    an output with a ``logits`` field. A model that takes no positions must make them by
+    ``arange`` over its input (:mod:`.arange_positions`).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -24,17 +27,11 @@ class LogitsStep(nn.Module):
         self.model = model
         params = inspect.signature(model.forward).parameters
         self.pos_name = next((n for n in POSITION_NAMES if n in params), None)
-        if self.pos_name is None:
-            raise ValueError(
-                f"{type(model).__name__}.forward takes no token positions (an argument named one of "
-                f"{', '.join(POSITION_NAMES)}): kvpass runs a model a chunk or a token at a time, and each "
-                "call must be told where its tokens are. Add such an argument (used where the model makes "
-                "positions, e.g. torch.arange(T))."
-            )
         self.extra = {"use_cache": False} if "use_cache" in params else {}
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids, **{self.pos_name: position_ids}, **self.extra)
+        pos = {self.pos_name: position_ids} if self.pos_name else {}
+        out = self.model(input_ids, **pos, **self.extra)
         return getattr(out, "logits", out)
 
 
@@ -54,12 +51,22 @@ def capture(model: nn.Module, vocab_size: int = 2) -> torch.fx.GraphModule:
         with torch.no_grad():
             program = torch.export.export(step, (ids, pos), dynamic_shapes=dims, strict=False)
     except Exception as e:  # re-raised with what was attempted
+        args = ["input_ids", *([f"{step.pos_name}=..."] if step.pos_name else []), *(f"{k}=False" for k in step.extra)]
+        call = ", ".join(args)
         raise RuntimeError(
-            f"kvpass could not capture {type(model).__name__} with torch.export "
-            f"(forward(input_ids, {step.pos_name}=...{', use_cache=False' if step.extra else ''}) with dynamic "
+            f"kvpass could not capture {type(model).__name__} with torch.export (forward({call}) with dynamic "
             f"batch and sequence length): {e}"
         ) from e
-    return program.module()
+    gm = program.module()
+    if not arange_positions(gm) and step.pos_name is None:
+        raise ValueError(
+            f"{type(model).__name__}.forward takes no token positions (an argument named one of "
+            f"{', '.join(POSITION_NAMES)}) and makes none by arange over its input: kvpass runs a model a chunk "
+            "or a token at a time, and each call must be told where its tokens are. Add such an argument (used "
+            "where the model makes positions, e.g. torch.arange(T)). Models that add a positional bias to their "
+            "attention scores from the attention mask (ALiBi: BLOOM, MPT) are not supported."
+        )
+    return gm
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -2,14 +2,20 @@
 
 Recognised (every piece optional unless said):
 
-- scores (required): ``matmul(q, k.transpose(-2, -1))``, ``einsum("bhqd,bhkd->bhqk", q, k)``, or
-  ``bmm`` / ``baddbmm(zeros, ...)`` of ``[B*H, T, D]`` reshapes of ``[B, H, T, D]`` tensors;
+- scores (required): ``matmul(q, k.transpose(-2, -1))`` (or ``k.permute(0, 1, 3, 2)``), an
+  ``einsum`` of two 4-D operands in any layout and with any letters (``"bhqd,bhkd->bhqk"``,
+  ``"bqhd,bkhd->bhqk"``, ``"ntjd,nsjd->njts"``...: two letters shared by both operands and the
+  result, one summed, one of each operand's own), or ``bmm`` / ``baddbmm(zeros, ...)`` of
+  ``[B*H, T, D]`` reshapes of ``[B, H, T, D]`` tensors;
 - a scale by a constant (``mul`` or ``div`` by a number or a 0-dim constant tensor, in place or
   not; ``baddbmm``'s ``alpha``);
 - logit soft-capping ``c * tanh(x / c)`` (Gemma 2);
 - an additive mask (``add``) or a boolean fill (``masked_fill(cond, -inf)``);
 - ``softmax(-1)`` (required; also computed in fp32 and cast back), ``dropout`` in eval mode;
-- the product with ``v`` (required), by the same kind of op as the scores.
+- the product with ``v`` (required), by the same kind of op as the scores (an einsum's letters
+  need not match the scores' ones).
+
+Operands in another layout are permuted to ``[B, H, T, D]`` around the attention node.
 
 Without soft-capping the result is ``aten.scaled_dot_product_attention``; with it,
 ``kvpass.softcap_sdpa`` (SDPA has no soft-capping argument). Anything else is left alone, and
@@ -34,6 +40,9 @@ _RESHAPE = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
 SOFTCAP_SDPA = torch.ops.kvpass.softcap_sdpa.default
 
 
+_CANON = (0, 1, 2, 3)
+
+
 @dataclass
 class Match:
     q: fx.Node
@@ -44,6 +53,7 @@ class Match:
     softcap: float
     out: fx.Node
     batched: bool  # 3-D ``bmm`` form: the result is ``[B*H, T, D]``
+    perms: tuple = (_CANON,) * 5  # q, k, scores (and mask), v: to [B, H, T, D]; output: from it
 
 
 def _call(n, *targets) -> bool:
@@ -86,11 +96,11 @@ def _scores(x: fx.Node):
         kt = x.args[1]
         if _rank(x) == 4 and sorted(d % 4 for d in kt.args[1:]) == [2, 3]:
             return x.args[0], kt.args[0], "matmul", 1.0
-    if _call(x, aten.einsum.default) and len(x.args[1]) == 2:
-        ins, out = x.args[0].replace(" ", "").split("->")
-        a, b = ins.split(",")
-        if len(a) == len(b) == 4 and a[:2] == b[:2] == out[:2] and a[3] == b[3] and out[2:] == a[2] + b[2]:
-            return *x.args[1], "einsum", 1.0
+    if _call(x, aten.matmul.default) and _call(x.args[1], aten.permute.default) and _rank(x) == 4:
+        if [d % 4 for d in x.args[1].args[1]] == [0, 1, 3, 2]:
+            return x.args[0], x.args[1].args[0], "matmul", 1.0
+    if _call(x, aten.einsum.default) and len(x.args[1]) == 2 and _score_roles(x):
+        return *x.args[1], "einsum", 1.0
     bmm = _call(x, aten.bmm.default)
     zeros = _call(x, aten.baddbmm.default) and _call(x.args[0], aten.zeros.default) and x.kwargs.get("beta", 1) != 0
     if bmm or zeros:
@@ -105,21 +115,66 @@ def _scores(x: fx.Node):
     return None
 
 
+def _equation(node: fx.Node) -> tuple[str, str, str] | None:
+    ins, out = node.args[0].replace(" ", "").split("->")
+    a, b = ins.split(",")
+    ok = len(a) == len(b) == len(out) == 4 and len(set(a)) == len(set(b)) == len(set(out)) == 4
+    return (a, b, out) if ok else None
+
+
+def _score_roles(node: fx.Node) -> dict | None:
+    """Which letter of a scores einsum is batch, heads, query, key and the summed head dim (``b, h,
+    q, k, d``), with the operands' and result's letters (``a``, ``b_``, ``z``); None if it is not
+    one. Of the two letters shared by everything, the batch is the one of dynamic size."""
+    eq = _equation(node)
+    if eq is None:
+        return None
+    a, b, z = eq
+    shared = [c for c in a if c in b and c in z]
+    summed = [c for c in a if c in b and c not in z]
+    own_q, own_k = [c for c in a if c not in b], [c for c in b if c not in a]
+    if [len(shared), len(summed), len(own_q), len(own_k)] != [2, 1, 1, 1]:
+        return None
+    size = node.args[1][0].meta["val"].shape
+    if isinstance(size[a.index(shared[1])], torch.SymInt) and not isinstance(size[a.index(shared[0])], torch.SymInt):
+        shared.reverse()
+    return {"b": shared[0], "h": shared[1], "q": own_q[0], "k": own_k[0], "d": summed[0], "a": a, "b_": b, "z": z}
+
+
+def _einsum_perms(scores: fx.Node, out: fx.Node) -> tuple | None:
+    """The permutations that take an einsum attention's q, k, scores and v to ``[B, H, T, D]`` and
+    the attention's result back to ``out``'s layout; None if ``out`` is no product with v."""
+    r, eq = _score_roles(scores), _equation(out)
+    if r is None or eq is None:
+        return None
+    p, v, o = eq
+    zrole = {r[n]: n for n in "bhqk"}
+    by = {zrole[r["z"][i]]: p[i] for i in range(4)}  # role -> the probs operand's letter
+    new = [c for c in v if c not in p]
+    if len(new) != 1 or {*v} != {by["b"], by["h"], by["k"], *new} or {*o} != {by["b"], by["h"], by["q"], *new}:
+        return None
+    canon = {**by, "e": new[0]}
+    role = {letter: n for n, letter in canon.items()}
+    q_perm = tuple(r["a"].index(r[n]) for n in "bhqd")
+    k_perm = tuple(r["b_"].index(r[n]) for n in "bhkd")
+    s_perm = tuple(r["z"].index(r[n]) for n in "bhqk")
+    v_perm = tuple(v.index(canon[n]) for n in "bhke")
+    o_perm = tuple("bhqe".index(role[c]) for c in o)
+    return q_perm, k_perm, s_perm, v_perm, o_perm
+
+
 def _values(out: fx.Node, probs: fx.Node, kind: str) -> fx.Node | None:
     if kind == "matmul" and _call(out, aten.matmul.default) and out.args[0] is probs:
         return out.args[1]
     if kind == "einsum" and _call(out, aten.einsum.default) and out.args[1][0] is probs:
-        ins, res = out.args[0].replace(" ", "").split("->")
-        a, b = ins.split(",")
-        if len(a) == len(b) == 4 and a[:2] == b[:2] == res[:2] and a[3] == b[2] and res[2:] == a[2] + b[3]:
-            return out.args[1][1]
+        return out.args[1][1]
     if kind == "bmm" and _call(out, aten.bmm.default) and out.args[0] is probs:
         return _unbatch(out.args[1])
     return None
 
 
 def _match(softmax: fx.Node) -> Match | None:
-    if softmax.args[1] not in (-1, 3):
+    if _rank(softmax) not in (3, 4):
         return None
     x, mask, scale, softcap = softmax.args[0], None, 1.0, 0.0
     if _call(x, aten.add.Tensor) and isinstance(x.args[1], fx.Node):
@@ -139,6 +194,9 @@ def _match(softmax: fx.Node) -> Match | None:
     if found is None:
         return None
     q, k, kind, alpha = found
+    key_dim = _score_roles(x)["z"].index(_score_roles(x)["k"]) if kind == "einsum" else _rank(softmax) - 1
+    if softmax.args[1] % _rank(softmax) != key_dim:
+        return None
     if kind == "bmm" and isinstance(mask, fx.Node) and _rank(mask) > 2:
         return None  # a per-(batch x head) mask: not expressible on [B, H, T, T] without its sizes
     probs = softmax
@@ -150,7 +208,29 @@ def _match(softmax: fx.Node) -> Match | None:
     v = _values(out, probs, kind) if out is not None else None
     if v is None:
         return None
-    return Match(q, k, v, mask, scale * alpha, softcap, out, kind == "bmm")
+    match = Match(q, k, v, mask, scale * alpha, softcap, out, kind == "bmm")
+    if kind == "einsum":
+        perms = _einsum_perms(x, out)
+        if perms is None:
+            return None
+        match.perms = perms
+    return match
+
+
+def _permute(g: fx.Graph, x: fx.Node, perm: tuple) -> fx.Node:
+    if perm == _CANON:
+        return x
+    node = g.call_function(aten.permute.default, (x, list(perm)))
+    node.meta = {**x.meta, "val": x.meta["val"].permute(perm)}
+    return node
+
+
+def _to_rank4(g: fx.Graph, x: fx.Node) -> fx.Node:
+    while _rank(x) < 4:
+        x0 = x
+        x = g.call_function(aten.unsqueeze.default, (x, 0))
+        x.meta = {**x0.meta, "val": x0.meta["val"].unsqueeze(0)}
+    return x
 
 
 def eager_to_sdpa(gm: fx.GraphModule) -> int:
@@ -161,18 +241,25 @@ def eager_to_sdpa(gm: fx.GraphModule) -> int:
         if m is None:
             continue
         g = gm.graph
+        qp, kp, sp, vp, op = m.perms
         with g.inserting_before(m.out):
-            mask = g.call_function(aten.logical_not.default, (m.mask[1],)) if isinstance(m.mask, tuple) else m.mask
+            mask = m.mask
+            if isinstance(mask, tuple):  # masked_fill(cond, -inf): attend where not cond
+                mask = g.call_function(aten.logical_not.default, (m.mask[1],))
+                mask.meta = dict(m.mask[1].meta)
+            q, k, v = _permute(g, m.q, qp), _permute(g, m.k, kp), _permute(g, m.v, vp)
+            if isinstance(mask, fx.Node) and sp != _CANON:
+                mask = _permute(g, _to_rank4(g, mask), sp)
             if m.softcap:
-                node = g.call_function(SOFTCAP_SDPA, (m.q, m.k, m.v, mask, m.scale, m.softcap))
+                node = g.call_function(SOFTCAP_SDPA, (q, k, v, mask, m.scale, m.softcap))
             else:
                 node = g.call_function(
-                    aten.scaled_dot_product_attention.default, (m.q, m.k, m.v), {"attn_mask": mask, "scale": m.scale}
+                    aten.scaled_dot_product_attention.default, (q, k, v), {"attn_mask": mask, "scale": m.scale}
                 )
             node.meta = dict(m.out.meta)
-            q, v = m.q.meta["val"], m.v.meta["val"]
-            node.meta["val"] = q.new_empty((*q.shape[:-1], v.shape[-1]))  # fake, like the rest of the meta
-            result = g.call_function(aten.flatten.using_ints, (node, 0, 1)) if m.batched else node
+            qv, vv = q.meta["val"], v.meta["val"]
+            node.meta["val"] = qv.new_empty((*qv.shape[:-1], vv.shape[-1]))  # fake, like the rest of the meta
+            result = g.call_function(aten.flatten.using_ints, (node, 0, 1)) if m.batched else _permute(g, node, op)
         result.meta = dict(m.out.meta)
         m.out.replace_all_uses_with(result)
         found += 1

@@ -10,6 +10,8 @@ probe, and
 
 - every site's effective mask is classified as causal, causal with a sliding window, or
   something else (skipped) -- mask construction differs between models and versions;
+- a single KV head that attention broadcasts to every query head (Falcon's multi-query) is
+  taken as it is;
 - where no repetition was found, heads whose keys *and* values are identical on the probe are
   recognised as one KV head repeated (Falcon repeats K/V before RoPE, by broadcasting a fused
   QKV projection), and the site reads every ``G``-th head only.
@@ -127,6 +129,8 @@ def _same(a: tuple, b: tuple) -> bool:
 
 def _kv_source(node: fx.Node, heads: int) -> tuple[fx.Node, int]:
     """The tensor before grouped-query repetition, and its number of heads."""
+    if _shape(node)[1] == 1 and heads > 1:  # one KV head that attention broadcasts (multi-query)
+        return node, 1
     n = _skip(node)
     if n.op == "call_function" and n.target == torch.ops.aten.repeat_interleave.self_int:
         src, reps, dim = n.args[0], n.args[1], n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")

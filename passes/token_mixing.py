@@ -48,20 +48,32 @@ _REDUCE_DIM = {  # name -> index of the ``dim`` argument
 }  # fmt: skip
 
 
-def check_token_local(gm: fx.GraphModule, tokens: str = "input_ids", exempt: set[fx.Node] = frozenset()) -> None:
+def check_token_local(
+    gm: fx.GraphModule,
+    tokens: str = "input_ids",
+    positions: str = "position_ids",
+    exempt: set[fx.Node] = frozenset(),
+    row_wise: set[str] = frozenset(),
+) -> None:
     """Raise :class:`TokenMixingError` naming the first node (other than ``exempt``) that mixes tokens.
 
     ``tokens`` names the ``[batch, sequence]`` input whose sequence length defines which
-    dimensions carry tokens.
+    dimensions carry tokens (as does ``positions``, the ``[batch, sequence]`` positions).
+    ``row_wise`` names modules (by path in the model) known to compute each output row from the
+    same row of their inputs, however they do it inside (a mixture of experts' dispatch sorts and
+    gathers rows by expert): their nodes are not checked one by one.
     """
     ids = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == tokens), None)
     if ids is None or not hasattr(ids.meta.get("val"), "shape") or len(ids.meta["val"].shape) != 2:
         raise TokenMixingError(f"the graph has no [batch, sequence] input named {tokens!r} to check against")
     seq = _symbols(ids.meta["val"].shape[1])
+    pos = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == positions), None)
+    if pos is not None and len(getattr(pos.meta.get("val"), "shape", ())) == 2:
+        seq |= _symbols(pos.meta["val"].shape[1])  # the same length, a symbol of its own when unused
     if not seq:
         raise TokenMixingError("the graph was captured with a fixed sequence length; kvpass needs it dynamic")
     for node in gm.graph.nodes:
-        if node.op in ("placeholder", "get_attr", "output") or node in exempt:
+        if node.op in ("placeholder", "get_attr", "output") or node in exempt or _inside(node, row_wise):
             continue
         why = _mixes(node, seq)
         if why:
@@ -90,6 +102,11 @@ def _target(node: fx.Node) -> str:
 def _where(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     return str(list(stack.values())[-1][0]).removeprefix("model.") if stack else ""
+
+
+def _inside(node: fx.Node, modules: set[str]) -> bool:
+    stack = node.meta.get("nn_module_stack") or {}
+    return bool(modules) and any(str(path).removeprefix("model.") in modules for path, _ in stack.values())
 
 
 def _name(node: fx.Node) -> str:
@@ -160,7 +177,7 @@ def _mixes(node: fx.Node, seq: set) -> str:
             tensors = node.args[0]
             rank = len(tensors[0].meta["val"].shape)
             xt = sorted({d for t in tensors for d in in_tokens.get(t, [])})
-        arg = node.args[i] if len(node.args) > i else node.kwargs.get("dim", 0 if name in _CAT_LIKE else None)
+        arg = node.args[i] if len(node.args) > i else node.kwargs.get("dim", _DEFAULT_DIM.get(name))
         if name == "slice" and _same_shape(node.meta.get("val"), x.meta["val"]):
             return ""  # the whole dimension
         if name in ("slice", "narrow", "select") and arg % max(rank, 1) in xt:
@@ -169,7 +186,17 @@ def _mixes(node: fx.Node, seq: set) -> str:
     return "is an operation kvpass cannot show to keep tokens apart"
 
 
-_CAT_LIKE = {"cat", "split", "split_with_sizes", "chunk", "unbind", "select", "slice", "narrow", "gather", "flip"}
+# where ``dim`` is optional: its default (None: every dimension)
+_DEFAULT_DIM = {
+    "cat": 0,
+    "slice": 0,
+    "split": 0,
+    "split_with_sizes": 0,
+    "chunk": 0,
+    "unbind": 0,
+    "topk": -1,
+    "sort": -1,
+}
 
 
 def _same_shape(a, b) -> bool:

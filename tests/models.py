@@ -122,7 +122,8 @@ class Mixer(nn.Module):
 
 
 class EagerForms(nn.Module):
-    """One eager attention layer written as ``einsum``, ``bmm``, ``baddbmm`` or soft-capped ``matmul``."""
+    """One eager attention layer written as ``einsum`` (in three layouts), ``matmul`` of a permuted
+    key, ``bmm``, ``baddbmm`` or soft-capped ``matmul``."""
 
     def __init__(self, form, vocab=50, dim=32, heads=4):
         super().__init__()
@@ -141,6 +142,23 @@ class EagerForms(nn.Module):
             a = torch.einsum("bhqd,bhkd->bhqk", q, k) * D**-0.5
             a = a.masked_fill(future, float("-inf")).softmax(-1)
             y = torch.einsum("bhqk,bhkd->bhqd", a, v)
+        elif self.form == "einsum_bthd":  # heads after the sequence, as the projections make them
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+            a = torch.einsum("bqhd,bkhd->bhqk", q, k) * D**-0.5
+            a = a.masked_fill(future, float("-inf")).softmax(-1)
+            y = torch.einsum("bhqk,bkhd->bqhd", a, v).transpose(1, 2)
+        elif self.form == "einsum_letters":  # other letters, scores as [batch, query, head, key]
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+            a = torch.einsum("ntjd,nsjd->ntjs", q, k) / D**0.5
+            a = a.masked_fill(future[:, None, :], float("-inf")).softmax(dim=3)
+            y = torch.einsum("ntjs,nsje->jnte", a, v).permute(1, 0, 2, 3)
+        elif self.form == "einsum_keys_first":
+            a = torch.einsum("bhkd,bhqd->bhqk", k, q) * D**-0.5
+            a = a.masked_fill(future, float("-inf")).softmax(-1)
+            y = torch.einsum("bhqk,bhkd->bhqd", a, v)
+        elif self.form == "matmul_permute":
+            a = torch.matmul(q, k.permute(0, 1, 3, 2)) * D**-0.5
+            y = a.masked_fill(future, float("-inf")).softmax(-1) @ v
         elif self.form in ("bmm", "baddbmm"):
             q3, k3, v3 = (t.reshape(B * H, T, D) for t in (q, k, v))
             if self.form == "bmm":

@@ -44,7 +44,10 @@ def test_nanogpt_masked_fill_attention():
     assert all(layer.held == 4 * 12 for layer in kvpass.cache_stats(bounded).layers)
 
 
-@pytest.mark.parametrize("form,softcap", [("einsum", 0.0), ("bmm", 0.0), ("baddbmm", 0.0), ("softcap", 2.0)])
+FORMS = ["einsum", "einsum_bthd", "einsum_letters", "matmul_permute", "bmm", "baddbmm"]
+
+
+@pytest.mark.parametrize("form,softcap", [*((f, 0.0) for f in FORMS), ("softcap", 2.0)])
 def test_eager_forms(form, softcap):
     torch.manual_seed(int(torch.randint(0, 2**31, ())))
     model = EagerForms(form).eval()
@@ -54,6 +57,12 @@ def test_eager_forms(form, softcap):
     ids = torch.randint(0, 50, (2, 45))
     exact = kvpass.transform(model, policy="full", chunk=16)
     torch.testing.assert_close(exact(ids).logits, model(ids, torch.arange(45).expand(2, 45)), rtol=1e-5, atol=1e-5)
+
+
+def test_einsum_with_keys_first_is_left_alone():
+    """Scores written ``einsum(k, q)``: not recognised (so refused by the token check), never misread."""
+    model = EagerForms("einsum_keys_first").eval()
+    assert kvpass.find_attention(model) == []
 
 
 def test_softcap_op_matches_eager():
