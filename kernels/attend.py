@@ -65,7 +65,7 @@ def attend(
 @attend.register_fake
 def _(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, *options):
     B, Hkv, C, _ = slot_k.shape
-    return torch.empty_like(q), q.new_empty((B, Hkv, C + k.shape[2]), dtype=torch.float32)
+    return q.new_empty((*q.shape[:-1], slot_v.shape[-1])), q.new_empty((B, Hkv, C + k.shape[2]), dtype=torch.float32)
 
 
 def visible(slot_valid, slot_pos, pos, window: int, chunk_keep=None, keep_window: int = 0) -> Tensor:
@@ -113,7 +113,7 @@ def attend_reference(
         probs = _probs(q, (slot_k, k), mask, scale, softcap)
         C = slot_k.shape[2]
         pg = probs.flatten(2, 3)  # [B, Hkv, G*T, C+T]
-        out = (pg[..., :C] @ slot_v.float() + pg[..., C:] @ v.float()).view(q.shape).to(q.dtype)
+        out = (pg[..., :C] @ slot_v.float() + pg[..., C:] @ v.float()).view(*q.shape[:-1], -1).to(q.dtype)
         probs = probs[:, :, :, T - obs :]
     else:
         # Few queries feed the mass: fused SDPA for the output, explicit softmax for those rows only.
@@ -134,7 +134,7 @@ def _attend_any_length(q, k, v, slot_k, slot_v, mask, scale, softcap, obs, entro
     C = slot_k.shape[2]
     probs = _probs(q, (slot_k, k), mask, scale, softcap)
     pg = probs.flatten(2, 3)
-    out = (pg[..., :C] @ slot_v.float() + pg[..., C:] @ v.float()).view(B, H, T, D).to(q.dtype)
+    out = (pg[..., :C] @ slot_v.float() + pg[..., C:] @ v.float()).view(B, H, T, slot_v.shape[-1]).to(q.dtype)
     if entropy_k:
         probs = _probs(q, (slot_k, k), mask, mass_scale(mask.sum(dim=-1), D, scale, entropy_k)[:, :, None, :, None])
     observed = torch.arange(T, device=q.device) >= T - obs
@@ -149,7 +149,7 @@ def attend_attention(
     """``kvpass::attend`` without the dispatcher. Where :func:`backend.use_triton` says so (CUDA, by
     default) and there is no soft-capping (which SDPA lacks): the output from fused SDPA and the mass
     from the Triton chunk-scoring kernel, so no probability matrix is built. Else the reference."""
-    if backend.use_triton(q) and not softcap and not torch.compiler.is_exporting():  # an engine: torch ops
+    if backend.use_triton(q, slot_v) and not softcap and not torch.compiler.is_exporting():  # an engine: torch ops
         if torch.compiler.is_compiling():  # a compiled step sees the op, opaque
             return attend(
                 q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k,

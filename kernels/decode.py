@@ -36,6 +36,7 @@ def decode(
 ) -> tuple[Tensor, Tensor]:
     """Attend ``q [B, H, 1, D]`` over the valid slots ``slot_k, slot_v [B, Hkv, N, D]`` and, if
     given, the token's own ``k_new, v_new [B, Hkv, 1, D]`` (seen unless ``pos`` is -1: padding).
+    Values may have another head dim than keys; ``out`` has theirs.
 
     ``slot_valid, slot_pos [B, Hkv, N]``; ``pos [B, 1]``: the query's position (read for a sliding
     ``window > 0``, which hides slots ``window`` or more positions back). ``softcap > 0`` caps the
@@ -58,7 +59,7 @@ def decode_attention(
     step, as the opaque op), else the torch reference, which Inductor compiles with the rest of the
     step. Returns ``(out, mass)``. ``backend.BACKEND`` overrides the choice."""
     args = (q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, entropy_k, value_weighted)
-    if backend.use_triton(q) and not torch.compiler.is_exporting():  # an exported engine: torch ops only
+    if backend.use_triton(q, slot_v) and not torch.compiler.is_exporting():  # an exported engine: torch ops only
         if torch.compiler.is_compiling():
             return decode(*args, k_new, v_new)
         from .decode_triton import decode_triton
@@ -71,7 +72,8 @@ def decode_attention(
 def _(q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, entropy_k=0, value_weighted=False,
       k_new=None, v_new=None):  # fmt: skip
     B, Hkv, N = slot_valid.shape
-    return torch.empty_like(q), q.new_empty((B, Hkv, N + (k_new is not None)), dtype=torch.float32)
+    out = q.new_empty((*q.shape[:-1], slot_v.shape[-1]))
+    return out, q.new_empty((B, Hkv, N + (k_new is not None)), dtype=torch.float32)
 
 
 def decode_reference(
@@ -94,9 +96,10 @@ def decode_reference(
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
     probs = torch.where(seen[:, :, None], logits, float("-inf")).softmax(dim=-1)
-    out = torch.bmm(probs[..., :N].reshape(rows, G, N), slot_v.reshape(rows, N, D).float())
+    Dv = slot_v.shape[-1]  # values may be narrower or wider than keys (multi-head latent attention)
+    out = torch.bmm(probs[..., :N].reshape(rows, G, N), slot_v.reshape(rows, N, Dv).float())
     if k_new is not None:
-        out = out + probs[..., N:].reshape(rows, G, 1) * v_new.reshape(rows, 1, D).float()
+        out = out + probs[..., N:].reshape(rows, G, 1) * v_new.reshape(rows, 1, Dv).float()
     if entropy_k:  # the raw products q.k at the adaptive scale (soft-capping is left out of scoring)
         lam = mass_scale(seen.sum(dim=-1), D, scale, entropy_k)[:, :, None, None]
         probs = torch.where(seen[:, :, None], raw * lam, float("-inf")).softmax(dim=-1)
@@ -104,4 +107,4 @@ def decode_reference(
     if value_weighted:
         weights = value_weights(slot_v)
         mass = mass * (weights if k_new is None else torch.cat([weights, value_weights(v_new)], dim=-1))
-    return out.view(B, H, 1, D).to(q.dtype), mass
+    return out.view(B, H, 1, Dv).to(q.dtype), mass

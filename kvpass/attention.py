@@ -18,7 +18,7 @@ class KVAttention(nn.Module):
     def __init__(self, site: Site, io) -> None:
         super().__init__()
         self.layer, self.scale, self.softcap = site.layer, site.scale, site.softcap
-        self.kv_heads, self.head_dim = site.kv_heads, site.head_dim
+        self.kv_heads, self.head_dim, self.value_dim = site.kv_heads, site.head_dim, site.value_dim or site.head_dim
         self.window = site.sliding_window or 0
         self.io = io
 

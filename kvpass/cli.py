@@ -255,6 +255,25 @@ def calibrate(args: argparse.Namespace) -> None:
     console.print(f"wrote {allocation.save(result, args.out)}; use it with transform(..., allocation=...)")
 
 
+def sweep(args: argparse.Namespace) -> None:
+    """Run every causal-LM architecture of the installed transformers (or those named) through
+    kvpass, tiny and random: exact, refused (and why), wrong or crashed; writes the support table."""
+    from kvpass import sweep as sweeping
+
+    types = args.types or sweeping.model_types()
+    unknown = sorted(set(types) - set(sweeping.model_types()))
+    if unknown:
+        raise ValueError(f"not causal-LM model types of this transformers: {', '.join(unknown)}")
+    command = "kvpass sweep" + (f" --out {args.out}" if args.out else "") + "".join(f" {t}" for t in args.types)
+    rows = sweeping.run(types, args.out, args.workers, args.timeout, command)
+    table = Table("model type", "outcome", "heads", "max diff", "reason")
+    for r in rows:
+        table.add_row(r.model_type, r.outcome, r.heads, f"{r.max_diff:.1e}" if r.max_diff is not None else "", r.reason)
+    Console().print(table)
+    if any(r.outcome in ("wrong", "crashed") for r in rows):
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     from kvpass.corpus import RETRIEVAL
 
@@ -344,6 +363,12 @@ def main(argv: list[str] | None = None) -> None:
     x.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model directory")
     x.add_argument("--out", default="kvpass.onnx", help="ONNX file, or a directory for TensorRT (default kvpass.onnx)")
     x.set_defaults(run=export)
+    w = sub.add_parser("sweep", help=sweep.__doc__)
+    w.add_argument("types", nargs="*", help="model types (default: every causal LM of the installed transformers)")
+    w.add_argument("--out", help="write the support table here (e.g. docs/supported-models.md)")
+    w.add_argument("--workers", type=int, default=2, help="architectures checked at once (default 2)")
+    w.add_argument("--timeout", type=float, default=300, help="seconds before one architecture counts as crashed")
+    w.set_defaults(run=sweep)
     p = sub.add_parser("policies", help="list the eviction policies")
     p.set_defaults(run=lambda _: print("\n".join(__import__("kvpass").policies())))
     args = ap.parse_args(argv)

@@ -61,6 +61,51 @@ def is_hf_model(cls: type) -> bool:
     return issubclass(cls, PreTrainedModel) and issubclass(cls, GenerationMixin)
 
 
+def text_config(config):
+    """The text part of a (multimodal) config; the config itself where there is none or several."""
+    try:
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+    except ValueError:  # several text configs (an encoder's and a decoder's)
+        return config
+
+
+def declare_windows(model: nn.Module, sites: list, probe_len: int) -> None:
+    """Give each site the sliding window its model declares where the probe was too short to
+    measure it, and refuse chunked attention.
+
+    kvpass measures each site's mask on a ``probe_len``-token probe, which shows a window shorter
+    than the probe only. A transformers attention module declares its window (``sliding_window``,
+    or its layer's entry in ``config.layer_types`` with ``config.sliding_window``; Mistral's
+    config alone): a site the probe found plainly causal takes a declared window of at least
+    ``probe_len`` (a shorter one the probe would have seen: then the declaration is not what the
+    model does, and is ignored). Llama 4's chunked attention (each token sees its own block of
+    ``attention_chunk_size`` tokens) is no sliding window: such a site is skipped, with the reason.
+    """
+    for site in sites:
+        try:
+            module = model.get_submodule(site.module)
+        except AttributeError:
+            continue
+        config = getattr(module, "config", None) or getattr(model, "config", None)
+        types, idx = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
+        kind = types[idx] if isinstance(types, list) and isinstance(idx, int) and idx < len(types) else None
+        if kind == "chunked_attention":
+            site.action = "skip"
+            site.reason = (
+                f"chunked attention (each token sees its block of {getattr(config, 'attention_chunk_size', '?')} "
+                "tokens, as Llama 4's local layers): no sliding window kvpass can evict for"
+            )
+            continue
+        if hasattr(module, "sliding_window"):
+            window = module.sliding_window
+        elif kind is not None:
+            window = getattr(config, "sliding_window", None) if kind == "sliding_attention" else None
+        else:
+            window = getattr(config, "sliding_window", None)  # Mistral: every layer
+        if site.causal and not site.sliding_window and isinstance(window, int) and window >= probe_len:
+            site.sliding_window = window
+
+
 def text_model(model: nn.Module) -> nn.Module | None:
     """The text causal LM of a multimodal model (``Gemma3ForConditionalGeneration`` -> a
     ``Gemma3ForCausalLM`` over the same decoder and LM head, weights shared), or None where
@@ -68,7 +113,7 @@ def text_model(model: nn.Module) -> nn.Module | None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     if text is config or type(text) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         return None
     decoder, head = model.get_decoder(), model.get_output_embeddings()
@@ -266,6 +311,7 @@ def _one_cache(kwargs: dict) -> Any:
 @torch.compiler.disable
 def _check_inputs(model, input_ids, attention_mask, cache, cache_position, extra, inputs_embeds, labels) -> None:
     """Refuse what a kvpass model cannot honour, and a forward that lost the cache of the tokens before it."""
+    extra = {k for k, v in extra.items() if v is not None}  # a multimodal model's absent images, audio...
     if extra:
         raise TypeError(
             f"{type(model).__name__}.forward got {', '.join(sorted(extra))}, which a kvpass model does not handle; "

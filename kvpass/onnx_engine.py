@@ -57,11 +57,11 @@ class OnnxEngine:
         """Empty tables for ``batch`` sequences, in the model's input order."""
         tables = []
         lo = self.layout
-        for layers, c, h, d in zip(lo.groups, lo.capacity, lo.kv_heads, lo.head_dim, strict=True):
+        for layers, c, h, d, dv in zip(lo.groups, lo.capacity, lo.kv_heads, lo.head_dim, lo.value_dim, strict=True):
             shape = (len(layers), batch, h, c)
             tables += [
                 np.zeros((*shape, d), self.dtype),
-                np.zeros((*shape, d), self.dtype),
+                np.zeros((*shape, dv), self.dtype),
                 np.full(shape, -1, TABLE_DTYPES["pos"]),
                 np.zeros(shape, TABLE_DTYPES["score"]),
                 np.zeros(shape, TABLE_DTYPES["valid"]),

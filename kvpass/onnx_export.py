@@ -44,6 +44,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, capacity: int | None = No
         "groups": [list(g) for g in step.layout.groups],
         "kv_heads": list(step.layout.kv_heads),
         "head_dim": list(step.layout.head_dim),
+        "value_dim": list(step.layout.value_dim),
         "capacity": list(step.layout.capacity),
         "dtype": str(param.dtype).removeprefix("torch."),
         "evicts": policy.evicts,
@@ -61,7 +62,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, capacity: int | None = No
 def layout_of(meta: dict) -> Layout:
     """The table layout an exported model's ``kvpass`` metadata describes."""
     groups = tuple(tuple(g) for g in meta["groups"])
-    return Layout(groups, *(tuple(meta[k]) for k in ("capacity", "kv_heads", "head_dim")))
+    return Layout(groups, *(tuple(meta[k]) for k in ("capacity", "kv_heads", "head_dim", "value_dim")))
 
 
 def _to_onnx(step: PureStep, T: int, param: torch.Tensor, chunk: int):

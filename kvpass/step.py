@@ -45,11 +45,13 @@ class Slots(NamedTuple):
     valid: Tensor
 
     @classmethod
-    def empty(cls, lead: tuple[int, ...], capacity: int, head_dim: int, dtype=torch.float32, device=None) -> Slots:
+    def empty(
+        cls, lead: tuple[int, ...], capacity: int, head_dim: int, dtype=torch.float32, device=None, value_dim=None
+    ) -> Slots:
         shape = (*lead, capacity)
         return cls(
             keys=torch.zeros(*shape, head_dim, dtype=dtype, device=device),
-            values=torch.zeros(*shape, head_dim, dtype=dtype, device=device),
+            values=torch.zeros(*shape, value_dim or head_dim, dtype=dtype, device=device),
             pos=torch.full(shape, -1, dtype=torch.long, device=device),
             score=torch.zeros(shape, dtype=torch.float32, device=device),
             valid=torch.zeros(shape, dtype=torch.bool, device=device),
@@ -75,13 +77,15 @@ class Slots(NamedTuple):
 @dataclass(frozen=True)
 class Layout:
     """How a step's tables are laid out: ``groups`` of layers, each with one ``capacity`` (slots per
-    layer and KV head), number of KV heads and head dim; five tables per group (:class:`Slots`),
-    ``[len(group), batch, kv_heads, capacity(, head_dim)]``, in group order."""
+    layer and KV head), number of KV heads and head dim of keys and of values; five tables per group
+    (:class:`Slots`), ``[len(group), batch, kv_heads, capacity(, head_dim or value_dim)]``, in
+    group order."""
 
     groups: tuple[tuple[int, ...], ...]
     capacity: tuple[int, ...]
     kv_heads: tuple[int, ...]
     head_dim: tuple[int, ...]
+    value_dim: tuple[int, ...]
     where: dict[int, tuple[int, int]] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -89,17 +93,17 @@ class Layout:
         object.__setattr__(self, "where", where)
 
     def __hash__(self) -> int:
-        return hash((self.groups, self.capacity, self.kv_heads, self.head_dim))
+        return hash((self.groups, self.capacity, self.kv_heads, self.head_dim, self.value_dim))
 
     @classmethod
-    def build(cls, capacity: dict[int, int], shape: dict[int, tuple[int, int]], keys: dict[int, tuple]) -> Layout:
-        """Layers grouped by their capacity, ``shape`` (KV heads, head dim) and ``keys`` (what else
-        their admission shares)."""
+    def build(cls, capacity: dict[int, int], shape: dict[int, tuple[int, int, int]], keys: dict[int, tuple]) -> Layout:
+        """Layers grouped by their capacity, ``shape`` (KV heads, head dim of keys, of values) and
+        ``keys`` (what else their admission shares)."""
         groups: dict[tuple, list[int]] = {}
         for layer in sorted(capacity):
             groups.setdefault((capacity[layer], *shape[layer], *keys[layer]), []).append(layer)
-        capacity, kv_heads, head_dim = (tuple(k[i] for k in groups) for i in range(3))
-        return cls(tuple(tuple(g) for g in groups.values()), capacity, kv_heads, head_dim)
+        sizes = (tuple(k[i] for k in groups) for i in range(4))
+        return cls(tuple(tuple(g) for g in groups.values()), *sizes)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -114,8 +118,10 @@ class Layout:
     def empty(self, batch: int, dtype=torch.float32, device=None) -> list[Tensor]:
         return [
             t
-            for layers, c, h, d in zip(self.groups, self.capacity, self.kv_heads, self.head_dim, strict=True)
-            for t in Slots.empty((len(layers), batch, h), c, d, dtype, device)
+            for layers, c, h, d, dv in zip(
+                self.groups, self.capacity, self.kv_heads, self.head_dim, self.value_dim, strict=True
+            )
+            for t in Slots.empty((len(layers), batch, h), c, d, dtype, device, dv)
         ]
 
     def split(self, tables) -> list[Slots]:
@@ -171,7 +177,7 @@ def prefill(
     rows = best[..., None].expand(B, Hkv, C, D)
     new = (
         torch.cat([slots.keys, k], dim=2).gather(2, rows),
-        torch.cat([slots.values, v], dim=2).gather(2, rows),
+        torch.cat([slots.values, v], dim=2).gather(2, best[..., None].expand(B, Hkv, C, v.shape[-1])),
         cand_pos.gather(-1, best),
         score.gather(-1, best),
         kept,
@@ -348,7 +354,7 @@ class Step(nn.Module):
         """The layout of tables with ``capacity`` slots per layer (capped by a layer's sliding window)."""
         sites = self.sites
         cap = {i: min(c, sites[i].window) if sites[i].window else c for i, c in capacity.items()}
-        shape = {i: (s.kv_heads, s.head_dim) for i, s in sites.items()}
+        shape = {i: (s.kv_heads, s.head_dim, s.value_dim) for i, s in sites.items()}
         return Layout.build(cap, shape, {i: (s.window, s.scale) for i, s in sites.items()})
 
 

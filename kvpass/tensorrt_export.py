@@ -36,9 +36,10 @@ def input_shapes(layout: Layout, T: tuple[int, int, int], batch: tuple[int, int,
     """``(min, opt, max)`` shapes of the step's inputs -- ``input_ids``, ``positions``, then the tables
     in ``layout.names()`` order -- for chunk lengths ``T`` and batch sizes ``batch`` (each min, opt, max)."""
     shapes = [tuple((b, t) for b, t in zip(batch, T, strict=True))] * 2
-    for layers, c, h, d in zip(layout.groups, layout.capacity, layout.kv_heads, layout.head_dim, strict=True):
+    lo = layout
+    for layers, c, h, d, dv in zip(lo.groups, lo.capacity, lo.kv_heads, lo.head_dim, lo.value_dim, strict=True):
         table = tuple((len(layers), b, h, c) for b in batch)
-        shapes += [tuple((*s, d) for s in table)] * 2 + [table] * 3
+        shapes += [tuple((*s, d) for s in table), tuple((*s, dv) for s in table)] + [table] * 3
     return shapes
 
 

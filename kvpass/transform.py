@@ -41,13 +41,16 @@ def sites_of(model: nn.Module) -> tuple[torch.fx.GraphModule, list[Site]]:
         torch.randint(0, vocab, (1, PROBE_LEN), device=device),
         torch.arange(PROBE_LEN, device=device)[None],
     )
-    return gm, find_attention(gm, probe)
+    sites = find_attention(gm, probe)
+    if hf.is_hf_model(type(model)):
+        hf.declare_windows(model, sites, PROBE_LEN)
+    return gm, sites
 
 
 def _vocab_size(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     if hasattr(config, "get_text_config"):  # a multimodal model's tokens are its text model's
-        config = config.get_text_config()
+        config = hf.text_config(config)
     if getattr(config, "vocab_size", None):
         return config.vocab_size
     emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)

@@ -47,6 +47,7 @@ class Site:
     causal: bool
     sliding_window: int | None
     softcap: float = 0.0  # attention logits capped to (-c, c) by c * tanh(x / c); 0 = none
+    value_dim: int = 0  # head dim of the values (0: head_dim; multi-head latent attention differs)
     kv_stride: int = 1  # the site's k/v repeat each KV head this many times (read every kv_stride-th head)
     action: str = "rewrite"  # or "skip"
     reason: str = ""
@@ -72,11 +73,12 @@ def find_attention(gm: fx.GraphModule, probe: tuple | None = None) -> list[Site]
         site.node, site.q, site.k, site.v = node, q, k, v
         if v_heads != kv_heads:
             site.k, site.v, site.kv_heads = node.args[1], node.args[2], H  # keys and values grouped differently
+        site.value_dim = int(_shape(v)[-1])
         if node in measured:
             kind, group = measured[node]
             site.causal = kind is not None
             site.sliding_window = kind or None
-            if kind is None:
+            if kind is None and site.action == "rewrite":
                 site.action, site.reason = "skip", "not causal self-attention (bidirectional or unrecognised mask)"
             if site.kv_heads == H and group > 1:
                 site.kv_heads, site.kv_stride = H // group, group

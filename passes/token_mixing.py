@@ -34,9 +34,11 @@ class TokenMixingError(ValueError):
 _SHAPE_ONLY = {
     "view", "reshape", "_unsafe_view", "permute", "transpose", "t", "numpy_T", "unsqueeze", "squeeze", "expand",
     "expand_as", "broadcast_to", "flatten", "unflatten", "contiguous", "clone", "alias", "detach", "lift_fresh_copy",
-    "_to_copy", "to", "type_as", "view_as", "repeat_interleave", "repeat", "movedim", "stack",
+    "_to_copy", "to", "type_as", "view_as", "repeat_interleave", "repeat", "movedim", "stack", "reshape_as",
+    "view_as_complex", "view_as_real",
 }  # fmt: skip
 _ELEMENTWISE = {"where", "masked_fill", "clamp", "clamp_min", "clamp_max", "dropout", "type_as", "copy", "fill"}
+_ELEMENTWISE |= {"multiply", "polar", "complex"}  # pointwise, without the tag
 _FACTORIES = {"zeros", "ones", "full", "empty", "zeros_like", "ones_like", "full_like", "empty_like", "scalar_tensor"}
 _FACTORIES |= {"new_zeros", "new_ones", "new_full", "new_empty", "sym_size", "sym_numel", "sym_stride"}
 _REDUCE_DIM = {  # name -> index of the ``dim`` argument

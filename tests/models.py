@@ -104,6 +104,8 @@ class Mixer(nn.Module):
         B, T, C = x.shape
         if self.mix == "arange":  # positions made inside the model, not taken from the input
             x = x + self.pos(torch.arange(T, device=x.device))
+        elif self.mix == "arange_odd":  # ... and not as arange(T): kvpass cannot say what they stand for
+            x = x + self.pos(torch.arange(1, 2 * T, 2, device=x.device))
         else:
             x = x + self.pos(position_ids)
         if self.mix == "cumsum":

@@ -113,3 +113,30 @@ def test_other_attention_implementation(name, impl):
 def test_falcon_on_old_transformers_is_a_clear_error():
     with pytest.raises(RuntimeError, match="fails when run on a 16-token probe"):
         kvpass.find_attention(build("falcon"))
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma3"])
+def test_windows_longer_than_the_probe_are_read_from_the_model(name):
+    """A 24-token window: longer than the probe that measures masks, so it comes from the attention
+    module's declaration; at full budget, a 70-token prompt is still the original."""
+    config_cls, model_cls, kwargs, impl = ARCHITECTURES[name]
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=97, pad_token_id=0, **{**kwargs, "sliding_window": 24}, attn_implementation=impl)
+    model = model_cls(config).eval()
+    assert [s.sliding_window for s in kvpass.find_attention(model)] == [24, 24 if name == "mistral" else None]
+    ids = prompt(int(torch.randint(0, 2**31, ())), B=2, T=70)
+    exact = kvpass.transform(model, policy="full", chunk=16)
+    ref = step_logits(model, ids, 8, DynamicCache(config=model.config))
+    assert (step_logits(exact, ids, 8, None) - ref).abs().max() <= 1e-4
+
+
+def test_chunked_attention_is_refused():
+    config = transformers.Llama4TextConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, intermediate_size_mlp=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=2, attention_chunk_size=64,
+    )  # fmt: skip
+    model = transformers.Llama4ForCausalLM(config).eval()
+    sites = kvpass.find_attention(model)
+    assert sites[0].action == "skip" and "chunked attention" in sites[0].reason
+    with pytest.raises(ValueError, match="chunked attention"):
+        kvpass.transform(model, policy="full")

@@ -240,6 +240,12 @@ def test_unknown_keywords_are_refused(exact, kwargs, error, match):
         exact(prompt(1, T=20), **kwargs)
 
 
+def test_absent_inputs_are_not_refused(exact):
+    """A multimodal model's generate() passes its image and audio inputs as None: text only."""
+    ids = prompt(1, T=20)
+    torch.testing.assert_close(exact(ids, pixel_values=None, audio_input_features=None).logits, exact(ids).logits)
+
+
 def test_cache_surface():
     """Every public member of the installed transformers Cache is either answered by kvpass or refuses,
     naming itself: none walks the (absent) transformers layers and silently finds nothing."""

@@ -16,7 +16,7 @@ from tests.models import Mixer, NanoGPT
         ("mean", "mean", "reduces or rearranges along a dimension that carries tokens"),
         ("conv", "conv1d", "cannot show to keep tokens apart"),
         ("shift", "slice", "takes part of the sequence"),
-        ("arange", "arange", "pass positions as an input"),
+        ("arange_odd", "arange", "pass positions as an input"),
         ("bidirectional", "scaled_dot_product_attention", "attention that kvpass did not rewrite"),
     ],
 )
@@ -27,9 +27,11 @@ def test_mixing_is_refused_with_the_node_named(mix, node, why):
     assert f"node '{node}" in str(err.value) or f"({node}" in str(err.value) or f"aten.{node}" in str(err.value)
 
 
-def test_mixer_without_mixing_is_rewritten_exactly():
+@pytest.mark.parametrize("mix", ["none", "arange"])
+def test_mixer_without_mixing_is_rewritten_exactly(mix):
+    """Positions made by ``arange(T)`` are what the whole sequence would have given (the true ones)."""
     torch.manual_seed(0)
-    model = Mixer("none").eval()
+    model = Mixer(mix).eval()
     ids = torch.randint(0, 50, (2, 30))
     small = kvpass.transform(model, policy="full", chunk=7)
     torch.testing.assert_close(small(ids).logits, model(ids, torch.arange(30).expand(2, 30)), rtol=1e-5, atol=1e-5)
