@@ -25,6 +25,7 @@ the token-mixing check later refuses it if it stays in the graph.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -173,11 +174,34 @@ def _values(out: fx.Node, probs: fx.Node, kind: str) -> fx.Node | None:
     return None
 
 
+def _unstable(x: fx.Node) -> fx.Node:
+    """``x`` without a subtracted row maximum (``x - x.max(-1, keepdim=True)``, which softmax does itself)."""
+    if _call(x, aten.sub.Tensor) and _call(x.args[1], operator.getitem) and x.args[1].args[1] == 0:
+        m = x.args[1].args[0]
+        if _call(m, aten.max.dim) and m.args[0] is x.args[0] and m.args[1] in (-1, _rank(x) - 1):
+            return x.args[0]
+    if _call(x, aten.sub.Tensor) and _call(x.args[1], aten.amax.default) and x.args[1].args[0] is x.args[0]:
+        return x.args[0]
+    return x
+
+
+def _floored(x: fx.Node) -> fx.Node:
+    """``x`` without ``max(x, finfo.min)`` (which keeps masked rows finite and changes no probability)."""
+    if _call(x, aten.max.other) and _call(x.args[1], aten.full.default) and x.args[1].args[1] <= -1e30:
+        return x.args[0]
+    return x
+
+
 def _match(softmax: fx.Node) -> Match | None:
     if _rank(softmax) not in (3, 4):
         return None
-    x, mask, scale, softcap = softmax.args[0], None, 1.0, 0.0
-    if _call(x, aten.add.Tensor) and isinstance(x.args[1], fx.Node):
+    x, mask, scale, softcap, mask4 = _floored(_unstable(softmax.args[0])), None, 1.0, 0.0, False
+    inner = _floored(x.args[0]) if _call(x, *_RESHAPE) else None
+    if _rank(x) == 3 and _call(inner, aten.add.Tensor) and _rank(inner) == 4:
+        # [B*H, T, T] scores viewed as [B, H, T, T] to add the mask, and back
+        if _call(inner.args[0], *_RESHAPE) and _rank(inner.args[0].args[0]) == 3 and isinstance(inner.args[1], fx.Node):
+            x, mask, mask4 = inner.args[0].args[0], inner.args[1], True
+    elif _call(x, aten.add.Tensor) and isinstance(x.args[1], fx.Node):
         x, mask = x.args[0], x.args[1]
     elif _call(x, aten.masked_fill.Scalar) and x.args[2] == -math.inf:
         x, mask = x.args[0], ("not", x.args[1])
@@ -197,7 +221,7 @@ def _match(softmax: fx.Node) -> Match | None:
     key_dim = _score_roles(x)["z"].index(_score_roles(x)["k"]) if kind == "einsum" else _rank(softmax) - 1
     if softmax.args[1] % _rank(softmax) != key_dim:
         return None
-    if kind == "bmm" and isinstance(mask, fx.Node) and _rank(mask) > 2:
+    if kind == "bmm" and isinstance(mask, fx.Node) and _rank(mask) > 2 and not mask4:
         return None  # a per-(batch x head) mask: not expressible on [B, H, T, T] without its sizes
     probs = softmax
     while (user := _only_user(probs)) is not None and (

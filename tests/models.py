@@ -161,6 +161,12 @@ class EagerForms(nn.Module):
         elif self.form == "matmul_permute":
             a = torch.matmul(q, k.permute(0, 1, 3, 2)) * D**-0.5
             y = a.masked_fill(future, float("-inf")).softmax(-1) @ v
+        elif self.form == "bmm_mask4":  # BART-era: the mask added on a [B, H, T, T] view, max-subtracted
+            q3, k3, v3 = (t.reshape(B * H, T, D) for t in (q * D**-0.5, k, v))  # queries scaled first
+            a = torch.bmm(q3, k3.transpose(1, 2)).view(B, H, T, T)
+            a = (a + torch.zeros(B, 1, T, T).masked_fill(future, float("-inf"))).view(B * H, T, T)
+            a = a - a.max(dim=-1, keepdim=True).values
+            y = torch.bmm(a.softmax(-1), v3).view(B, H, T, D)
         elif self.form in ("bmm", "baddbmm"):
             q3, k3, v3 = (t.reshape(B * H, T, D) for t in (q, k, v))
             if self.form == "bmm":

@@ -44,7 +44,7 @@ def test_nanogpt_masked_fill_attention():
     assert all(layer.held == 4 * 12 for layer in kvpass.cache_stats(bounded).layers)
 
 
-FORMS = ["einsum", "einsum_bthd", "einsum_letters", "matmul_permute", "bmm", "baddbmm"]
+FORMS = ["einsum", "einsum_bthd", "einsum_letters", "matmul_permute", "bmm", "baddbmm", "bmm_mask4"]
 
 
 @pytest.mark.parametrize("form,softcap", [*((f, 0.0) for f in FORMS), ("softcap", 2.0)])
@@ -53,7 +53,7 @@ def test_eager_forms(form, softcap):
     model = EagerForms(form).eval()
     (site,) = kvpass.find_attention(model)
     assert (site.heads, site.kv_heads, site.head_dim, site.causal, site.action) == (4, 4, 8, True, "rewrite")
-    assert site.scale == pytest.approx(8**-0.5) and site.softcap == softcap
+    assert site.scale == pytest.approx(1.0 if form == "bmm_mask4" else 8**-0.5) and site.softcap == softcap
     ids = torch.randint(0, 50, (2, 45))
     exact = kvpass.transform(model, policy="full", chunk=16)
     torch.testing.assert_close(exact(ids).logits, model(ids, torch.arange(45).expand(2, 45)), rtol=1e-5, atol=1e-5)
