@@ -9,7 +9,7 @@ our ops are not registered a second time (which would tear down the first regist
 if __name__ == "kvpass.kernels":
     from .attend import attend, attend_attention, attend_reference, visible
     from .decode import decode, decode_attention, decode_reference
-    from .softcap_sdpa import softcap_sdpa
+    from .eager_sdpa import eager_sdpa
 
     __all__ = [
         "attend",
@@ -18,6 +18,6 @@ if __name__ == "kvpass.kernels":
         "decode",
         "decode_attention",
         "decode_reference",
-        "softcap_sdpa",
+        "eager_sdpa",
         "visible",
     ]

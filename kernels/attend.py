@@ -37,6 +37,7 @@ def attend(
     value_weighted: bool = False,
     chunk_keep: Tensor | None = None,
     keep_window: int = 0,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attend ``q`` over the kept slots and the chunk; return ``(out, mass)``.
 
@@ -55,10 +56,12 @@ def attend(
 
     ``chunk_keep [B, Hkv, T]`` (bool, optional): in-context eviction -- a chunk token that is not
     kept is seen only by itself and the queries at most ``keep_window`` positions after it.
+    ``sinks [H]`` (optional): each query head's sink logit, which joins every row's softmax and whose
+    probability is dropped (GPT-OSS); the mass is of the keys only.
     """
     return attend_attention(
         q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k, value_weighted,
-        chunk_keep, keep_window,
+        chunk_keep, keep_window, sinks,
     )  # fmt: skip
 
 
@@ -102,15 +105,18 @@ def attend_reference(
     value_weighted=False,
     chunk_keep=None,
     keep_window=0,
+    sinks=None,
 ):
     """The op's torch implementation, callable without the dispatcher's per-call cost (eager runtime)."""
     T = q.shape[2]
     mask = visible(slot_valid, slot_pos, pos, window, chunk_keep, keep_window)
     if isinstance(T, torch.SymInt):  # traced for any chunk length (an exported prefill): no branch on T
-        return _attend_any_length(q, k, v, slot_k, slot_v, mask, scale, softcap, obs, entropy_k, value_weighted)
+        return _attend_any_length(
+            q, k, v, slot_k, slot_v, mask, scale, softcap, obs, entropy_k, value_weighted, sinks
+        )  # fmt: skip
     obs = min(obs, T)
-    if T == 1 or obs == T or softcap:
-        probs = _probs(q, (slot_k, k), mask, scale, softcap)
+    if T == 1 or obs == T or softcap or sinks is not None:
+        probs = _probs(q, (slot_k, k), mask, scale, softcap, sinks)
         C = slot_k.shape[2]
         pg = probs.flatten(2, 3)  # [B, Hkv, G*T, C+T]
         out = (pg[..., :C] @ slot_v.float() + pg[..., C:] @ v.float()).view(*q.shape[:-1], -1).to(q.dtype)
@@ -122,21 +128,22 @@ def attend_reference(
     if probs is None or entropy_k:
         m = mask[:, :, T - obs :]
         lam = mass_scale(m.sum(dim=-1), q.shape[-1], scale, entropy_k)[:, :, None, :, None] if entropy_k else scale
-        probs = _probs(q[:, :, T - obs :], (slot_k, k), m, lam, 0.0 if entropy_k else softcap)
+        probs = _probs(q[:, :, T - obs :], (slot_k, k), m, lam, 0.0 if entropy_k else softcap, sinks)
     mass = probs.sum(dim=(2, 3))
     return out, mass * value_weights(torch.cat([slot_v, v], dim=2)) if value_weighted else mass
 
 
-def _attend_any_length(q, k, v, slot_k, slot_v, mask, scale, softcap, obs, entropy_k, value_weighted):
+def _attend_any_length(q, k, v, slot_k, slot_v, mask, scale, softcap, obs, entropy_k, value_weighted, sinks=None):
     """``attend_reference`` without a Python branch on the chunk length: every query's probabilities,
     the last ``obs`` queries' summed by a mask (a branch would hold for some lengths only)."""
     B, H, T, D = q.shape
     C = slot_k.shape[2]
-    probs = _probs(q, (slot_k, k), mask, scale, softcap)
+    probs = _probs(q, (slot_k, k), mask, scale, softcap, sinks)
     pg = probs.flatten(2, 3)
     out = (pg[..., :C] @ slot_v.float() + pg[..., C:] @ v.float()).view(B, H, T, slot_v.shape[-1]).to(q.dtype)
     if entropy_k:
-        probs = _probs(q, (slot_k, k), mask, mass_scale(mask.sum(dim=-1), D, scale, entropy_k)[:, :, None, :, None])
+        lam = mass_scale(mask.sum(dim=-1), D, scale, entropy_k)[:, :, None, :, None]
+        probs = _probs(q, (slot_k, k), mask, lam, 0.0, sinks)
     observed = torch.arange(T, device=q.device) >= T - obs
     mass = (probs * observed[:, None]).sum(dim=(2, 3))
     return out, mass * value_weights(torch.cat([slot_v, v], dim=2)) if value_weighted else mass
@@ -144,16 +151,17 @@ def _attend_any_length(q, k, v, slot_k, slot_v, mask, scale, softcap, obs, entro
 
 def attend_attention(
     q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k=0,
-    value_weighted=False, chunk_keep=None, keep_window=0,
+    value_weighted=False, chunk_keep=None, keep_window=0, sinks=None,
 ):  # fmt: skip
     """``kvpass::attend`` without the dispatcher. Where :func:`backend.use_triton` says so (CUDA, by
-    default) and there is no soft-capping (which SDPA lacks): the output from fused SDPA and the mass
-    from the Triton chunk-scoring kernel, so no probability matrix is built. Else the reference."""
-    if backend.use_triton(q, slot_v) and not softcap and not torch.compiler.is_exporting():  # an engine: torch ops
+    default) and there is no soft-capping or sink (which SDPA lacks): the output from fused SDPA and
+    the mass from the Triton chunk-scoring kernel, so no probability matrix is built. Else the reference."""
+    fused = not softcap and sinks is None  # what SDPA computes
+    if backend.use_triton(q, slot_v) and fused and not torch.compiler.is_exporting():  # an engine: torch ops only
         if torch.compiler.is_compiling():  # a compiled step sees the op, opaque
             return attend(
                 q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k,
-                value_weighted, chunk_keep, keep_window,
+                value_weighted, chunk_keep, keep_window, sinks,
             )  # fmt: skip
         from .mass_triton import chunk_mass_triton
 
@@ -165,7 +173,7 @@ def attend_attention(
         return _sdpa(q, k, v, slot_k, slot_v, mask, scale), mass
     return attend_reference(
         q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k, value_weighted,
-        chunk_keep, keep_window,
+        chunk_keep, keep_window, sinks,
     )  # fmt: skip
 
 
@@ -196,9 +204,10 @@ def value_weights(values: Tensor) -> Tensor:
     return values.float().square().sum(dim=-1)
 
 
-def _probs(q: Tensor, keys: tuple[Tensor, ...], mask: Tensor, scale: float | Tensor, softcap: float = 0.0) -> Tensor:
+def _probs(q: Tensor, keys: tuple[Tensor, ...], mask: Tensor, scale, softcap: float = 0.0, sinks=None) -> Tensor:
     """Softmax probabilities ``[B, Hkv, G, T, N]`` (fp32) of ``q`` over the concatenated ``keys``
-    (``scale``: a number, or per query ``[B, Hkv, 1, T, 1]``)."""
+    (``scale``: a number, or per query ``[B, Hkv, 1, T, 1]``; ``sinks [H]``: a logit per query
+    head that joins the softmax, its probability dropped)."""
     B, H, T, D = q.shape
     Hkv = keys[0].shape[1]
     G = H // Hkv
@@ -208,4 +217,8 @@ def _probs(q: Tensor, keys: tuple[Tensor, ...], mask: Tensor, scale: float | Ten
     logits = logits.view(B, Hkv, G, T, -1) * scale
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
-    return logits.masked_fill(~mask[:, :, None], float("-inf")).softmax(dim=-1)
+    logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
+    if sinks is None:
+        return logits.softmax(dim=-1)
+    sink = sinks.float().view(1, Hkv, G, 1, 1).expand(*logits.shape[:-1], 1)
+    return torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]

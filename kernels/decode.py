@@ -33,6 +33,7 @@ def decode(
     value_weighted: bool = False,
     k_new: Tensor | None = None,
     v_new: Tensor | None = None,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attend ``q [B, H, 1, D]`` over the valid slots ``slot_k, slot_v [B, Hkv, N, D]`` and, if
     given, the token's own ``k_new, v_new [B, Hkv, 1, D]`` (seen unless ``pos`` is -1: padding).
@@ -43,34 +44,36 @@ def decode(
     scaled logits ``x`` to ``softcap * tanh(x / softcap)``. Returns ``out [B, H, 1, D]`` (``q``'s
     dtype) and ``mass [B, Hkv, N (+ 1)]`` (fp32): each key's probability (the slots', then the new
     token's), summed over the query heads that share its KV head. A row that sees no key gets NaN.
-    ``entropy_k`` and ``value_weighted`` change only the mass, as in ``kvpass::attend``.
+    ``entropy_k`` and ``value_weighted`` change only the mass, as in ``kvpass::attend``; so does
+    ``sinks [H]`` (each query head's sink logit, its probability dropped), as there.
     """
     return decode_attention(
-        q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, entropy_k, value_weighted, k_new, v_new
-    )
+        q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, entropy_k, value_weighted, k_new, v_new,
+        sinks,
+    )  # fmt: skip
 
 
 def decode_attention(
     q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window=0, softcap=0.0, entropy_k=0, value_weighted=False,
-    k_new=None, v_new=None,
+    k_new=None, v_new=None, sinks=None,
 ):  # fmt: skip
     """``kvpass::decode`` without the dispatcher: the Triton kernel (:mod:`.decode_triton`) for CUDA
     tensors where Triton is installed and the head dim is a power of two >= 16 (inside a compiled
     step, as the opaque op), else the torch reference, which Inductor compiles with the rest of the
     step. Returns ``(out, mass)``. ``backend.BACKEND`` overrides the choice."""
     args = (q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, entropy_k, value_weighted)
-    if backend.use_triton(q, slot_v) and not torch.compiler.is_exporting():  # an exported engine: torch ops only
+    if backend.use_triton(q, slot_v) and sinks is None and not torch.compiler.is_exporting():  # engines: torch ops
         if torch.compiler.is_compiling():
             return decode(*args, k_new, v_new)
         from .decode_triton import decode_triton
 
         return decode_triton(*args, k_new=k_new, v_new=v_new)
-    return decode_reference(*args, k_new, v_new)
+    return decode_reference(*args, k_new, v_new, sinks)
 
 
 @decode.register_fake
 def _(q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, entropy_k=0, value_weighted=False,
-      k_new=None, v_new=None):  # fmt: skip
+      k_new=None, v_new=None, sinks=None):  # fmt: skip
     B, Hkv, N = slot_valid.shape
     out = q.new_empty((*q.shape[:-1], slot_v.shape[-1]))
     return out, q.new_empty((B, Hkv, N + (k_new is not None)), dtype=torch.float32)
@@ -78,7 +81,7 @@ def _(q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, entr
 
 def decode_reference(
     q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, entropy_k=0, value_weighted=False,
-    k_new=None, v_new=None,
+    k_new=None, v_new=None, sinks=None,
 ):  # fmt: skip
     """The op's torch implementation, callable without the dispatcher's per-call cost (eager runtime)."""
     B, H, _, D = q.shape
@@ -95,7 +98,12 @@ def decode_reference(
     logits = raw * scale
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
-    probs = torch.where(seen[:, :, None], logits, float("-inf")).softmax(dim=-1)
+    logits = torch.where(seen[:, :, None], logits, float("-inf"))
+    if sinks is None:
+        probs = logits.softmax(dim=-1)
+    else:  # each query head's sink logit joins the softmax; its probability is dropped
+        sink = sinks.float().view(1, Hkv, G, 1).expand(B, Hkv, G, 1)
+        probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
     Dv = slot_v.shape[-1]  # values may be narrower or wider than keys (multi-head latent attention)
     out = torch.bmm(probs[..., :N].reshape(rows, G, N), slot_v.reshape(rows, N, Dv).float())
     if k_new is not None:

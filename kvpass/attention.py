@@ -22,8 +22,8 @@ class KVAttention(nn.Module):
         self.window = site.sliding_window or 0
         self.io = io
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
-        return self.io.attend(self, q, k, v, pos)
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sinks: Tensor | None = None) -> Tensor:
+        return self.io.attend(self, q, k, v, pos, sinks)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, scale={self.scale:.4g}, window={self.window}, softcap={self.softcap}"

@@ -153,10 +153,12 @@ def prefill(
     window: int = 0,
     softcap: float = 0.0,
     keep: int | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Attend the chunk (``q [B, H, T, D]``, ``k, v [B, Hkv, T, D]``, ``pos [B, T]``, -1 = padding)
-    over the layer's ``slots`` and itself; the best ``keep`` (default: all ``C``) of the ``C + T``
-    candidates become its slots (written in place). Returns the attention output."""
+    over the layer's ``slots`` and itself (with ``sinks [H]``, each head's sink logit, if given);
+    the best ``keep`` (default: all ``C``) of the ``C + T`` candidates become its slots (written in
+    place). Returns the attention output."""
     B, Hkv, _, D = k.shape
     C = slots.capacity
     gate = chunk_keep = None
@@ -166,7 +168,7 @@ def prefill(
         chunk_keep = ~policy.drops(gate) | (pos < policy.sink_tokens)[:, None, :]
     out, mass = attend_attention(
         q, k, v, slots.keys, slots.values, slots.valid, slots.pos, pos, scale, window, softcap, policy.obs,
-        policy.mass_entropy_k, policy.mass_by_value, chunk_keep, policy.window,
+        policy.mass_entropy_k, policy.mass_by_value, chunk_keep, policy.window, sinks,
     )  # fmt: skip
     score = policy.score(Chunk(old=slots.score, keys=k, values=v, pos=pos, mass=mass, slot_pos=slots.pos, gate=gate))
     cand_pos, cand_valid, rank = rank_candidates(policy, score, slots.pos, slots.valid, pos, window)
@@ -188,14 +190,14 @@ def prefill(
 
 
 def decode(
-    policy: Policy, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, slots: Slots, scale: float, window=0, softcap=0.0
+    policy: Policy, q, k, v, pos, slots: Slots, scale: float, window=0, softcap=0.0, sinks: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """A decoded token (``q [B, H, 1, D]``, ``k, v [B, Hkv, 1, D]``, ``pos [B, 1]``) attends over the
     layer's slots and its own key; returns ``(out, mass [B, Hkv, C + 1])``. The slots are only read:
     :func:`admit` writes the token later."""
     return decode_attention(
         q, slots.keys, slots.values, slots.valid, slots.pos, pos, scale, window, softcap, policy.mass_entropy_k,
-        policy.mass_by_value, k, v,
+        policy.mass_by_value, k, v, sinks,
     )  # fmt: skip
 
 
@@ -285,7 +287,7 @@ class Exchange:
         self.decoding = False
         self.pending: dict[int, tuple[Tensor, ...]] = {}
 
-    def attend(self, site, q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+    def attend(self, site, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sinks: Tensor | None = None) -> Tensor:
         """What the site of ``site.layer`` computes: its output; its tables updated (prefill) or its
         token kept for admission (decode)."""
         if self.groups is None:
@@ -294,11 +296,11 @@ class Exchange:
         g, i = self.layout.where[layer]
         slots = self.groups[g].layer(i)
         if self.decoding:
-            out, mass = decode(self.policy, q, k, v, pos, slots, site.scale, site.window, site.softcap)
+            out, mass = decode(self.policy, q, k, v, pos, slots, site.scale, site.window, site.softcap, sinks)
             self.pending[layer] = (q, k, v, pos, mass)
             return out
         keep = None if self.keep is None else self.keep[layer]
-        return prefill(self.policy, layer, q, k, v, pos, slots, site.scale, site.window, site.softcap, keep)
+        return prefill(self.policy, layer, q, k, v, pos, slots, site.scale, site.window, site.softcap, keep, sinks)
 
 
 class Step(nn.Module):

@@ -10,6 +10,8 @@ Recognised (every piece optional unless said):
 - a scale by a constant (``mul`` or ``div`` by a number or a 0-dim constant tensor, in place or
   not; ``baddbmm``'s ``alpha``);
 - logit soft-capping ``c * tanh(x / c)`` (Gemma 2);
+- attention sinks (GPT-OSS): a per-head logit concatenated to the scores before the softmax,
+  whose column is sliced off after it;
 - an additive mask (``add``) or a boolean fill (``masked_fill(cond, -inf)``);
 - ``softmax(-1)`` (required; also computed in fp32 and cast back), ``dropout`` in eval mode;
 - the product with ``v`` (required), by the same kind of op as the scores (an einsum's letters
@@ -17,8 +19,8 @@ Recognised (every piece optional unless said):
 
 Operands in another layout are permuted to ``[B, H, T, D]`` around the attention node.
 
-Without soft-capping the result is ``aten.scaled_dot_product_attention``; with it,
-``kvpass.softcap_sdpa`` (SDPA has no soft-capping argument). Anything else is left alone, and
+Without soft-capping or sinks the result is ``aten.scaled_dot_product_attention``; with them,
+``kvpass.eager_sdpa`` (SDPA has neither argument). Anything else is left alone, and
 the token-mixing check later refuses it if it stays in the graph.
 """
 
@@ -31,14 +33,14 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from kvpass.kernels import softcap_sdpa  # noqa: F401  (registers torch.ops.kvpass.softcap_sdpa)
+from kvpass.kernels import eager_sdpa  # noqa: F401  (registers torch.ops.kvpass.eager_sdpa)
 
 aten = torch.ops.aten
 _SOFTMAX = {aten.softmax.int, aten._softmax.default}
 _MUL = {aten.mul.Tensor, aten.mul_.Tensor}
 _DIV = {aten.div.Tensor, aten.div_.Tensor}
 _RESHAPE = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
-SOFTCAP_SDPA = torch.ops.kvpass.softcap_sdpa.default
+EAGER_SDPA = torch.ops.kvpass.eager_sdpa.default
 
 
 _CANON = (0, 1, 2, 3)
@@ -54,6 +56,7 @@ class Match:
     softcap: float
     out: fx.Node
     batched: bool  # 3-D ``bmm`` form: the result is ``[B*H, T, D]``
+    sinks: fx.Node | None = None  # ``[H]``: each head's sink logit
     perms: tuple = (_CANON,) * 5  # q, k, scores (and mask), v: to [B, H, T, D]; output: from it
 
 
@@ -192,10 +195,24 @@ def _floored(x: fx.Node) -> fx.Node:
     return x
 
 
+def _sink_source(s: fx.Node) -> fx.Node | None:
+    """The ``[H]`` sink logits a ``[B, H, T, 1]`` column was broadcast from (reshapes, expands, casts)."""
+    while _call(s, *_RESHAPE, aten.expand.default, aten.unsqueeze.default, aten.to.dtype, aten._to_copy.default):
+        if _rank(s.args[0]) == 1:
+            return s.args[0]
+        s = s.args[0]
+    return None
+
+
 def _match(softmax: fx.Node) -> Match | None:
     if _rank(softmax) not in (3, 4):
         return None
-    x, mask, scale, softcap, mask4 = _floored(_unstable(softmax.args[0])), None, 1.0, 0.0, False
+    x, sinks = _unstable(softmax.args[0]), None
+    if _call(x, aten.cat.default) and len(x.args[0]) == 2 and (x.args[1] if len(x.args) > 1 else 0) in (-1, 3):
+        x, sinks = x.args[0][0], _sink_source(x.args[0][1])
+        if sinks is None:
+            return None
+    x, mask, scale, softcap, mask4 = _floored(x), None, 1.0, 0.0, False
     inner = _floored(x.args[0]) if _call(x, *_RESHAPE) else None
     if _rank(x) == 3 and _call(inner, aten.add.Tensor) and _rank(inner) == 4:
         # [B*H, T, T] scores viewed as [B, H, T, T] to add the mask, and back
@@ -228,11 +245,23 @@ def _match(softmax: fx.Node) -> Match | None:
         _call(user, aten.to.dtype, aten._to_copy.default) or (_call(user, aten.dropout.default) and not user.args[2])
     ):
         probs = user
+    if sinks is not None:  # the sink's column sliced off
+        user = _only_user(probs)
+        if not (
+            _call(user, aten.slice.Tensor) and user.args[1] in (-1, 3) and user.args[2] == 0 and user.args[3] == -1
+        ):
+            return None
+        probs = user
+        while (user := _only_user(probs)) is not None and (
+            _call(user, aten.to.dtype, aten._to_copy.default)
+            or (_call(user, aten.dropout.default) and not user.args[2])
+        ):
+            probs = user
     out = _only_user(probs)
     v = _values(out, probs, kind) if out is not None else None
     if v is None:
         return None
-    match = Match(q, k, v, mask, scale * alpha, softcap, out, kind == "bmm")
+    match = Match(q, k, v, mask, scale * alpha, softcap, out, kind == "bmm", sinks)
     if kind == "einsum":
         perms = _einsum_perms(x, out)
         if perms is None:
@@ -274,8 +303,8 @@ def eager_to_sdpa(gm: fx.GraphModule) -> int:
             q, k, v = _permute(g, m.q, qp), _permute(g, m.k, kp), _permute(g, m.v, vp)
             if isinstance(mask, fx.Node) and sp != _CANON:
                 mask = _permute(g, _to_rank4(g, mask), sp)
-            if m.softcap:
-                node = g.call_function(SOFTCAP_SDPA, (q, k, v, mask, m.scale, m.softcap))
+            if m.softcap or m.sinks is not None:
+                node = g.call_function(EAGER_SDPA, (q, k, v, mask, m.scale, m.softcap, m.sinks))
             else:
                 node = g.call_function(
                     aten.scaled_dot_product_attention.default, (q, k, v), {"attn_mask": mask, "scale": m.scale}

@@ -1,6 +1,6 @@
 """Find the self-attention sites of a captured graph and describe each one.
 
-A site is one ``aten.scaled_dot_product_attention`` call (or ``kvpass.softcap_sdpa``, what
+A site is one ``aten.scaled_dot_product_attention`` call (or ``kvpass.eager_sdpa``, what
 soft-capped eager attention is canonicalised to). Its keys and values are traced back through
 grouped-query repetition (``repeat_kv``: unsqueeze + expand + reshape, or ``repeat_interleave``)
 to the per-KV-head tensors that a cache would store.
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from kvpass.kernels import softcap_sdpa  # noqa: F401  (registers torch.ops.kvpass.softcap_sdpa)
+from kvpass.kernels import eager_sdpa  # noqa: F401  (registers torch.ops.kvpass.eager_sdpa)
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
-SOFTCAP_SDPA = torch.ops.kvpass.softcap_sdpa.default
+EAGER_SDPA = torch.ops.kvpass.eager_sdpa.default
 _PASS_THROUGH = {torch.ops.aten.clone.default, torch.ops.aten.contiguous.default, torch.ops.aten.alias.default}
 _RESHAPE = {torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default}
 PROBE_LEN = 16
@@ -51,6 +51,7 @@ class Site:
     kv_stride: int = 1  # the site's k/v repeat each KV head this many times (read every kv_stride-th head)
     action: str = "rewrite"  # or "skip"
     reason: str = ""
+    sinks: fx.Node | None = field(default=None, repr=False, compare=False)  # ``[H]`` sink logits (GPT-OSS)
     node: fx.Node | None = field(default=None, repr=False, compare=False)
     q: fx.Node | None = field(default=None, repr=False, compare=False)
     k: fx.Node | None = field(default=None, repr=False, compare=False)
@@ -59,7 +60,7 @@ class Site:
 
 def find_attention(gm: fx.GraphModule, probe: tuple | None = None) -> list[Site]:
     """Every attention call in ``gm``, in graph order; ``probe`` is an example input to measure masks with."""
-    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (SDPA, SOFTCAP_SDPA)]
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (SDPA, EAGER_SDPA)]
     measured = _measure(gm, nodes, probe) if probe is not None else {}
     sites = []
     for layer, node in enumerate(nodes):
@@ -70,7 +71,7 @@ def find_attention(gm: fx.GraphModule, probe: tuple | None = None) -> list[Site]
         v, v_heads = (node.args[2], kv_heads) if a["gqa"] else _kv_source(node.args[2], H)
         scale = a["scale"] or 1.0 / math.sqrt(D)
         site = Site(layer, _module_path(node), H, kv_heads, D, float(scale), False, None, float(a["softcap"]))
-        site.node, site.q, site.k, site.v = node, q, k, v
+        site.node, site.q, site.k, site.v, site.sinks = node, q, k, v, a["sinks"]
         if v_heads != kv_heads:
             site.k, site.v, site.kv_heads = node.args[1], node.args[2], H  # keys and values grouped differently
         site.value_dim = int(_shape(v)[-1])
@@ -88,9 +89,10 @@ def find_attention(gm: fx.GraphModule, probe: tuple | None = None) -> list[Site]
 
 def _attn_args(node: fx.Node) -> dict:
     """Mask, causality, scale, GQA flag and soft-cap of an attention node, wherever they were passed."""
-    if node.target == SOFTCAP_SDPA:
-        _, _, _, mask, scale, softcap = node.args
-        return {"mask": mask, "causal": False, "scale": scale, "gqa": False, "softcap": softcap}
+    if node.target == EAGER_SDPA:
+        _, _, _, mask, scale, softcap, *sinks = node.args
+        sinks = sinks[0] if sinks else node.kwargs.get("sinks")
+        return {"mask": mask, "causal": False, "scale": scale, "gqa": False, "softcap": softcap, "sinks": sinks}
     names = ("q", "k", "v", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
     got = {**dict(zip(names, node.args, strict=False)), **node.kwargs}
     return {
@@ -99,6 +101,7 @@ def _attn_args(node: fx.Node) -> dict:
         "scale": got.get("scale"),
         "gqa": bool(got.get("enable_gqa", False)),
         "softcap": 0.0,
+        "sinks": None,
     }
 
 

@@ -13,7 +13,8 @@ from .find_attention import Site
 def rewrite(
     gm: fx.GraphModule, sites: list[Site], make_module: Callable[[Site], nn.Module], positions: str = "position_ids"
 ) -> fx.GraphModule:
-    """Replace every site marked ``rewrite`` by ``make_module(site)(q, k, v, positions)``.
+    """Replace every site marked ``rewrite`` by ``make_module(site)(q, k, v, positions)`` (and the
+    site's ``[H]`` sink logits, where it has them).
 
     ``k`` and ``v`` are the per-KV-head tensors (before grouped-query repetition); ``positions``
     names the graph input carrying true token positions, ``-1`` for padding: the attention modules
@@ -42,7 +43,8 @@ def rewrite(
                 k, v = (g.call_function(torch.ops.aten.slice.Tensor, (t, 1, 0, H, site.kv_stride)) for t in (k, v))
                 for t in (k, v):
                     t.meta["val"] = t.args[0].meta["val"][:, :: site.kv_stride]
-            call = g.call_module(name, (site.q, k, v, pos))
+            sinks = () if site.sinks is None else (site.sinks,)
+            call = g.call_module(name, (site.q, k, v, pos, *sinks))
         call.meta = dict(site.node.meta)
         site.node.replace_all_uses_with(call)
         gm.graph.erase_node(site.node)

@@ -151,7 +151,7 @@ def _mixes(node: fx.Node, seq: set) -> str:
         return ""
     if name in _SHAPE_ONLY or name in _FACTORIES or name == "embedding":
         return ""
-    if name in ("scaled_dot_product_attention", "softcap_sdpa"):
+    if name in ("scaled_dot_product_attention", "eager_sdpa"):
         return "is attention that kvpass did not rewrite (not causal self-attention; `kvpass inspect` says why)"
     x = node.args[0] if node.args else None
     xt = in_tokens.get(x, []) if isinstance(x, fx.Node) else []

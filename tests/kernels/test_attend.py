@@ -9,10 +9,12 @@ from kvpass.kernels import attend
 
 
 def dense_reference(
-    q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k=0, value_weighted=False
-):
+    q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k=0, value_weighted=False,
+    sinks=None,
+):  # fmt: skip
     """Loop over every (row, head, query): gather what it may see, softmax, sum. The mass options
-    as AhaKV states them: scale sqrt(2 ln(n / k) / d), never below ``scale``; weights ||v||^2."""
+    as AhaKV states them: scale sqrt(2 ln(n / k) / d), never below ``scale``; weights ||v||^2.
+    ``sinks [H]``: one more logit per head in the softmax, its probability dropped."""
     B, H, T, _ = q.shape
     Hkv, C = slot_k.shape[1], slot_k.shape[2]
     G = H // Hkv
@@ -37,12 +39,17 @@ def dense_reference(
                 logits = (keys @ q[b, h, t].double()) * scale
                 if softcap:
                     logits = softcap * torch.tanh(logits / softcap)
-                p = torch.where(ok, logits, -math.inf).softmax(0)
+                logits = torch.where(ok, logits, -math.inf)
+                if sinks is not None:
+                    p = torch.cat([logits, sinks[h : h + 1].double()]).softmax(0)[:-1]
+                else:
+                    p = logits.softmax(0)
                 out[b, h, t] = (p @ vals).to(q.dtype)
                 if entropy_k:
                     n = int(ok.sum())
                     lam = max(scale, math.sqrt(max(0.0, 2 * math.log(n / entropy_k) / q.shape[-1])))
-                    p = torch.where(ok, (keys @ q[b, h, t].double()) * lam, -math.inf).softmax(0)
+                    p = torch.where(ok, (keys @ q[b, h, t].double()) * lam, -math.inf)
+                    p = torch.cat([p, sinks[h : h + 1].double()]).softmax(0)[:-1] if sinks is not None else p.softmax(0)
                 if value_weighted:
                     p = p * (vals * vals).sum(-1)
                 if t >= T - min(obs, T):
@@ -121,3 +128,17 @@ def test_empty_cache_and_single_valid_slot():
 def test_opcheck():
     case = random_case(5, B=1, Hkv=2, G=2, C=5, T=3, D=8, dtype=torch.float32)
     torch.library.opcheck(torch.ops.kvpass.attend.default, (*case, 0.3, 0, 1.5, 2))
+
+
+@pytest.mark.parametrize("obs", [2, 7])
+def test_sinks_match_dense_reference(obs):
+    """Attention sinks (GPT-OSS): a learned logit per query head joins the softmax and is dropped."""
+    seed = torch.randint(0, 2**31, ()).item()
+    case = random_case(seed, B=2, Hkv=2, G=2, C=6, T=7, D=8, dtype=torch.float32, window=0)
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(seed)) * 2
+    out, mass = attend(*case, 0.3, 0, 0.0, obs, sinks=sinks)
+    ref_out, ref_mass = dense_reference(*case, 0.3, 0, 0.0, obs, sinks=sinks)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+    torch.testing.assert_close(mass, ref_mass, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+    plain, _ = attend(*case, 0.3, 0, 0.0, obs)
+    assert not torch.allclose(out, plain)  # the sinks take probability away from the keys

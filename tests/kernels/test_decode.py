@@ -80,3 +80,14 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.kvpass.decode.default, (*with_arrival(case), 0.3, 3, 1.5))
     q, k, v, *slots, pos = case
     torch.library.opcheck(torch.ops.kvpass.decode.default, (q, *slots, pos, 0.3, 3, 1.5, 2, True, k, v))
+
+
+def test_sinks_match_dense_reference():
+    seed = torch.randint(0, 2**31, ()).item()
+    case = random_case(seed, B=2, Hkv=2, G=3, C=9, T=1, D=8, dtype=torch.float32, window=0)
+    sinks = torch.randn(6, generator=torch.Generator().manual_seed(seed)) * 2
+    q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos = case
+    out, mass = decode(q, slot_k, slot_v, slot_valid, slot_pos, pos, 0.3, 0, 0.0, 0, False, k, v, sinks)
+    ref_out, ref_mass = dense_reference(*case, 0.3, 0, 0.0, 1, sinks=sinks)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+    torch.testing.assert_close(mass, ref_mass, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
