@@ -56,6 +56,9 @@ KNOBS: dict[str, dict] = {
     "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_theta": 10000.0, "rope_type": "default"}}},
     "dots1": {"n_shared_experts": 1},
     "gemma3n_text": {"num_kv_shared_layers": 0},
+    "bamba": {"attn_layer_indices": [1]},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
     "codegen": {"rotary_dim": 8},
     "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}},
     "gptj": {"rotary_dim": 8},
@@ -136,6 +139,11 @@ def _tiny_kwargs(cls, default, knobs: dict) -> dict:
 
     for name, value in _SIZES.items():
         put(name, value)
+    types = get("layer_types")
+    if isinstance(types, list) and len(set(types)) > 1:  # one layer of each kind (hybrids: attention too)
+        kinds = list(dict.fromkeys(types))
+        put("layer_types", kinds)
+        put("num_hidden_layers", len(kinds))
     if "num_key_value_heads" in names or "num_key_value_heads" in own:  # grouped queries (not under MLA)
         put("num_key_value_heads", 4 if "kv_lora_rank" in names else 2)
     put("head_dim", _SIZES["qk_rope_head_dim"] if "qk_rope_head_dim" in names else 16)  # MLA: the rotary part

@@ -12,7 +12,8 @@ Recognised (every piece optional unless said):
 - logit soft-capping ``c * tanh(x / c)`` (Gemma 2);
 - attention sinks (GPT-OSS): a per-head logit concatenated to the scores before the softmax,
   whose column is sliced off after it;
-- an additive mask (``add``) or a boolean fill (``masked_fill(cond, -inf)``);
+- an additive mask (``add``), a boolean fill (``masked_fill(cond, -inf)``) or a selection
+  (``where(cond, scores, most negative)``, GPT-Neo), or the last under the first;
 - ``softmax(-1)`` (required; also computed in fp32 and cast back), ``dropout`` in eval mode;
 - the product with ``v`` (required), by the same kind of op as the scores (an einsum's letters
   need not match the scores' ones).
@@ -116,6 +117,10 @@ def _scores(x: fx.Node):
             and (k4 := _unbatch(kt.args[0]))
         ):
             return q4, k4, "bmm", float(x.kwargs.get("alpha", 1.0))
+    if _call(x, *_RESHAPE) and _rank(x) == 4 and _rank(x.args[0]) == 3:  # bmm scores viewed as [B, H, T, T]
+        found = _scores(x.args[0])
+        if found is not None and found[2] == "bmm":
+            return *found[:2], "matmul", found[3]  # softmax and the product with v then in 4-D
     return None
 
 
@@ -204,7 +209,20 @@ def _sink_source(s: fx.Node) -> fx.Node | None:
     return None
 
 
-def _match(softmax: fx.Node) -> Match | None:
+def _fill_value(gm: fx.GraphModule, n) -> float | None:
+    """The number a 0-dim constant node holds (through export's lift/detach/clone), or None."""
+    while _call(n, aten.detach_.default, aten.detach.default, aten.lift_fresh_copy.default, aten.clone.default):
+        n = n.args[0]
+    if isinstance(n, fx.Node) and n.op == "get_attr":
+        try:
+            t = operator.attrgetter(n.target)(gm)
+        except AttributeError:
+            return None
+        return float(t) if isinstance(t, torch.Tensor) and t.dim() == 0 else None
+    return _scalar(n)
+
+
+def _match(softmax: fx.Node, gm: fx.GraphModule | None = None) -> Match | None:
     if _rank(softmax) not in (3, 4):
         return None
     x, sinks = _unstable(softmax.args[0]), None
@@ -222,6 +240,12 @@ def _match(softmax: fx.Node) -> Match | None:
         x, mask = x.args[0], x.args[1]
     elif _call(x, aten.masked_fill.Scalar) and x.args[2] == -math.inf:
         x, mask = x.args[0], ("not", x.args[1])
+    # where(causal, scores, most negative): GPT-Neo's own mask, under the additive one
+    if _call(x, aten.where.self) and gm is not None and ((_fill_value(gm, x.args[2]) or 0.0) <= -1e4):
+        cond, x = x.args[0], x.args[1]
+        if isinstance(mask, tuple):
+            return None
+        mask = ("where", cond, mask)
     # c * tanh(x / c)
     if _call(x, *_MUL) and _const(x.args[1]) and _call(x.args[0], aten.tanh.default):
         inner = x.args[0].args[0]
@@ -290,16 +314,25 @@ def eager_to_sdpa(gm: fx.GraphModule) -> int:
     """Rewrite every recognised eager attention of ``gm`` into one attention node; return how many."""
     found = 0
     for softmax in [n for n in gm.graph.nodes if _call(n, *_SOFTMAX)]:
-        m = _match(softmax)
+        m = _match(softmax, gm)
         if m is None:
             continue
         g = gm.graph
         qp, kp, sp, vp, op = m.perms
         with g.inserting_before(m.out):
             mask = m.mask
-            if isinstance(mask, tuple):  # masked_fill(cond, -inf): attend where not cond
+            if isinstance(mask, tuple) and mask[0] == "not":  # masked_fill(cond, -inf): attend where not cond
                 mask = g.call_function(aten.logical_not.default, (m.mask[1],))
                 mask.meta = dict(m.mask[1].meta)
+            elif isinstance(mask, tuple):  # where(cond, scores, -big) (+ an additive mask): one mask
+                _, cond, added = mask
+                if added is None:
+                    mask = cond
+                else:
+                    mask = g.call_function(aten.where.ScalarOther, (cond, added, -math.inf))
+                    mask.meta = dict(added.meta)
+                    shape = torch.broadcast_shapes(cond.meta["val"].shape, added.meta["val"].shape)
+                    mask.meta["val"] = added.meta["val"].new_empty(shape)
             q, k, v = _permute(g, m.q, qp), _permute(g, m.k, kp), _permute(g, m.v, vp)
             if isinstance(mask, fx.Node) and sp != _CANON:
                 mask = _permute(g, _to_rank4(g, mask), sp)

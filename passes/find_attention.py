@@ -20,6 +20,7 @@ probe, and
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +84,9 @@ def find_attention(gm: fx.GraphModule, probe: tuple | None = None) -> list[Site]
                 site.action, site.reason = "skip", "not causal self-attention (bidirectional or unrecognised mask)"
             if site.kv_heads == H and group > 1:
                 site.kv_heads, site.kv_stride = H // group, group
+        band = _buffer_window(gm, a["mask"])
+        if site.causal and not site.sliding_window and band:
+            site.sliding_window = band
         sites.append(site)
     return sites
 
@@ -181,6 +185,34 @@ def _measure(gm: fx.GraphModule, nodes: list[fx.Node], probe: tuple) -> dict:
             f"each attention site's mask): {type(e).__name__}: {e}"
         ) from e
     return interp.found
+
+
+def _buffer_window(gm: fx.GraphModule, mask, depth: int = 8) -> int | None:
+    """The window of a mask sliced from a constant boolean ``[..., P, P]`` buffer (GPT-Neo's local
+    layers keep theirs in one), read from the whole buffer: the probe sees only its corner."""
+    frontier, seen = [mask], set()
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if not isinstance(n, fx.Node) or n in seen:
+                continue
+            seen.add(n)
+            if n.op == "get_attr":
+                try:
+                    t = operator.attrgetter(n.target)(gm)
+                except AttributeError:
+                    continue
+                if isinstance(t, torch.Tensor) and t.dtype == torch.bool and t.dim() >= 2:
+                    P = t.shape[-1]
+                    if t.shape[-2] == P > PROBE_LEN and t.numel() == P * P:
+                        band = t.reshape(P, P).cpu()
+                        w = int(band[-1].sum())
+                        tril = torch.ones(P, P, dtype=torch.bool).tril()
+                        if w < P and torch.equal(band, tril & ~tril.tril(-w)):
+                            return w
+            nxt += n.all_input_nodes
+        frontier = nxt
+    return None
 
 
 def _head_group(k: torch.Tensor, v: torch.Tensor) -> int:

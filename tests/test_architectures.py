@@ -140,3 +140,19 @@ def test_chunked_attention_is_refused():
     assert sites[0].action == "skip" and "chunked attention" in sites[0].reason
     with pytest.raises(ValueError, match="chunked attention"):
         kvpass.transform(model, policy="full")
+
+
+def test_gpt_neo_local_window_is_read_from_its_mask_buffer():
+    """GPT-Neo's local layers keep their 24-token window in a boolean buffer, sliced per call: the
+    probe sees its corner, the whole buffer says the window; 70 tokens at full budget are exact."""
+    config = transformers.GPTNeoConfig(
+        vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+        window_size=24, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GPTNeoForCausalLM(config).eval()
+    assert [s.sliding_window for s in kvpass.find_attention(model)] == [None, 24]
+    ids = prompt(int(torch.randint(0, 2**31, ())), B=2, T=70)
+    exact = kvpass.transform(model, policy="full", chunk=16)
+    ref = step_logits(model, ids, 8, DynamicCache(config=model.config))
+    assert (step_logits(exact, ids, 8, None) - ref).abs().max() <= 1e-4
