@@ -215,7 +215,11 @@ for _name in dir(Cache):
 HFEvictingCache.layers = _refuse("layers", True)  # an instance attribute of Cache, walked by some of its methods
 
 # Keywords a transformers forward may get that kvpass does not act on, and why that is safe.
-IGNORED = {"cache_position": "kvpass counts positions itself; it is only checked against a cache that starts"}
+IGNORED = {
+    "cache_position": "kvpass counts positions itself; it is only checked against a cache that starts",
+    "is_first_iteration": "generate()'s note that this call is the prompt: kvpass's cache knows",
+    "next_sequence_length": "generate()'s note of how many tokens this call feeds: input_ids says",
+}
 
 
 class HFMixin:
@@ -311,7 +315,7 @@ def _one_cache(kwargs: dict) -> Any:
 @torch.compiler.disable
 def _check_inputs(model, input_ids, attention_mask, cache, cache_position, extra, inputs_embeds, labels) -> None:
     """Refuse what a kvpass model cannot honour, and a forward that lost the cache of the tokens before it."""
-    extra = {k for k, v in extra.items() if v is not None}  # a multimodal model's absent images, audio...
+    extra = {k for k, v in extra.items() if v is not None and k not in IGNORED}  # None: absent images, audio...
     if extra:
         raise TypeError(
             f"{type(model).__name__}.forward got {', '.join(sorted(extra))}, which a kvpass model does not handle; "

@@ -81,7 +81,7 @@ def find_attention(gm: fx.GraphModule, probe: tuple | None = None) -> list[Site]
             site.causal = kind is not None
             site.sliding_window = kind or None
             if kind is None and site.action == "rewrite":
-                site.action, site.reason = "skip", "not causal self-attention (bidirectional or unrecognised mask)"
+                site.action, site.reason = "skip", "not causal self-attention (bidirectional, a bias on the scores such as ALiBi, or an unrecognised mask)"
             if site.kv_heads == H and group > 1:
                 site.kv_heads, site.kv_stride = H // group, group
         band = _buffer_window(gm, a["mask"])
@@ -231,7 +231,12 @@ def _classify(mask, is_causal: bool, Tq: int, Tk: int) -> int | None:
     tril = torch.ones(Tq, Tk, dtype=torch.bool).tril()
     if mask is None:
         return 0 if is_causal else None
-    seen = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    if mask.dtype != torch.bool:  # additive: 0 where seen, very negative where not; anything else is a bias
+        seen = mask > -1e4
+        if bool((mask[seen.expand_as(mask)] != 0).any()):
+            return None  # a bias on the scores (ALiBi, relative positions): not plain causal attention
+    else:
+        seen = mask
     seen = seen.expand(*seen.shape[:-2], Tq, Tk).reshape(-1, Tq, Tk).cpu()
     if not bool((seen == seen[0]).all()):
         return None

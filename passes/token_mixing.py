@@ -77,6 +77,8 @@ def check_token_local(
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr", "output") or node in exempt or _inside(node, row_wise):
             continue
+        if _uniform_slice(gm, node):
+            continue
         why = _mixes(node, seq)
         if why:
             raise TokenMixingError(
@@ -104,6 +106,24 @@ def _target(node: fx.Node) -> str:
 def _where(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     return str(list(stack.values())[-1][0]).removeprefix("model.") if stack else ""
+
+
+def _uniform_slice(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A slice of a constant buffer whose entries are all one value (BERT-style models' buffered
+    ``token_type_ids``, zeros, cut to the input's length): the same at every position."""
+    if not (node.op == "call_function" and node.target == aten.slice.Tensor):
+        return False
+    src = node.args[0]
+    while (
+        isinstance(src, fx.Node)
+        and src.op == "call_function"
+        and src.target in (aten.slice.Tensor, aten.expand.default)
+    ):
+        src = src.args[0]
+    if not (isinstance(src, fx.Node) and src.op == "get_attr"):
+        return False
+    t = operator.attrgetter(src.target)(gm)
+    return isinstance(t, torch.Tensor) and t.numel() > 0 and bool((t == t.flatten()[0]).all())
 
 
 def _inside(node: fx.Node, modules: set[str]) -> bool:

@@ -41,6 +41,11 @@ class SDPAModel(nn.Module):
                 i = torch.arange(T, device=x.device)
                 mask = torch.zeros(T, T).masked_fill(i[:, None] < i[None, :], float("-inf"))
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            elif self.form == "alibi":  # a distance bias under the causal mask, as ALiBi adds it
+                i = torch.arange(T, device=x.device)
+                bias = -0.5 * (i[:, None] - i[None, :]).float()
+                mask = bias.masked_fill(i[:, None] < i[None, :], float("-inf"))
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             elif self.form == "bidirectional":
                 y = F.scaled_dot_product_attention(q, k, v)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))

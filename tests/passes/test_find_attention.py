@@ -38,6 +38,16 @@ def test_bidirectional_is_skipped_and_refused():
         kvpass.transform(model, policy="tova", budget=8)
 
 
+def test_a_bias_in_the_mask_is_not_taken_for_a_causal_mask():
+    """An additive mask with nonzero finite entries is a bias on the scores (ALiBi): dropping it would
+    be silently wrong, so the site is skipped and the model refused."""
+    model = SDPAModel(form="alibi").eval()
+    (site,) = kvpass.find_attention(model)
+    assert site.action == "skip" and "causal" in site.reason
+    with pytest.raises(ValueError, match="can be rewritten"):
+        kvpass.transform(model, policy="full")
+
+
 def test_no_attention_is_an_error():
     with pytest.raises(ValueError, match="scaled_dot_product_attention"):
         kvpass.transform(NoAttention().eval(), policy="tova", budget=8)
