@@ -81,7 +81,11 @@ def find_attention(gm: fx.GraphModule, probe: tuple | None = None) -> list[Site]
             site.causal = kind is not None
             site.sliding_window = kind or None
             if kind is None and site.action == "rewrite":
-                site.action, site.reason = "skip", "not causal self-attention (bidirectional, a bias on the scores such as ALiBi, or an unrecognised mask)"
+                site.action = "skip"
+                site.reason = (
+                    "not causal self-attention (bidirectional, a bias on the scores such as ALiBi, "
+                    "or an unrecognised mask)"
+                )
             if site.kv_heads == H and group > 1:
                 site.kv_heads, site.kv_stride = H // group, group
         band = _buffer_window(gm, a["mask"])
