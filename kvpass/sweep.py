@@ -183,6 +183,10 @@ def build(model_type: str, seed: int = 0):
         model = cls._from_config(config, attn_implementation="sdpa")
     except (ValueError, ImportError):  # no SDPA attention in this family
         model = cls._from_config(config, attn_implementation="eager")
+    languages = getattr(config, "languages", None)
+    for m in model.modules():  # X-MOD's adapters are per language: pick one
+        if languages and hasattr(m, "set_default_language"):
+            m.set_default_language(next(iter(languages)))
     return model.float().eval(), cls.__name__
 
 

@@ -222,6 +222,11 @@ def _fill_value(gm: fx.GraphModule, n) -> float | None:
     return _scalar(n)
 
 
+def _same_shape(a: fx.Node, b: fx.Node) -> bool:
+    sa, sb = a.meta["val"].shape, b.meta["val"].shape
+    return len(sa) == len(sb) and all(str(x) == str(y) for x, y in zip(sa, sb, strict=True))
+
+
 def _match(softmax: fx.Node, gm: fx.GraphModule | None = None) -> Match | None:
     if _rank(softmax) not in (3, 4):
         return None
@@ -266,9 +271,12 @@ def _match(softmax: fx.Node, gm: fx.GraphModule | None = None) -> Match | None:
         return None  # a per-(batch x head) mask: not expressible on [B, H, T, T] without its sizes
     probs = softmax
     while (user := _only_user(probs)) is not None and (
-        _call(user, aten.to.dtype, aten._to_copy.default) or (_call(user, aten.dropout.default) and not user.args[2])
+        _call(user, aten.to.dtype, aten._to_copy.default, *_RESHAPE)
+        or (_call(user, aten.dropout.default) and not user.args[2])
     ):
         probs = user
+    if not _same_shape(probs, softmax):  # reshapes that come back to the probabilities' shape only
+        return None
     if sinks is not None:  # the sink's column sliced off
         user = _only_user(probs)
         if not (

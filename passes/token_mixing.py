@@ -190,9 +190,8 @@ def _mixes(node: fx.Node, seq: set) -> str:
             if any(letters[i] not in result for i in in_tokens.get(t, [])):
                 return "sums over a dimension that carries tokens (attention kvpass did not rewrite?)"
         return ""
-    if name == "index":  # x[..., idx, ...]: fine if no index lands on a token dimension
-        indices = node.args[1]
-        return _along({i for i, ix in enumerate(indices) if ix is not None} & set(xt), "indexes")
+    if name in ("index", "index_put"):  # x[..., idx, ...] (= y): fine if no index lands on a token dimension
+        return _along(_indexed_dims(node.args[1]) & set(xt), "indexes")
     if name in _REDUCE_DIM:
         i = _REDUCE_DIM[name]
         if name == "cat":
@@ -219,6 +218,18 @@ _DEFAULT_DIM = {
     "topk": -1,
     "sort": -1,
 }
+
+
+def _indexed_dims(indices) -> set[int]:
+    """The dimensions an advanced index reads: a boolean index spans as many as it has."""
+    dims, d = set(), 0
+    for ix in indices:
+        val = ix.meta.get("val") if isinstance(ix, fx.Node) else None
+        n = val.dim() if isinstance(val, torch.Tensor) and val.dtype == torch.bool else 1
+        if ix is not None:
+            dims |= set(range(d, d + n))
+        d += n
+    return dims
 
 
 def _same_shape(a, b) -> bool:
