@@ -346,7 +346,7 @@ def render(rows: list[Row], command: str, machine: str) -> str:
         "",
         f"on {machine} (torch {torch.__version__}, Python {platform.python_version()}).",
         "",
-        f"**{exact} of {scope} architectures in scope are exact ({100 * exact / max(scope, 1):.0f} %)**: at full "
+        f"**{exact} of {scope} architectures in scope are exact ({100 * exact / max(scope, 1):.1f} %)**: at full "
         f"budget, logits within {TOLERANCE:g} of the original (fp32, a {PROMPT}-token prefill in chunks of "
         f"{CHUNK} and {STEPS} decode steps, batch 2) and the same greedy tokens from `generate()`; with "
         f"`tova` at {BUDGET} slots, every layer holds at most {BUDGET}. "
