@@ -36,6 +36,8 @@ from torch import fx
 
 from kvpass.kernels import eager_sdpa  # noqa: F401  (registers torch.ops.kvpass.eager_sdpa)
 
+from .find_attention import _same, _shape
+
 aten = torch.ops.aten
 _SOFTMAX = {aten.softmax.int, aten._softmax.default}
 _MUL = {aten.mul.Tensor, aten.mul_.Tensor}
@@ -222,11 +224,6 @@ def _fill_value(gm: fx.GraphModule, n) -> float | None:
     return _scalar(n)
 
 
-def _same_shape(a: fx.Node, b: fx.Node) -> bool:
-    sa, sb = a.meta["val"].shape, b.meta["val"].shape
-    return len(sa) == len(sb) and all(str(x) == str(y) for x, y in zip(sa, sb, strict=True))
-
-
 def _match(softmax: fx.Node, gm: fx.GraphModule | None = None) -> Match | None:
     if _rank(softmax) not in (3, 4):
         return None
@@ -275,7 +272,7 @@ def _match(softmax: fx.Node, gm: fx.GraphModule | None = None) -> Match | None:
         or (_call(user, aten.dropout.default) and not user.args[2])
     ):
         probs = user
-    if not _same_shape(probs, softmax):  # reshapes that come back to the probabilities' shape only
+    if not _same(_shape(probs), _shape(softmax)):  # reshapes that come back to the probabilities' shape only
         return None
     if sinks is not None:  # the sink's column sliced off
         user = _only_user(probs)
