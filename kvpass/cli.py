@@ -34,7 +34,8 @@ def demo(args: argparse.Namespace) -> None:
     runs = [("full cache (original model)", model)]
     for budget in args.budgets:
         with console.status(f"transforming: policy {args.policy}, budget {budget:g}"):
-            runs.append((f"{args.policy} @ {budget:g}", kvpass.transform(model, policy=args.policy, budget=budget)))
+            small = kvpass.transform(model, args.policy, budget, **kvpass.policies.text_knobs(args.policy, tok))
+            runs.append((f"{args.policy} @ {budget:g}", small))
     for name, m in runs:
         run = greedy(m, ids, args.new_tokens, eos=tok.eos_token_id, desc=name)
         answer = tok.decode(run.tokens[0], skip_special_tokens=True).strip()

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from kvpass import allocation, hf, peers, tasks
+from kvpass import policies as kvpass_policies
 from kvpass.transform import transform
 
 ALLOC = "+alloc"  # suffix of a policy run with per-layer budgets
@@ -147,11 +148,11 @@ def evaluate(
         raise ValueError(f"unknown peer {peer!r}; the one known is kvpress")
     runs: list[tuple[str, float | None, nn.Module, object]] = [("full", None, model, None)]
     for policy, budget in product(policies, budgets):
-        small = transform(model, policy, budget, chunk=chunk, evict_during_decode=False)
-        runs.append((policy, budget, small, None))
+        knobs = {"chunk": chunk, "evict_during_decode": False, **kvpass_policies.text_knobs(policy, tokenizer)}
+        runs.append((policy, budget, transform(model, policy, budget, **knobs), None))
         if calibrations:
             alloc = allocation.nearest(calibrations, budget)
-            small = transform(model, policy, budget, chunk=chunk, evict_during_decode=False, allocation=alloc)
+            small = transform(model, policy, budget, allocation=alloc, **knobs)
             runs.append((policy + ALLOC, budget, small, None))
     if peer == "kvpress":  # imported after the transforms: kvpress patches transformers' attention on import
         for policy, budget in product([p for p in peers.PRESSES if p in policies or p not in kvpass_names()], budgets):

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from kvpass.attention import KVAttention
 from kvpass.kernels.attend import attend_attention, attend_reference
 from kvpass.kernels.decode import decode_attention
-from kvpass.policies.base import Chunk, Policy
+from kvpass.policies.base import Chunk, Policy, Probe
 
 
 class Slots(NamedTuple):
@@ -154,11 +154,13 @@ def prefill(
     softcap: float = 0.0,
     keep: int | None = None,
     sinks: Tensor | None = None,
+    probe: int = 0,
 ) -> Tensor:
     """Attend the chunk (``q [B, H, T, D]``, ``k, v [B, Hkv, T, D]``, ``pos [B, T]``, -1 = padding)
     over the layer's ``slots`` and itself (with ``sinks [H]``, each head's sink logit, if given);
     the best ``keep`` (default: all ``C``) of the ``C + T`` candidates become its slots (written in
-    place). Returns the attention output."""
+    place). The last ``probe`` tokens are the policy's probe (:meth:`Policy.probe`): they attend
+    like the others and reach the policy's score, but are not candidates. Returns the attention output."""
     B, Hkv, _, D = k.shape
     C = slots.capacity
     gate = chunk_keep = None
@@ -170,7 +172,13 @@ def prefill(
         q, k, v, slots.keys, slots.values, slots.valid, slots.pos, pos, scale, window, softcap, policy.obs,
         policy.mass_entropy_k, policy.mass_by_value, chunk_keep, policy.window, sinks,
     )  # fmt: skip
-    score = policy.score(Chunk(old=slots.score, keys=k, values=v, pos=pos, mass=mass, slot_pos=slots.pos, gate=gate))
+    seen = None
+    if probe:
+        T = k.shape[2] - probe
+        seen = Probe(q[:, :, T:], k[:, :, T:], pos[:, T:], scale)
+        k, v, pos, mass = k[:, :, :T], v[:, :, :T], pos[:, :T], mass[..., : C + T]
+    chunk = Chunk(slots.score, k, v, pos, mass, slots.pos, gate, slots.keys, seen)
+    score = policy.score(chunk)
     cand_pos, cand_valid, rank = rank_candidates(policy, score, slots.pos, slots.valid, pos, window)
     best = rank.topk(C, dim=-1).indices  # [B, Hkv, C], best first
     kept = cand_valid.gather(-1, best)
@@ -284,6 +292,7 @@ class Exchange:
         self.groups: list[Slots] | None = None
         self.layout: Layout | None = None
         self.keep: dict[int, int] | None = None
+        self.probe = 0  # how many of a prefill's last tokens are the policy's probe
         self.decoding = False
         self.pending: dict[int, tuple[Tensor, ...]] = {}
 
@@ -300,7 +309,9 @@ class Exchange:
             self.pending[layer] = (q, k, v, pos, mass)
             return out
         keep = None if self.keep is None else self.keep[layer]
-        return prefill(self.policy, layer, q, k, v, pos, slots, site.scale, site.window, site.softcap, keep, sinks)
+        return prefill(
+            self.policy, layer, q, k, v, pos, slots, site.scale, site.window, site.softcap, keep, sinks, self.probe
+        )
 
 
 class Step(nn.Module):
@@ -332,6 +343,11 @@ class Step(nn.Module):
         io = self.io
         io.groups, io.layout, io.keep = layout.split(tables), layout, keep
         io.decoding, io.pending = input_ids.shape[1] == 1 and keep is None, {}
+        T = input_ids.shape[1]
+        probe = None if io.decoding else self.policy.probe(input_ids, positions)
+        if probe is not None:
+            io.probe = probe[0].shape[1]
+            input_ids, positions = torch.cat([input_ids, probe[0]], dim=1), torch.cat([positions, probe[1]], dim=1)
         try:
             hidden = self.body(input_ids, positions)
             if io.decoding:
@@ -341,8 +357,9 @@ class Step(nn.Module):
                     admit(self.policy, layers, group, q, k, v, pos, mass, site.scale, site.window)
         finally:
             io.groups = io.layout = io.keep = None
-            io.pending = {}
+            io.pending, io.probe = {}, 0
         hidden = hidden[0] if isinstance(hidden, (tuple, list)) else hidden
+        hidden = hidden[:, :T] if probe is not None else hidden
         hidden = hidden[:, -rows:] if rows else hidden
         return hidden if self.head is None else self.head(hidden)
 

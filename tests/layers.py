@@ -21,12 +21,14 @@ class Layers:
     def slots(self, layer: int = 0) -> Slots:
         return self.group.layer(layer)
 
-    def __call__(self, q, k, v, pos, scale, window=0, *, layer=0, keep=None, admit=True) -> Tensor:
+    def __call__(self, q, k, v, pos, scale, window=0, *, layer=0, keep=None, admit=True, probe=0) -> Tensor:
         """One layer's step: a prefill chunk when ``T > 1`` or ``keep`` is given (it keeps ``keep``
-        slots, default all), else a decoded token, admitted at once unless ``admit=False`` (then
-        :meth:`admit` takes it later, with others). Returns the attention output."""
+        slots, default all; its last ``probe`` tokens are the policy's probe), else a decoded token,
+        admitted at once unless ``admit=False`` (then :meth:`admit` takes it later, with others).
+        Returns the attention output."""
         if k.shape[2] > 1 or keep is not None:
-            return step.prefill(self.policy, layer, q, k, v, pos, self.slots(layer), scale, window, keep=keep)
+            s = self.slots(layer)
+            return step.prefill(self.policy, layer, q, k, v, pos, s, scale, window, keep=keep, probe=probe)
         out, mass = step.decode(self.policy, q, k, v, pos, self.slots(layer), scale, window)
         self.pending = {**getattr(self, "pending", {}), layer: (q, k, v, pos, mass)}
         if admit:

@@ -35,6 +35,7 @@ def policy_cases(model):
         "streaming": {"sink_tokens": 2},
         "knorm": {"window": 2},
         "observed": {},
+        "kvzip": {"repeat": (7, 8, 9), "sink_tokens": 2},
         "gate": {"gates": net, "window": 3, "attention": 0.5, "pool": 3},
     }
 
@@ -91,7 +92,7 @@ def test_a_full_capacity_step_reproduces_the_model():
 
 
 @pytest.mark.hf
-@pytest.mark.parametrize("name", ["h2o", "snapkv", "aha", "gate"])
+@pytest.mark.parametrize("name", ["h2o", "snapkv", "aha", "gate", "kvzip"])
 def test_onnx_round_trip_gives_the_torch_tokens(tmp_path, name):
     model = tiny_llama(seed=4)
     small = kvpass.transform(model, name, 24, chunk=CHUNK, **policy_cases(model)[name])

@@ -29,10 +29,11 @@ def step_logits(model, ids, steps, cache):
     return torch.cat(logits, dim=1)
 
 
-@pytest.mark.parametrize("policy,chunk", [("h2o", 16), ("full", 7), ("tova", 512)])
+@pytest.mark.parametrize("policy,chunk", [("h2o", 16), ("full", 7), ("tova", 512), ("kvzip", 16)])
 def test_full_budget_reproduces_logits(llama, policy, chunk):
     ids = prompt(int(torch.randint(0, 2**31, ())), B=2)
-    small = kvpass.transform(llama, policy=policy, budget=None if policy == "full" else 200, chunk=chunk)
+    knobs = {"repeat": (5, 6, 7)} if policy == "kvzip" else {}  # its probe must leave the logits as they were
+    small = kvpass.transform(llama, policy=policy, budget=None if policy == "full" else 200, chunk=chunk, **knobs)
     ref = step_logits(llama, ids, 32, DynamicCache(config=llama.config))
     got = step_logits(small, ids, 32, None)
     assert (got - ref).abs().max() <= 1e-4
@@ -90,6 +91,22 @@ def test_left_padded_batch_matches_each_row_alone(llama):
         torch.testing.assert_close(out[row, 20:], ref[0, -12:])
     held = kvpass.cache_stats(small).layers[0].held
     assert held == 2 * (12 + 11) + 2 * (20 + 11)  # per KV head: real tokens only, no padding
+
+
+def test_a_probing_policy_evicts_each_row_as_alone(llama):
+    # KVzip's probe (appended to every prefill chunk) follows each row's own positions and padding
+    a, b = prompt(14, T=30), prompt(15, T=41)
+    ids = torch.cat([torch.cat([torch.zeros(1, 11, dtype=torch.long), a], dim=1), b])
+    mask = (torch.arange(41) >= torch.tensor([[11], [0]])).long()
+    small = kvpass.transform(llama, policy="kvzip", budget=12, chunk=16, repeat=(9, 8, 7))
+    out = small.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    batch = small.kvpass_cache.slots
+    for row, alone in ((0, a), (1, b)):
+        ref = small.generate(alone, max_new_tokens=6, do_sample=False)
+        torch.testing.assert_close(out[row, 41:], ref[0, -6:])
+        for layer, s in small.kvpass_cache.slots.items():
+            got = batch[layer].pos[row][batch[layer].valid[row]].sort().values
+            torch.testing.assert_close(got, s.pos[0][s.valid[0]].sort().values)
 
 
 def test_padding_never_enters_a_small_cache(llama):

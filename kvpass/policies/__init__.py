@@ -12,18 +12,19 @@ import sys
 import types
 
 from .aha import AhaKV
-from .base import Chunk, Policy
+from .base import Chunk, Policy, Probe
 from .full import Full
 from .gate import AttentionGate
 from .h2o import H2O
 from .knorm import KNorm
+from .kvzip import KVzip
 from .observed import Observed
 from .random import Random
 from .snapkv import SnapKV
 from .streaming import Streaming
 from .tova import TOVA
 
-_ALL = (Full, Streaming, H2O, Observed, TOVA, SnapKV, KNorm, AhaKV, AttentionGate, Random)
+_ALL = (Full, Streaming, H2O, Observed, TOVA, SnapKV, KNorm, KVzip, AhaKV, AttentionGate, Random)
 REGISTRY: dict[str, type[Policy]] = {p.name: p for p in _ALL}
 
 
@@ -74,6 +75,15 @@ def get(policy: str | Policy, **knobs) -> Policy:
         raise ValueError(f"policy {policy!r}: {e}") from None
 
 
+def text_knobs(policy: str, tokenizer) -> dict[str, object]:
+    """The knobs the policy named ``policy`` takes from ``tokenizer`` (KVzip's probe, say), less
+    those the name already sets: what a caller holding a tokenizer passes on to ``transform``."""
+    name, named = parse(policy)
+    if name not in REGISTRY:
+        return {}
+    return {k: v for k, v in REGISTRY[name].text_knobs(tokenizer).items() if k not in named}
+
+
 class _CallableModule(types.ModuleType):
     # `kvpass.policies` is both this package and, by the public API, a function listing the names.
     def __call__(self) -> list[str]:
@@ -91,8 +101,10 @@ __all__ = [
     "Chunk",
     "Full",
     "KNorm",
+    "KVzip",
     "Observed",
     "Policy",
+    "Probe",
     "Random",
     "SnapKV",
     "Streaming",
@@ -100,4 +112,5 @@ __all__ = [
     "merge",
     "names",
     "parse",
+    "text_knobs",
 ]

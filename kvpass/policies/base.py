@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
+
+
+class Probe(NamedTuple):
+    """Tokens a policy appended to a prefill chunk to score it (:meth:`Policy.probe`), as they
+    reached one layer: queries ``q [B, H, P, D]``, keys ``k [B, Hkv, P, D]``, positions ``pos [B, P]``
+    (-1 = padding), and the layer's softmax ``scale``. They attended over the slots, the chunk and
+    themselves (causally) and are never admitted."""
+
+    q: Tensor
+    k: Tensor
+    pos: Tensor
+    scale: float
 
 
 @dataclass
@@ -19,7 +31,8 @@ class Chunk:
     ``mass``: attention probability each key (slots, then the chunk) received from the chunk's
     last ``policy.obs`` queries, summed over the query heads of its KV head ``[B, Hkv, C + T]``;
     ``slot_pos``: the slots' positions ``[B, Hkv, C]``; ``gate``: the chunk's keep probabilities
-    ``[B, Hkv, T]`` (gated policies only).
+    ``[B, Hkv, T]`` (gated policies only); ``slot_keys``: the slots' keys ``[B, Hkv, C, D]`` and
+    ``probe``: the tokens the policy appended (:class:`Probe`), for policies that probe.
     """
 
     old: Tensor
@@ -29,6 +42,8 @@ class Chunk:
     mass: Tensor
     slot_pos: Tensor
     gate: Tensor | None = None
+    slot_keys: Tensor | None = None
+    probe: Probe | None = None
 
     def positions(self) -> Tensor:
         """The candidates' positions ``[B, Hkv, C + T]``: the slots', then the chunk's."""
@@ -115,6 +130,11 @@ class Policy:
                 "(an allocation calibrated for another model?)"
             )
 
+    @classmethod
+    def text_knobs(cls, tokenizer) -> dict[str, object]:
+        """Knobs this policy takes from the model's tokenizer, where the caller has one (none by default)."""
+        return {}
+
     def bind(self, model, sites) -> None:
         """Called by ``transform`` with the model and its attention sites (a learned policy loads here)."""
 
@@ -124,6 +144,12 @@ class Policy:
         what the layer can see (kept slots, then the chunk causally) and returns their output. A tuple
         of layers: the rows are those layers' batches, one after the other (decode, all layers at once)."""
         raise NotImplementedError
+
+    def probe(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Tokens to append to a prefill chunk (``input_ids, positions [B, T]``) as ``(ids, positions)
+        [B, P]``: they run through the model after the chunk, their attention reaches :meth:`score`
+        (``Chunk.probe``), and they are never admitted nor change the chunk's logits. None: no probe."""
+        return None
 
     def drops(self, score: Tensor) -> Tensor | None:
         """Which new tokens leave at once, whatever room is left (in-context eviction); None: none."""

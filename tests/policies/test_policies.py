@@ -137,6 +137,61 @@ def test_knorm_keeps_smallest_keys():
     assert kept == [1, 3, 5]  # |k| = 1, 0.5, 2
 
 
+def kvzip_chunk(layers, keys, queries, start, probe_keys, probe_queries):
+    """One prefill chunk (``keys``, at positions from ``start``) and KVzip's probe after it, as a
+    step feeds a layer: one head, head dim 1, scale 1."""
+    T, P = len(keys), len(probe_keys)
+    k = torch.tensor(keys + probe_keys, dtype=torch.float32).view(1, 1, -1, 1)
+    q = torch.tensor(queries + probe_queries, dtype=torch.float32).view(1, 1, -1, 1)
+    pos = torch.arange(start, start + T + P)[None]
+    layers(q, k, torch.randn(1, 1, T + P, 1), pos, 1.0, keep=layers.slots().capacity, probe=P)
+    s = layers.slots()
+    return {int(p): float(x) for p, x, ok in zip(s.pos[0, 0], s.score[0, 0], s.valid[0, 0], strict=True) if ok}
+
+
+def softmax(logits):
+    z = sum(math.exp(x) for x in logits)
+    return [math.exp(x) / z for x in logits]
+
+
+def test_kvzip_keeps_what_reconstruction_reads_most():
+    # chunk keys 1, 0, 2, -1; the probe's queries +1, +1, -1 (keys 0) see the chunk and the probe
+    # causally. A token scores the most attention any probe query gives it: token 3 is kept for
+    # the last query alone (a sum over the queries would keep token 0 instead).
+    layers = Layers(policies.get("kvzip", budget=2, sink_tokens=0), 1, 1, 1, 2)
+    rows = [softmax([q * k for k in (1, 0, 2, -1)] + [0] * (i + 1)) for i, q in enumerate((1, 1, -1))]
+    want = [max(r[j] for r in rows) for j in range(4)]
+    assert want[3] > want[0] and sum(r[0] for r in rows) > sum(r[3] for r in rows)
+    kept = kvzip_chunk(layers, [1, 0, 2, -1], [0.3] * 4, 0, [0, 0, 0], [1, 1, -1])
+    assert sorted(kept) == [2, 3]
+    assert kept == pytest.approx({2: want[2], 3: want[3]}, rel=1e-5)
+    # the next chunk: its probe sees the chunk and itself, not the older slots; they keep their scores
+    kept = kvzip_chunk(layers, [3, 0], [0.0, 0.0], 4, [0], [1])
+    assert kept == pytest.approx({4: softmax([3, 0, 0])[0], 2: want[2]}, rel=1e-5)
+
+
+def test_kvzip_probe_sees_the_sinks_and_decoded_tokens_come_first():
+    layers = Layers(policies.get("kvzip", budget=3, sink_tokens=1), 1, 1, 1, 3)
+    kvzip_chunk(layers, [1, 0, 2, -1], [0.3] * 4, 0, [0, 0, 0], [1, 1, -1])
+    kept = kvzip_chunk(layers, [3, 0], [0.0, 0.0], 4, [0], [1])
+    sink_seen = softmax([1, 3, 0, 0])  # the sink (key 1) joins the probe's softmax
+    assert sorted(kept) == [0, 2, 4] and kept[4] == pytest.approx(sink_seen[1], rel=1e-5)
+    layers(torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), torch.randn(1, 1, 1, 1), torch.tensor([[6]]), 1.0)
+    s = layers.slots()
+    assert sorted(s.pos[0, 0][s.valid[0, 0]].tolist()) == [0, 4, 6]  # token 2 (lowest) gave way
+
+
+def test_kvzip_probe_follows_each_rows_positions():
+    kvzip = policies.get("kvzip", budget=8, repeat=(1, 2))
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
+    pos = torch.tensor([[-1, -1, 0, 1], [3, 4, 5, 6]])
+    probe_ids, probe_pos = kvzip.probe(ids, pos)
+    assert probe_ids.tolist() == [[1, 2, 0, 0, 5, 6], [1, 2, 7, 8, 9, 10]]
+    assert probe_pos.tolist() == [[2, 3, -1, -1, 4, 5], [7, 8, 9, 10, 11, 12]]
+    with pytest.raises(ValueError, match="repeat"):
+        policies.get("kvzip", budget=8, repeat="Repeat!")
+
+
 def test_random_is_seeded_and_bounded():
     a, _ = run(policies.get("random", budget=3, seed=7), [0.0] * 10, chunk=2)
     b, _ = run(policies.get("random", budget=3, seed=7), [0.0] * 10, chunk=2)
@@ -207,7 +262,7 @@ def test_unknown_policy_lists_names():
         policies.get("nonsense")
     with pytest.raises(ValueError, match=r"knob|unexpected"):
         policies.get("tova", budget=8, kernel_size=3)
-    names = ["full", "streaming", "h2o", "observed", "tova", "snapkv", "knorm", "aha", "gate", "random"]
+    names = ["full", "streaming", "h2o", "observed", "tova", "snapkv", "knorm", "kvzip", "aha", "gate", "random"]
     assert policies() == sorted(names)
 
 

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import Chunk, Policy
+
+INSTRUCTION = "\n\nRepeat the previous context exactly."
+
+
+@dataclass
+class KVzip(Policy):
+    """KVzip: keep what the model needs to reconstruct the context, whatever is asked later.
+
+    After each prefill chunk the model is made to repeat it: the probe ``repeat`` (the instruction,
+    and the chat turn that starts the model's answer) followed by the chunk's own tokens, teacher-
+    forced, runs after the chunk through every layer (it attends over the kept slots, the chunk and
+    itself, causally) and is never admitted. A candidate j of the chunk scores
+
+        score_j = max over the probe's queries i and the query heads h of j's KV head of
+                  softmax_j(q_{i,h} k^T * scale)
+
+    with the softmax over the sinks (slots at positions < ``sink_tokens``), the chunk and the
+    probe, as in the paper. A token keeps the score its own reconstruction gave it, so evicting
+    chunk by chunk keeps, per layer and KV head, the same top entries as scoring the whole context
+    at once (when it fits in one chunk, it is the paper's method with a uniform budget per head).
+    The probe costs a second pass over the context while it is prefilled; scoring holds one
+    ``[B, H, P, C + T + P]`` probability matrix per layer at a time (P the probe's length).
+    A decoded token is not scored (the paper compresses the context only): it enters with the
+    highest score, so the context gives way to what is generated.
+
+    ``repeat``: the probe's token ids before the chunk's copy (:meth:`instruction` makes them
+    from a tokenizer); empty: the chunk's copy alone.
+    Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction",
+    NeurIPS 2025, arXiv 2505.23416.
+    """
+
+    sink_tokens: int = 4
+    repeat: tuple[int, ...] = ()
+    name = "kvzip"
+    obs = 1  # the attention mass is not used
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        r = self.repeat
+        if not isinstance(r, (list, tuple)) or not all(isinstance(i, int) and i >= 0 for i in r):
+            raise ValueError(f"kvzip: repeat must be a sequence of token ids, got {r!r}")
+        self.repeat = tuple(r)
+
+    @classmethod
+    def text_knobs(cls, tokenizer) -> dict[str, object]:
+        return {"repeat": cls.instruction(tokenizer)}
+
+    @staticmethod
+    def instruction(tokenizer) -> tuple[int, ...]:
+        """The paper's probe prefix in ``tokenizer``'s chat format: the instruction to repeat the
+        context, then what closes the user's turn and opens the model's."""
+        suffix = ""
+        if getattr(tokenizer, "chat_template", None):
+            mark = "\x00"
+            chat = tokenizer.apply_chat_template(
+                [{"role": "user", "content": mark}], tokenize=False, add_generation_prompt=True
+            )
+            suffix = chat[chat.rindex(mark) + 1 :]
+        return tuple(tokenizer(INSTRUCTION + suffix, add_special_tokens=False).input_ids)
+
+    def probe(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        B, R = input_ids.shape[0], len(self.repeat)
+        prefix = torch.tensor(self.repeat, dtype=input_ids.dtype, device=input_ids.device).expand(B, R)
+        real = positions >= 0
+        start = positions.amax(dim=1, keepdim=True) + 1  # after the chunk's last token
+        copy = torch.where(real, start + R + real.long().cumsum(dim=1) - 1, -1)
+        ahead = start + torch.arange(R, device=positions.device)
+        return torch.cat([prefix, input_ids], dim=1), torch.cat([ahead, copy], dim=1)
+
+    def score(self, chunk: Chunk) -> Tensor:
+        B, Hkv, T, _ = chunk.keys.shape
+        if chunk.probe is None:  # a decoded token
+            return torch.cat([chunk.old, torch.ones_like(chunk.old[..., :T])], dim=-1)
+        q, k, pos, scale = chunk.probe
+        C, P = chunk.old.shape[-1], q.shape[2]
+        sinks = (chunk.slot_pos >= 0) & (chunk.slot_pos < self.sink_tokens)  # [B, Hkv, C]
+        causal = torch.ones(P, P, dtype=torch.bool, device=q.device).tril() & (pos >= 0)[:, None, None, :]
+        seen = torch.cat(
+            [
+                sinks[:, :, None, :].expand(B, Hkv, P, C),
+                (chunk.pos >= 0)[:, None, None, :].expand(B, Hkv, P, T),
+                (causal | torch.eye(P, dtype=torch.bool, device=q.device)).expand(B, Hkv, P, P),
+            ],
+            dim=-1,
+        )
+        keys = torch.cat([chunk.slot_keys, chunk.keys, k], dim=2).float()  # [B, Hkv, C + T + P, D]
+        qg = q.float().unflatten(1, (Hkv, -1))  # [B, Hkv, G, P, D]
+        logits = (qg @ keys[:, :, None].transpose(-1, -2)) * scale
+        probs = logits.masked_fill(~seen[:, :, None], -torch.inf).softmax(dim=-1)
+        best = probs[..., C : C + T].amax(dim=(2, 3))  # [B, Hkv, T]
+        return torch.cat([chunk.old, best], dim=-1)
