@@ -1,66 +1,70 @@
-"""Does the default model still find the passkey? Every policy at 50 % and 25 % budget, the full
-cache beside them, on prompts with the key at several depths. Prints a Markdown table.
+"""Does the default model still find the passkey once its cache is compressed? Every policy at 50 %
+and 25 % of the context, the full cache beside them, in both modes: the question inside the
+compressed prompt (``aware``), or asked after the context was compressed (``agnostic``: compress
+once, ask anything). Each sample hides a 5-digit key at a random depth of ~``--tokens`` tokens of
+filler (``kvpass.tasks.passkey``). Prints a Markdown table: the fraction found, and the paired
+difference from the full cache on the same samples, in points, with its standard error.
 
-    python benchmarks/passkey.py --tokens 2048 --depths 0.1 0.5 0.9
+    python benchmarks/passkey.py --tokens 2450 --samples 16 --budgets 0.25
 
-``--allocation`` (files from ``kvpass calibrate``): every policy also runs with per-layer budgets
-from the calibration nearest each budget (``NAME+alloc``), as ``kvpass eval`` does.
+``--peer kvpress`` adds kvpress's presses (in an environment where kvpress is installed);
+``--out F.json`` keeps every record.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import time
 
 import torch
-from tqdm import tqdm
 
 import kvpass
-from kvpass import allocation
-from kvpass.evaluate import ALLOC
-from kvpass.passkey import passkey_prompt
+from kvpass import report
+from kvpass.evaluate import MODES, evaluate
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    ap.add_argument("--tokens", type=int, default=2450)
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0, help="first sample's seed (fresh seeds: a new range)")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25])
     ap.add_argument("--policies", nargs="+", default=[p for p in kvpass.policies() if p != "full"])
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--chunk", type=int, default=512)
-    ap.add_argument("--allocation", nargs="+", default=[], help="kvpass calibrate files")
+    ap.add_argument("--peer", choices=["kvpress"])
+    ap.add_argument("--out", help="write every record here (JSON)")
     args = ap.parse_args()
 
-    calibrations = [allocation.load(f) for f in args.allocation]  # a bad file fails before the model loads
     torch.set_grad_enabled(False)
     model, tok = kvpass.load_default_model()
-    prompts = [passkey_prompt(tok, args.tokens, seed=i, depth=d) for i, d in enumerate(args.depths)]
-    encoded = [(tok(p, return_tensors="pt"), key) for p, key in prompts]
-    runs = [("full", None, None)]
-    for p in args.policies:
-        for b in args.budgets:
-            runs += [(p, b, None)] + ([(p + ALLOC, b, allocation.nearest(calibrations, b))] if calibrations else [])
-    rows = []
     start = time.time()
-    for name, budget, alloc in tqdm(runs, desc="policies"):
-        policy = name.removesuffix(ALLOC)
-        small = kvpass.transform(model, policy=policy, budget=budget, chunk=args.chunk, allocation=alloc)
-        found = []
-        for enc, key in encoded:
-            out = small.generate(**enc, max_new_tokens=12, do_sample=False)
-            found.append(key in tok.decode(out[0, enc.input_ids.shape[1] :]))
-        rows.append((name, "100 %" if budget is None else f"{budget:.0%}", found))
+    records = []
+    for mode in args.modes:
+        records += evaluate(
+            model, tok, task_names=["passkey"], lengths=[args.tokens], policies=args.policies, budgets=args.budgets,
+            samples=args.samples, mode=mode, max_new_tokens=12, chunk=args.chunk, seed=args.seed, peer=args.peer,
+        )  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump([r.to_dict() for r in records], f, indent=1)
 
-    n = encoded[0][0].input_ids.shape[1]
     print(
-        f"\nPasskey retrieval, SmolLM2-135M-Instruct, {n}-token prompts, chunk {args.chunk}, greedy; "
+        f"\nPasskey retrieval, SmolLM2-135M-Instruct, ~{args.tokens}-token contexts, {args.samples} samples "
+        f"(seeds {args.seed}-{args.seed + args.samples - 1}), chunk {args.chunk}, greedy; "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {time.time() - start:.0f} s\n"
     )
-    print("| policy | budget | " + " | ".join(f"depth {d:g}" for d in args.depths) + " |")
-    print("|---|---|" + "---|" * len(args.depths))
-    for policy, budget, found in rows:
-        print(f"| {policy} | {budget} | " + " | ".join("yes" if f else "no" for f in found) + " |")
+    tables = {}  # mode -> (policy, kept) -> (found, vs full)
+    for mode in args.modes:
+        header, rows = report.table([r for r in records if r.mode == mode])
+        at = header.index("average"), header.index("vs full (s.e.)")
+        tables[mode] = {(row[0], row[1]): (f"{float(row[at[0]]) / 100:.2f}", row[at[1]]) for row in rows}
+    print("| policy | kept | " + " | ".join(f"{m}: found | {m}: vs full, points (s.e.)" for m in args.modes) + " |")
+    print("|---|---|" + "---|---|" * len(args.modes))
+    for key in tables[args.modes[0]]:
+        print(f"| {key[0]} | {key[1]} | " + " | ".join(" | ".join(tables[m][key]) for m in args.modes) + " |")
 
 
 if __name__ == "__main__":

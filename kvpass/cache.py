@@ -11,6 +11,8 @@ Nothing here knows transformers: :mod:`kvpass.hf` presents this cache to ``gener
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor
 
@@ -110,6 +112,17 @@ class EvictingCache:
             return {}
         groups = self.layout.split(self.tables)
         return {layer: groups[g].layer(i) for layer, (g, i) in sorted(self.layout.where.items())}
+
+    def fork(self) -> EvictingCache:
+        """An independent copy: the same tables and counts, which the copy and this cache then change
+        apart (several questions asked of one compressed context, each from its own copy)."""
+        new = copy.copy(self)
+        new.tables = [t.clone() for t in self.tables]
+        new.lengths = None if self.lengths is None else self.lengths.clone()
+        if new.tables and new.tables[0].is_cuda:
+            for t in new.tables:
+                torch._dynamo.mark_static_address(t)
+        return new
 
     def select_rows(self, index: Tensor) -> None:
         """Keep the batch rows ``index`` (in that order; a row may repeat): how beam search moves

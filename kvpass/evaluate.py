@@ -15,9 +15,11 @@ answers that appear in it, case-insensitively.
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from dataclasses import asdict, dataclass
 from itertools import product
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +27,7 @@ from tqdm import tqdm
 
 from kvpass import allocation, hf, peers, tasks
 from kvpass import policies as kvpass_policies
+from kvpass.cache import EvictingCache
 from kvpass.transform import transform
 
 ALLOC = "+alloc"  # suffix of a policy run with per-layer budgets
@@ -76,35 +79,71 @@ def render(tokenizer, sample: tasks.Sample, mode: str) -> list[Tensor]:
     return [tokenizer(p, return_tensors="pt", add_special_tokens=False).input_ids for p in pieces]
 
 
-@torch.no_grad()
-def answer(model: nn.Module, pieces: list[Tensor], max_new_tokens: int, eos: int | None = None, press=None) -> Tensor:
-    """Feed the prompt pieces in order through one cache, then decode greedily; the new token ids.
+class Context(NamedTuple):
+    """A context read into a cache: the logits of its last token, the cache, the tokens seen."""
 
-    ``press``: a kvpress press, applied while the first piece is prefilled (how kvpress compresses).
-    """
+    logits: Tensor
+    cache: object
+    seen: int
+
+
+@torch.no_grad()
+def read(model: nn.Module, context: Tensor, reserve: int, press=None) -> Context:
+    """Prefill ``context [1, n]`` into a fresh cache, compressed as it is read (``press``: a kvpress
+    press, applied to this prefill, which is how kvpress compresses); ``reserve``: the tokens that
+    will follow it (a kvpass cache keeps slots for them)."""
     if hasattr(model, "kvpass_new_cache"):
-        cache = model.kvpass_new_cache(decode_reserve=sum(p.shape[1] for p in pieces[1:]) + max_new_tokens)
+        cache = model.kvpass_new_cache(decode_reserve=reserve)
     else:
         cache = hf.full_cache(model)
+    with peers.applied(press, model) if press is not None else contextlib.nullcontext():
+        return _feed(model, Context(None, cache, 0), context)
+
+
+def _feed(model: nn.Module, at: Context, ids: Tensor) -> Context:
     # Positions are passed explicitly: a kvpress cache holds fewer entries than tokens seen, and
     # transformers would otherwise number the next tokens by the entries held (as kvpress's own
     # pipeline does, the true positions continue from the prompt's length).
-    seen = 0
-    for i, piece in enumerate(pieces):
-        pos = torch.arange(seen, seen + piece.shape[1], device=piece.device)[None]
-        with peers.applied(press, model) if press is not None and i == 0 else contextlib.nullcontext():
-            logits, cache = hf.call(model, piece, cache, position_ids=pos, logits_to_keep=1)
-        seen += piece.shape[1]
-    nxt = logits[:, -1:].argmax(-1)
+    pos = torch.arange(at.seen, at.seen + ids.shape[1], device=ids.device)[None]
+    logits, cache = hf.call(model, ids, at.cache, position_ids=pos, logits_to_keep=1)
+    return Context(logits, cache, at.seen + ids.shape[1])
+
+
+def fork(cache):
+    """An independent copy of ``cache``: what one question does to it leaves the other questions' alone."""
+    return cache.fork() if isinstance(cache, EvictingCache) else copy.deepcopy(cache)
+
+
+@torch.no_grad()
+def ask(model: nn.Module, at: Context, pieces: list[Tensor], max_new_tokens: int, eos: int | None = None) -> Tensor:
+    """Feed ``pieces`` after the context ``at`` (whose cache this consumes), then decode greedily;
+    the new token ids."""
+    for piece in pieces:
+        at = _feed(model, at, piece)
+    nxt = at.logits[:, -1:].argmax(-1)
     tokens = [nxt]
     for _ in range(max_new_tokens - 1):
         if eos is not None and int(nxt) == eos:
             break
-        pos = torch.full_like(nxt, seen)
-        logits, cache = hf.call(model, nxt, cache, position_ids=pos, logits_to_keep=1)
-        nxt, seen = logits[:, -1:].argmax(-1), seen + 1
+        at = _feed(model, at, nxt)
+        nxt = at.logits[:, -1:].argmax(-1)
         tokens.append(nxt)
     return torch.cat(tokens, dim=1)[0]
+
+
+def answer(model: nn.Module, pieces: list[Tensor], max_new_tokens: int, eos: int | None = None, press=None) -> Tensor:
+    """Read the first piece (compressing it), feed the others, then decode greedily; the new token ids."""
+    reserve = sum(p.shape[1] for p in pieces[1:]) + max_new_tokens
+    return ask(model, read(model, pieces[0], reserve, press), pieces[1:], max_new_tokens, eos)
+
+
+def answers(
+    model: nn.Module, context: Tensor, questions: list[Tensor], max_new_tokens: int, eos: int | None = None, press=None
+) -> list[Tensor]:
+    """Compress once, ask anything: ``context`` is read (and compressed) once, then each question
+    is answered from its own copy of that cache, as if it were the only one."""
+    at = read(model, context, max(q.shape[1] for q in questions) + max_new_tokens, press)
+    return [ask(model, Context(at.logits, fork(at.cache), at.seen), [q], max_new_tokens, eos) for q in questions]
 
 
 @torch.no_grad()

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 
-# kvpass policy name -> the kvpress class with the same score; the last two have no kvpass
+# kvpass policy name -> the kvpress class with the same score (KVzipPress, as kvpress sets it
+# by default, shares the budget across layers and heads; kvpass's kvzip keeps it per head); the last two have no kvpass
 # counterpart yet. (kvpress has no H2O as in its paper -- raw sum plus a protected recent window.)
 PRESSES = {
     "streaming": "StreamingLLMPress",
@@ -19,6 +20,7 @@ PRESSES = {
     "tova": "TOVAPress",
     "snapkv": "SnapKVPress",
     "knorm": "KnormPress",
+    "kvzip": "KVzipPress",
     "expected_attention": "ExpectedAttentionPress",
     "pyramidkv": "PyramidKVPress",
 }

@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+import kvpass
 from kvpass import hf, report, tasks
-from kvpass.evaluate import Record, answer, evaluate, render, score
+from kvpass.evaluate import Context, Record, answer, answers, ask, evaluate, fork, read, render, score
 from tests.conftest import tiny_llama
 from tests.eval.stub import WordTokenizer
 
@@ -54,6 +55,26 @@ def test_answer_matches_generate(llama):
     ids = torch.randint(3, 97, (1, 30), generator=torch.Generator().manual_seed(1))
     want = llama.generate(ids, max_new_tokens=6, do_sample=False)[0, 30:]
     torch.testing.assert_close(answer(llama, [ids[:, :20], ids[:, 20:]], 6), want)
+
+
+@pytest.mark.parametrize("policy", [None, "tova", "kvzip"])
+def test_compress_once_ask_anything(llama, policy):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    ctx = torch.randint(3, 97, (1, 70), generator=g)
+    questions = [torch.randint(3, 97, (1, n), generator=g) for n in (5, 9, 3)]
+    model = llama if policy is None else kvpass.transform(llama, policy, 0.25, chunk=16, evict_during_decode=False)
+    got = answers(model, ctx, questions, 6)
+    for q, a in zip(questions, got, strict=True):  # each as if it were the only question
+        assert torch.equal(a, answer(model, [ctx, q], 6))
+    at = read(model, ctx, 20)
+
+    def state(cache):
+        return [t.clone() for t in (cache.tables if policy else [x for layer in cache.layers for x in layer.keys])]
+
+    before = state(at.cache)
+    ask(model, Context(at.logits, fork(at.cache), at.seen), [questions[0]], 6)
+    assert all(torch.equal(a, b) for a, b in zip(before, state(at.cache), strict=True))  # the context's is untouched
+    assert policy is None or at.cache.seen == 70
 
 
 def test_bad_budget_is_an_error(llama):
