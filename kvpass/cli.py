@@ -196,7 +196,7 @@ def train_gates(args: argparse.Namespace) -> None:
         model, tok, args.out, target=args.target, steps=args.steps, seq_len=args.seq_len, lr=args.lr,
         rate_weight=args.rate_weight, window=args.window, answer_weight=args.answer_weight, seed=args.seed,
         hindsight_weight=args.hindsight_weight, retrieval=tuple(args.retrieval), resume=not args.restart,
-        allocation=alloc,
+        allocation=alloc, teacher=args.teacher, teacher_weight=args.teacher_weight,
     )  # fmt: skip
     print(f"wrote {args.out} (loss curves: {Path(args.out).with_suffix('.png')})")
 
@@ -342,6 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument(
         "--hindsight-weight", type=float, default=0.0, help="weight of the term that keeps what retrieval answers read"
     )
+    t.add_argument("--teacher", help="a policy whose keep set the gate learns to predict (e.g. kvzip)")
+    t.add_argument("--teacher-weight", type=float, default=1.0, help="weight of the teacher's term (default 1)")
     t.add_argument("--retrieval", nargs="+", default=["lockers"], choices=RETRIEVAL, help="retrieval chats trained on")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--restart", action="store_true", help="start over instead of resuming --out")

@@ -141,6 +141,35 @@ def hindsight_loss(probs: list[Tensor], weights: Tensor) -> Tensor:
     return -(weights * logp).sum(-1).mean()
 
 
+@torch.no_grad()
+def teacher_targets(scorer: nn.Module, ids: Tensor, rates: float | Tensor) -> Tensor:
+    """A teacher's keep set for ``ids [1, T]``, ``[layers, kv_heads, T]`` (0/1): per layer and KV
+    head, the ``rates`` share (one, or one per layer) of the tokens the ``scorer`` scores highest.
+    ``scorer``: a transformed model that keeps every token (budget 1.0), so its slots hold the
+    policy's score of each (e.g. KVzip's, from reconstructing the sequence); its first
+    ``sink_tokens`` are kept."""
+    cache = scorer.kvpass_new_cache(decode_reserve=0)
+    scorer.kvpass_forward(ids, cache, logits_to_keep=1)
+    T = ids.shape[1]
+    scores = []
+    for _, s in sorted(cache.slots.items()):
+        order = s.pos[0].argsort(dim=-1)  # [Hkv, T]: by position
+        scores.append(s.score[0].gather(-1, order))
+    score = torch.stack(scores).float()  # [L, Hkv, T]
+    score[..., : scorer.kvpass_policy.sink_tokens] = torch.inf
+    rates = torch.as_tensor(rates, dtype=torch.float32, device=score.device).expand(score.shape[0])
+    keep = (rates * T).ceil().long().clamp(1, T)  # [L]
+    rank = score.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 = highest
+    return (rank < keep[:, None, None]).float()
+
+
+def teacher_loss(probs: list[Tensor], keep: Tensor) -> Tensor:
+    """Binary cross-entropy of the keep probabilities (per layer ``[1, Hkv, T]``) against a
+    teacher's keep set ``[layers, kv_heads, T]``, averaged."""
+    p = torch.stack([x[0, :, : keep.shape[-1]] for x in probs]).clamp(1e-6, 1 - 1e-6)
+    return F.binary_cross_entropy(p, keep)
+
+
 @torch.enable_grad()
 def train_step(
     model,
@@ -153,10 +182,12 @@ def train_step(
     window: int = 0,
     weight: Tensor | None = None,
     hindsight: tuple[float, int] | None = None,
+    keep: tuple[float, Tensor] | None = None,
 ) -> dict:
     """One optimisation step on ``ids [B, T]`` (``weight [B, T]``: of each position's KL; ``target``:
-    the keep rate, or one per layer; ``hindsight``: (its weight, the rows it is read from), B = 1);
-    returns the losses and the mean keep rate."""
+    the keep rate, or one per layer; ``hindsight``: (its weight, the rows it is read from), B = 1;
+    ``keep``: (its weight, a teacher's keep set from :func:`teacher_targets`), B = 1); returns
+    the losses and the mean keep rate."""
     with torch.no_grad():
         if hindsight is None:
             teacher = model(ids, use_cache=False).logits
@@ -171,11 +202,15 @@ def train_step(
         if hindsight is not None:
             seen = hindsight_loss(_ACTIVE.probs, weights)
             loss = loss + hindsight[0] * seen
+        if keep is not None:
+            taught = teacher_loss(_ACTIVE.probs, keep[1])
+            loss = loss + keep[0] * taught
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     row = {name: float(t.detach()) for name, t in (("loss", loss), ("kl", kl), ("keep", rate.mean()))}
-    return row | ({"hindsight": float(seen.detach())} if hindsight is not None else {})
+    row |= {"hindsight": float(seen.detach())} if hindsight is not None else {}
+    return row | ({"teacher": float(taught.detach())} if keep is not None else {})
 
 
 def train_gates(
@@ -192,6 +227,8 @@ def train_gates(
     window: int = 32,
     answer_weight: float = 20.0,
     hindsight_weight: float = 0.0,
+    teacher: str | None = None,
+    teacher_weight: float = 1.0,
     retrieval: tuple[str, ...] = ("lockers",),
     seed: int = 0,
     allocation: tuple[float, ...] | list[float] | None = None,
@@ -205,7 +242,10 @@ def train_gates(
     policy's ``window`` at inference); ``threshold``: keep when p >= threshold; ``answer_weight``:
     the KL weight of the positions that predict a retrieval answer (1 elsewhere); ``hindsight_weight``:
     of the hindsight term on retrieval samples (module docstring; 0: none); ``retrieval``: the kinds
-    of retrieval chat trained on (:mod:`kvpass.corpus`), in turn with documentation text. ``allocation``:
+    of retrieval chat trained on (:mod:`kvpass.corpus`), in turn with documentation text. ``teacher``:
+    a policy whose keep set the gate learns to predict on every sample (``teacher_weight``: of that
+    binary cross-entropy; :func:`teacher_targets`), e.g. ``"kvzip"``, so a one-pass gate learns what a
+    query-agnostic scorer that reads the context twice would keep. ``allocation``:
     per-layer multiples of the budget (:mod:`kvpass.allocation`): layer i is trained to keep
     ``min(1, target * allocation[i])``, and the policy then gives each layer that share of the budget.
 
@@ -228,6 +268,8 @@ def train_gates(
     info |= {"lr": lr, "rate_weight": rate_weight, "answer_weight": answer_weight}
     if hindsight_weight:
         info["hindsight_weight"] = hindsight_weight
+    if teacher:
+        info |= {"teacher": teacher, "teacher_weight": teacher_weight}
     if tuple(retrieval) != ("lockers",):
         info["retrieval"] = list(retrieval)
     if allocation is not None:
@@ -248,6 +290,13 @@ def train_gates(
     device = next(model.parameters()).device
     targets = target if allocation is None else torch.tensor([min(1.0, target * a) for a in allocation], device=device)
     g.to(device).train()
+    scorer = None
+    if teacher:
+        from kvpass import policies
+        from kvpass.transform import transform
+
+        knobs = policies.text_knobs(teacher, tokenizer)
+        scorer = transform(model, teacher, 1.0, chunk=seq_len, evict_during_decode=False, **knobs)
     data = corpus.samples(tokenizer, seq_len, seed, tuple(retrieval))
     for _ in range(len(log)):  # the samples already seen
         next(data)
@@ -260,7 +309,8 @@ def train_gates(
         if answer:  # the positions that predict the answer's tokens
             weight[0, -answer - 1 : -1] = answer_weight
         hindsight = (hindsight_weight, answer + 1) if hindsight_weight and answer else None
-        row = train_step(model, g, opt, ids, targets, rate_weight, threshold, window, weight, hindsight)
+        taught = (teacher_weight, teacher_targets(scorer, ids, targets)) if scorer is not None else None
+        row = train_step(model, g, opt, ids, targets, rate_weight, threshold, window, weight, hindsight, taught)
         log.append({"step": step + 1, **row})
         bar.set_postfix(kl=f"{row['kl']:.3f}", keep=f"{row['keep']:.2f}")
         if (step + 1) % save_every == 0 or step + 1 == steps:

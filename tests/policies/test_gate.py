@@ -366,3 +366,50 @@ def test_the_hindsight_term_raises_the_keep_probability_of_what_the_answer_reads
         return float(p[..., read].mean() - p.mean())
 
     assert abs(gap(0.0)) < 0.05 and gap(5.0) > 0.15
+
+
+def test_teacher_targets_are_each_heads_best_share():
+    model = tiny_llama(seed=10)
+    scorer = kvpass.transform(model, "knorm", 1.0, chunk=64, sink_tokens=2, evict_during_decode=False)
+    ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()))))
+    keep = train.teacher_targets(scorer, ids, torch.tensor([0.25, 0.5]))
+    assert keep.shape == (2, 2, 40)
+    for layer, s in scorer.kvpass_cache.slots.items():
+        for h in range(2):
+            score = torch.full((40,), float("nan"))
+            score[s.pos[0, h]] = s.score[0, h]  # knorm: -|k|, by position
+            score[:2] = torch.inf  # the sinks
+            n = math.ceil((0.25, 0.5)[layer] * 40)
+            assert set(keep[layer, h].nonzero().flatten().tolist()) == set(score.topk(n).indices.tolist())
+
+
+def test_the_teacher_term_pulls_the_gate_toward_the_teachers_keep_set():
+    model = tiny_llama(seed=8)
+    ids = torch.randint(3, 97, (1, 48), generator=torch.Generator().manual_seed(3))
+    read = torch.tensor([9, 17, 30])
+    taught = torch.zeros(2, 2, 48).index_fill_(-1, read, 1.0)  # the teacher keeps these, in every layer and head
+
+    def share(weight):  # after training: how many of the taught entries are in their head's top quarter
+        torch.manual_seed(9)
+        net = gates.Gates(2, 4, 2, 16)
+        opt = torch.optim.Adam(net.parameters(), lr=3e-2)
+        for _ in range(60):
+            row = train.train_step(model, net, opt, ids, 0.5, 10.0, 0.5, 4, keep=(weight, taught))
+        assert row["teacher"] > 0
+        with torch.no_grad(), train.gated(model, net, 0.5, 4):
+            model(ids, use_cache=False)
+            p = torch.stack([q[0] for q in train._ACTIVE.probs])
+        top = p.topk(12, dim=-1).indices  # each head's top quarter
+        return float((top[..., :, None] == read).any(-2).float().mean())
+
+    assert share(0.0) < 0.5 and share(5.0) > 0.75
+
+
+def test_training_with_a_kvzip_teacher_runs_and_records_it(tmp_path):
+    model, tok = tiny_llama(seed=4), _CharTokenizer()
+    path = tmp_path / "t.safetensors"
+    train.train_gates(model, tok, path, steps=2, seq_len=48, teacher="kvzip", teacher_weight=2.0, progress=False)
+    _, info, _ = gates.load(path)
+    assert info["teacher"] == "kvzip" and info["teacher_weight"] == 2.0
+    log = __import__("json").loads(path.with_suffix(".log.json").read_text())
+    assert all(r["teacher"] > 0 for r in log)
