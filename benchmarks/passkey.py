@@ -8,7 +8,8 @@ difference from the full cache on the same samples, in points, with its standard
     python benchmarks/passkey.py --tokens 2450 --samples 16 --budgets 0.25
 
 ``--peer kvpress`` adds kvpress's presses (in an environment where kvpress is installed);
-``--out F.json`` keeps every record.
+``--allocation`` (files from ``kvpass calibrate``) adds every policy with per-layer budgets
+(``NAME+alloc``); ``--out F.json`` keeps every record.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 import torch
 
 import kvpass
-from kvpass import report
+from kvpass import allocation, report
 from kvpass.evaluate import MODES, evaluate
 
 
@@ -35,9 +36,11 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--peer", choices=["kvpress"])
+    ap.add_argument("--allocation", nargs="+", default=[], help="kvpass calibrate files: also NAME+alloc rows")
     ap.add_argument("--out", help="write every record here (JSON)")
     args = ap.parse_args()
 
+    calibrations = [allocation.load(f) for f in args.allocation]  # a bad file fails before the model loads
     torch.set_grad_enabled(False)
     model, tok = kvpass.load_default_model()
     start = time.time()
@@ -46,6 +49,7 @@ def main() -> None:
         records += evaluate(
             model, tok, task_names=["passkey"], lengths=[args.tokens], policies=args.policies, budgets=args.budgets,
             samples=args.samples, mode=mode, max_new_tokens=12, chunk=args.chunk, seed=args.seed, peer=args.peer,
+            calibrations=calibrations,
         )  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:

@@ -107,7 +107,9 @@ def measure(
         press = peers.press(policy.removeprefix("kvpress:"), budget)
     elif policy != "full":
         budget_arg = int(budget) if budget is not None and budget > 1 else budget
-        model = kvpass.transform(model, policy=policy.removesuffix("+compiled"), budget=budget_arg, chunk=chunk)
+        name = policy.removesuffix("+compiled")
+        knobs = kvpass.policies.text_knobs(name, tok)
+        model = kvpass.transform(model, policy=name, budget=budget_arg, chunk=chunk, **knobs)
         if policy.endswith("+compiled"):
             model.compile(backend="kvpass")
     ids = tok(FILLER * (tokens // 20 + 1), return_tensors="pt").input_ids[:, :tokens].to(device)
