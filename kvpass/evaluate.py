@@ -31,6 +31,7 @@ from kvpass.cache import EvictingCache
 from kvpass.transform import transform
 
 ALLOC = "+alloc"  # suffix of a policy run with per-layer budgets
+PEER = "kvpress:"  # prefix of a kvpress press, as a policy name
 
 MODES = ("aware", "agnostic")
 
@@ -172,7 +173,8 @@ def evaluate(
     progress: bool = True,
 ) -> list[Record]:
     """Every (task, length, sample) under the unmodified model and every (policy, budget); with
-    ``peer="kvpress"``, also under kvpress's counterpart of every policy it has (policy ``kvpress:NAME``).
+    ``peer="kvpress"``, also under kvpress's counterpart of every policy it has (policy ``kvpress:NAME``;
+    such a name in ``policies`` runs that press alone).
     ``ppl=True`` adds, per length, the perplexity of documentation text (task ``perplexity``, its
     ``score`` the perplexity) for the unmodified model and every kvpass policy; kvpress compresses
     only after the prompt's logits are computed, so it has no such number. ``calibrations``:
@@ -185,6 +187,10 @@ def evaluate(
             raise ValueError(f"eval budgets are fractions of the prompt in (0, 1], got {b}")
     if peer not in (None, "kvpress"):
         raise ValueError(f"unknown peer {peer!r}; the one known is kvpress")
+    presses = [p.removeprefix(PEER) for p in policies if p.startswith(PEER)]  # the peer's rows alone
+    policies = [p for p in policies if not p.startswith(PEER)]
+    if presses:
+        peers.press(presses[0], budgets[0])  # kvpress missing or an unknown name: fail before any run
     runs: list[tuple[str, float | None, nn.Module, object]] = [("full", None, model, None)]
     for policy, budget in product(policies, budgets):
         knobs = {"chunk": chunk, "evict_during_decode": False, **kvpass_policies.text_knobs(policy, tokenizer)}
@@ -193,9 +199,10 @@ def evaluate(
             alloc = allocation.nearest(calibrations, budget)
             small = transform(model, policy, budget, allocation=alloc, **knobs)
             runs.append((policy + ALLOC, budget, small, None))
-    if peer == "kvpress":  # imported after the transforms: kvpress patches transformers' attention on import
-        for policy, budget in product([p for p in peers.PRESSES if p in policies or p not in kvpass_names()], budgets):
-            runs.append((f"kvpress:{policy}", budget, model, peers.press(policy, budget)))
+    if peer == "kvpress":  # every counterpart, and the presses kvpass has none of
+        presses += [p for p in peers.PRESSES if (p in policies or p not in kvpass_names()) and p not in presses]
+    for policy, budget in product(presses, budgets):  # after the transforms: kvpress patches attention on import
+        runs.append((PEER + policy, budget, model, peers.press(policy, budget)))
     cases = [
         (n, tasks.make(t, tokenizer, n, seed + i)) for t, n in product(task_names, lengths) for i in range(samples)
     ]

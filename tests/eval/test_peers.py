@@ -48,3 +48,18 @@ def test_eval_with_the_peer(llama):
     )  # fmt: skip
     assert {r.policy for r in records} == {"full", "tova", "kvpress:tova", "kvpress:expected_attention",
                                            "kvpress:pyramidkv"}  # fmt: skip
+
+
+@pytest.mark.skipif(HAVE_KVPRESS, reason="checks the message shown when kvpress is missing")
+def test_a_press_named_without_kvpress_fails_before_any_run(llama):
+    with pytest.raises(ValueError, match=r"kvpass\[compare\]"):
+        evaluate(llama, WordTokenizer(), task_names=["vt"], lengths=[100], policies=["kvpress:tova"], budgets=[0.5])
+
+
+@pytest.mark.skipif(not HAVE_KVPRESS, reason="kvpress is not installed (pip install 'kvpass[compare]')")
+def test_a_press_named_as_a_policy_runs_alone(llama):
+    records = evaluate(
+        llama, WordTokenizer(), task_names=["niah_single"], lengths=[150], policies=["kvpress:knorm"],
+        budgets=[0.5], samples=1, max_new_tokens=4, chunk=64, progress=False,
+    )  # fmt: skip
+    assert {r.policy for r in records} == {"full", "kvpress:knorm"}
