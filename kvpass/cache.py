@@ -77,7 +77,11 @@ class EvictingCache:
         reserve = self.capacity - self.budget
         layout = step.layout({i: reserve + self.layer_budget(i) for i in step.sites})
         self.layout, self.tables = layout, layout.empty(batch, dtype, device)
-        if self.tables[0].is_cuda:  # fixed addresses: a CUDA graph replays over the same tables
+        self._fix_addresses()
+
+    def _fix_addresses(self) -> None:
+        """On CUDA, mark the tables' addresses static: a CUDA graph replays over the same tables."""
+        if self.tables and self.tables[0].is_cuda:
             for t in self.tables:
                 torch._dynamo.mark_static_address(t)
 
@@ -119,9 +123,7 @@ class EvictingCache:
         new = copy.copy(self)
         new.tables = [t.clone() for t in self.tables]
         new.lengths = None if self.lengths is None else self.lengths.clone()
-        if new.tables and new.tables[0].is_cuda:
-            for t in new.tables:
-                torch._dynamo.mark_static_address(t)
+        new._fix_addresses()
         return new
 
     def select_rows(self, index: Tensor) -> None:
@@ -129,9 +131,7 @@ class EvictingCache:
         each beam's cache to the beams that continue it."""
         if self.layout is not None:
             self.tables = [t.index_select(1, index) for t in self.tables]
-            if self.tables[0].is_cuda:
-                for t in self.tables:
-                    torch._dynamo.mark_static_address(t)
+            self._fix_addresses()
         if self.lengths is not None:
             self.lengths = self.lengths.index_select(0, index)
 

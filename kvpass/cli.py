@@ -186,6 +186,10 @@ def train_gates(args: argparse.Namespace) -> None:
     from kvpass.default_model import load_model
     from kvpass.train import train_gates as run
 
+    if args.teacher:  # fail on a bad policy name before loading anything
+        import kvpass
+
+        kvpass.policies.get(args.teacher, budget=1.0)
     alloc = None
     if args.allocation:  # fail on a bad file before loading anything
         from kvpass import allocation
