@@ -148,6 +148,28 @@ def test_cli_calibrates_and_evaluates_with_the_allocation(tmp_path, monkeypatch,
     assert policies_run == {"full", "tova", "tova+alloc"}
 
 
+def test_cli_calibrates_kvzip_with_its_probe(tmp_path, monkeypatch):
+    import sys
+
+    from kvpass import default_model
+    from kvpass.cli import main
+    from kvpass.policies import KVzip
+
+    model, tok = tiny_llama(seed=11, layers=2), WordTokenizer()
+    monkeypatch.setattr(default_model, "load_model", lambda name="default", **kw: (model, tok))
+    module = sys.modules["kvpass.transform"]
+    made, real = [], module.transform
+
+    def spy(model, policy, budget, **kw):
+        made.append(kw.get("repeat"))
+        return real(model, policy, budget, **kw)
+
+    monkeypatch.setattr(module, "transform", spy)
+    argv = ["calibrate", "--policy", "kvzip", "--budget", "0.5", "--samples", "1", "--tokens", "120", "--chunk", "32"]
+    main([*argv, "--out", str(tmp_path / "kvzip.json")])
+    assert made == [KVzip.instruction(tok)] and len(made[0]) > 0  # the same probe as eval and demo use
+
+
 def test_bad_calibrations_are_clear_errors(tmp_path):
     from kvpass.cli import main
 
