@@ -23,9 +23,10 @@ class KVzip(Policy):
                   softmax_j(q_{i,h} k^T * scale)
 
     with the softmax over the sinks (slots at positions < ``sink_tokens``), the chunk and the
-    probe, as in the paper. A token keeps the score its own reconstruction gave it, so evicting
-    chunk by chunk keeps, per layer and KV head, the same top entries as scoring the whole context
-    at once (when it fits in one chunk, it is the paper's method with a uniform budget per head).
+    probe, as in the paper. A token keeps the score its own chunk's reconstruction gave it, so
+    evicting chunk by chunk keeps, per layer and KV head, the top entries by those scores. A chunk's
+    probe repeats that chunk alone, so reading the context in one chunk scores it better (the
+    paper's method with a uniform budget per head; docs/query-agnostic.md measures the difference).
     The probe costs a second pass over the context while it is prefilled; scoring holds one
     ``[B, H, P, C + T + P]`` probability matrix per layer at a time (P the probe's length).
     A decoded token is not scored (the paper compresses the context only): it enters with the
