@@ -76,8 +76,10 @@ def sensitivity(
     check_fraction(budget)
     if n_samples <= 0:
         raise ValueError(f"n_samples must be positive, got {n_samples}")
+    from kvpass import policies
     from kvpass.transform import transform  # (kvpass.transform reads calibration files with this module)
 
+    knobs = {**policies.text_knobs(policy, tokenizer), **knobs}  # kvzip's probe, say, as eval builds it
     device = next(model.parameters()).device
     data = [(p.to(device), a.to(device)) for p, a in samples(tokenizer, n_samples, tokens)]
     small = transform(model, policy, budget, chunk=chunk, evict_during_decode=False, **knobs)

@@ -250,9 +250,8 @@ def calibrate(args: argparse.Namespace) -> None:
     torch.set_grad_enabled(False)
     with console.status(f"loading {label(args.model)}"):
         model, tok = load_model(args.model)
-    knobs = kvpass.policies.text_knobs(args.policy, tok)
     result = allocation.calibrate(
-        model, tok, args.policy, args.budget, n_samples=args.samples, tokens=args.tokens, chunk=args.chunk, **knobs
+        model, tok, args.policy, args.budget, n_samples=args.samples, tokens=args.tokens, chunk=args.chunk
     )
     result["model"] = label(args.model)
     table = Table(title=f"{args.policy} at {args.budget:g}: {result['seconds']:.0f} s")
