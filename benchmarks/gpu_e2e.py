@@ -18,6 +18,7 @@ import argparse
 import torch
 
 import kvpass
+from kvpass import hf
 from kvpass.greedy import greedy
 
 LLAMA3_8B = dict(
@@ -76,6 +77,7 @@ def main() -> None:
     for B in args.batch:
         ids = torch.randint(0, LLAMA3_8B["vocab_size"], (B, args.context), device=device)
         cache = StaticCache(config=model.config, max_cache_len=args.context + args.new + 8)
+        hf.call(model, ids[:, :1], cache)  # its tensors made eagerly, not as outputs of a CUDA graph
         plain = model.forward
         model.forward = original
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 from torch import Tensor
@@ -17,9 +16,7 @@ def use_triton(t: Tensor, values: Tensor | None = None) -> bool:
     wanted = BACKEND == "triton" or (BACKEND == "auto" and t.is_cuda)
     D = t.shape[-1]
     same = values is None or values.shape[-1] == D
-    return wanted and same and D >= 16 and D & (D - 1) == 0 and _triton_available()
+    return wanted and same and D >= 16 and D & (D - 1) == 0 and TRITON
 
 
-@functools.cache
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+TRITON = importlib.util.find_spec("triton") is not None  # looked up once: Dynamo does not trace find_spec

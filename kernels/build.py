@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass
 
 ARCHS = (80, 90)  # A100, H100
-FP32_SCRATCH = {"M", "L", "ACC", "LOGITS", "VNORM", "LSE", "MUL", "MASS"}
+FP32_SCRATCH = {"M", "L", "M2", "L2", "LAM", "ACC", "LOGITS", "VNORM", "LSE", "MUL", "MASS"}
 INT8 = {"VALID", "KEEP"}
 INT64 = {"SPOS", "QPOS", "CPOS"}
 FLOATS = {"scale", "softcap"}

@@ -76,7 +76,7 @@ def _(q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, entr
       k_new=None, v_new=None, sinks=None):  # fmt: skip
     B, Hkv, N = slot_valid.shape
     out = q.new_empty((*q.shape[:-1], slot_v.shape[-1]))
-    return out, q.new_empty((B, Hkv, N + (k_new is not None)), dtype=torch.float32)
+    return out, q.new_empty((B, Hkv, N + int(k_new is not None)), dtype=torch.float32)
 
 
 def decode_reference(

@@ -8,10 +8,12 @@ max ``m``, sum ``lsum``, output ``acc``) per query head. It writes its partial `
 visible slot's logit -- 4 bytes per query head and slot, against the ``2 * D * itemsize`` bytes of
 K and V it reads -- so the mass needs no second pass over K.
 
-Pass 2 (``_merge``): one program per (batch row, KV head) merges the splits by log-sum-exp into
-the output, then turns the stored logits into probabilities summed over the group's query heads
-(the mass). AhaKV's options change only the mass: ``entropy_k`` rescales the stored raw products
-q.k by the adaptive scale (two more passes over the stored logits, none over K), and
+Pass 2 (``_merge``): one program per (batch row, KV head, split), as many as pass 1. Each merges
+the splits' maxima and sums by log-sum-exp (a few numbers per split), turns its own split's stored
+logits into probabilities summed over the group's query heads (the mass), and the first split's
+program also merges the partial outputs. AhaKV's options change only the mass: ``entropy_k``
+rescales the raw products q.k by the adaptive scale, which depends only on how many keys the
+query sees (counted before pass 1), so pass 1 keeps a second online max and sum at that scale;
 ``value_weighted`` multiplies by ``||v||^2``, computed in pass 1 from the values it reads anyway.
 
 The new token's own key and value (``k_new, v_new``), when given, are the ``N + 1``-th key: the
@@ -32,11 +34,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .attend import mass_scale
+
 
 @triton.jit
 def _partial(
-    Q, K, V, VALID, SPOS, QPOS, KNEW, VNEW,  # inputs
-    M, L, ACC, LOGITS, VNORM,  # outputs
+    Q, K, V, VALID, SPOS, QPOS, KNEW, VNEW, LAM,  # inputs
+    M, L, M2, L2, ACC, LOGITS, VNORM,  # outputs
     scale, softcap, window, N, NA, split_len, Hkv,
     sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_h, sp_b, sp_h, skn_b, skn_h, svn_b, svn_h,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -54,6 +58,12 @@ def _partial(
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     lsum = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
+    m2 = tl.full([G_PAD], float("-inf"), tl.float32)  # the mass's softmax at AhaKV's scale (RAW)
+    l2 = tl.zeros([G_PAD], tl.float32)
+    if RAW:
+        lam = tl.load(LAM + bh)
+    else:
+        lam = 1.0
     start = split * split_len
     end = tl.minimum(start + split_len, NA)
     for n0 in range(start, end, BLOCK_N):
@@ -76,7 +86,14 @@ def _partial(
             if SOFTCAP:
                 x = softcap * (2.0 / (1.0 + tl.exp(-2.0 * x / softcap)) - 1.0)  # softcap * tanh(x / softcap)
             x = tl.where(seen[None, :], x, float("-inf"))
-            keep = tl.where(seen[None, :], raw, float("-inf")) if RAW else x
+            if RAW:  # the raw products, and their online softmax at the adaptive scale
+                keep = tl.where(seen[None, :], raw, float("-inf"))
+                y = keep * lam
+                m2_new = tl.maximum(m2, tl.max(y, axis=1))
+                l2 = l2 * tl.exp(m2 - m2_new) + tl.sum(tl.exp(y - m2_new[:, None]), axis=1)
+                m2 = m2_new
+            else:
+                keep = x
             tl.store(LOGITS + (bh * G + g)[:, None] * NA + n[None, :], keep, mask=(g[:, None] < G) & inside[None, :])
             if NORMS:
                 vf = v.to(tl.float32)
@@ -90,71 +107,73 @@ def _partial(
     out = (bh * tl.num_programs(1) + split) * G_PAD + g
     tl.store(M + out, m)
     tl.store(L + out, lsum)
+    if RAW:
+        tl.store(M2 + out, m2)
+        tl.store(L2 + out, l2)
     tl.store(ACC + out[:, None] * D + d[None, :], acc)
 
 
 @triton.jit
+def _lse(M, L, bh, splits, g, G_PAD: tl.constexpr):
+    """The splits' running maxima and sums merged: the softmax's max and normaliser per query head."""
+    top = tl.full([G_PAD], float("-inf"), tl.float32)
+    total = tl.zeros([G_PAD], tl.float32)
+    for s in range(0, splits):
+        part = (bh * splits + s) * G_PAD + g
+        m = tl.load(M + part)
+        new_top = tl.maximum(top, m)
+        shift = tl.where(new_top == float("-inf"), 0.0, new_top)  # nothing seen yet: no -inf - -inf
+        total = total * tl.exp(top - shift) + tl.load(L + part) * tl.exp(m - shift)
+        top = new_top
+    return top, total
+
+
+@triton.jit
 def _merge(
-    M, L, ACC, LOGITS, VNORM, VALID, SPOS, QPOS,  # inputs
+    M, L, M2, L2, ACC, LOGITS, VNORM, VALID, SPOS, QPOS, LAM,  # inputs
     OUT, MASS,  # outputs
-    scale, window, entropy_k, N, NA, splits, Hkv,
+    window, N, NA, split_len, Hkv,
     so_b, so_h, sm_b, sm_h, sp_b, sp_h,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr, RAW: tl.constexpr, NORMS: tl.constexpr, NEW: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
     b = bh // Hkv
     h = bh % Hkv
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D)
-    top = tl.full([G_PAD], float("-inf"), tl.float32)
-    total = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D], tl.float32)
-    for s in range(0, splits):  # one split at a time: registers hold one partial, whatever the splits
-        part = (bh * splits + s) * G_PAD + g
-        m = tl.load(M + part)
-        new_top = tl.maximum(top, m)
-        shift = tl.where(new_top == float("-inf"), 0.0, new_top)  # nothing seen yet: no -inf - -inf
-        alpha = tl.exp(top - shift)
-        beta = tl.exp(m - shift)
-        total = total * alpha + tl.load(L + part) * beta
-        acc = acc * alpha[:, None] + tl.load(ACC + part[:, None] * D + d[None, :]) * beta[:, None]
-        top = new_top
-    out = acc / total[:, None]  # a row that sees nothing: 0 / 0 = NaN
-    tl.store(OUT + b * so_b + (h * G + g)[:, None] * so_h + d[None, :], out.to(OUT.dtype.element_ty),
-             mask=g[:, None] < G)  # fmt: skip
-    qpos = tl.load(QPOS + b)
-    rows = (bh * G + g)[:, None] * NA
-    if RAW:  # the mass at AhaKV's adaptive scale: count what the query sees, then max and sum of the rescaled
-        count = tl.zeros([BLOCK_N], tl.float32)
-        big = tl.full([G_PAD], float("-inf"), tl.float32)
-        for n0 in range(0, NA, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            seen = _seen(VALID, SPOS, b * sm_b + h * sm_h, b * sp_b + h * sp_h, n, N, qpos, window, WINDOW, NEW)
-            count += seen.to(tl.float32)
-            x = tl.load(LOGITS + rows + n[None, :], mask=seen[None, :] & (g[:, None] < G), other=float("-inf"))
-            big = tl.maximum(big, tl.max(x, axis=1))
-        seen_n = tl.maximum(tl.sum(count, axis=0), 1.0)
-        lam = tl.maximum(tl.sqrt(tl.maximum(2.0 * tl.log(seen_n / entropy_k) / D, 0.0)), scale)
-        top = big * lam
-        total = tl.zeros([G_PAD], tl.float32)
-        for n0 in range(0, NA, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            seen = _seen(VALID, SPOS, b * sm_b + h * sm_h, b * sp_b + h * sp_h, n, N, qpos, window, WINDOW, NEW)
-            x = tl.load(LOGITS + rows + n[None, :], mask=seen[None, :] & (g[:, None] < G), other=float("-inf"))
-            total += tl.sum(tl.exp(x * lam - top[:, None]), axis=1)
+    top, total = _lse(M, L, bh, splits, g, G_PAD)
+    if split == 0:  # the output: the partial outputs merged, one split at a time
+        acc = tl.zeros([G_PAD, D], tl.float32)
+        for s in range(0, splits):
+            part = (bh * splits + s) * G_PAD + g
+            beta = tl.exp(tl.load(M + part) - tl.where(top == float("-inf"), 0.0, top))
+            acc += tl.load(ACC + part[:, None] * D + d[None, :]) * beta[:, None]
+        out = acc / total[:, None]  # a row that sees nothing: 0 / 0 = NaN
+        tl.store(OUT + b * so_b + (h * G + g)[:, None] * so_h + d[None, :], out.to(OUT.dtype.element_ty),
+                 mask=g[:, None] < G)  # fmt: skip
+    if RAW:  # the mass's own softmax, at the adaptive scale
+        top, total = _lse(M2, L2, bh, splits, g, G_PAD)
+        lam = tl.load(LAM + bh)
     else:
         lam = 1.0
-    for n0 in range(0, NA, BLOCK_N):
+    qpos = tl.load(QPOS + b)
+    rows = (bh * G + g)[:, None] * NA
+    start = split * split_len
+    end = tl.minimum(start + split_len, NA)
+    for n0 in range(start, end, BLOCK_N):  # this split's slots
         n = n0 + tl.arange(0, BLOCK_N)
         seen = _seen(VALID, SPOS, b * sm_b + h * sm_h, b * sp_b + h * sp_h, n, N, qpos, window, WINDOW, NEW)
+        seen = seen & (n < end)
         x = tl.load(LOGITS + rows + n[None, :], mask=seen[None, :] & (g[:, None] < G), other=float("-inf"))
         p = tl.exp(x * lam - top[:, None]) / total[:, None]
         p = tl.where(seen[None, :] & (g[:, None] < G), p, 0.0)
         mass = tl.sum(p, axis=0)
         if NORMS:
             mass = mass * tl.load(VNORM + bh * NA + n, mask=seen, other=0.0)
-        tl.store(MASS + bh * NA + n, mass, mask=n < NA)
+        tl.store(MASS + bh * NA + n, mass, mask=n < end)
 
 
 @triton.jit
@@ -220,9 +239,10 @@ def decode_triton(
     G_PAD = max(16, triton.next_power_of_2(G))  # tl.dot: >= 16 rows
     new = functools.partial(torch.full, fill_value=torch.nan, device=q.device) if poison else torch.empty
     f32 = dict(dtype=torch.float32, device=q.device)
-    m = new((B * Hkv * splits * G_PAD,), **f32)
-    lsum = new((B * Hkv * splits * G_PAD,), **f32)
-    acc = new((B * Hkv * splits * G_PAD * D,), **f32)
+    stats = B * Hkv * splits * G_PAD
+    m, lsum = new((stats,), **f32), new((stats,), **f32)
+    m2, l2 = (new((stats,), **f32), new((stats,), **f32)) if entropy_k else (m, lsum)
+    acc = new((stats * D,), **f32)
     logits = new((B * Hkv * G * NA,), **f32)
     vnorm = new((B * Hkv * NA if value_weighted else 1,), **f32)
     out = new(tuple(q.shape), dtype=q.dtype, device=q.device)
@@ -234,19 +254,30 @@ def decode_triton(
     valid = slot_valid.to(torch.int8)
     qpos = pos[:, 0].contiguous()
     spos = slot_pos
+    lam = _adaptive_scale(slot_valid, slot_pos, qpos, window, NA > N, D, scale, entropy_k) if entropy_k else qpos
     common = dict(G=G, G_PAD=G_PAD, D=D, BLOCK_N=block_n, WINDOW=window > 0, RAW=entropy_k > 0, NEW=NA > N)
     _partial[(B * Hkv, splits)](
-        q, slot_k, slot_v, valid, spos, qpos, k_new, v_new, m, lsum, acc, logits, vnorm,
+        q, slot_k, slot_v, valid, spos, qpos, k_new, v_new, lam, m, lsum, m2, l2, acc, logits, vnorm,
         scale, softcap, window, N, NA, split_len, Hkv,
         q.stride(0), q.stride(1), *slot_k.stride()[:3], *slot_v.stride()[:3], *valid.stride()[:2], *spos.stride()[:2],
         *k_new.stride()[:2], *v_new.stride()[:2],
         SOFTCAP=softcap > 0, NORMS=value_weighted, UPCAST=not q.is_cuda and q.dtype == torch.bfloat16, **common,
         num_warps=config["num_warps"],
     )  # fmt: skip
-    _merge[(B * Hkv,)](
-        m, lsum, acc, logits, vnorm, valid, spos, qpos, out, mass,
-        scale, window, max(entropy_k, 1), N, NA, splits, Hkv,
+    _merge[(B * Hkv, splits)](
+        m, lsum, m2, l2, acc, logits, vnorm, valid, spos, qpos, lam, out, mass,
+        window, N, NA, split_len, Hkv,
         out.stride(0), out.stride(1), *valid.stride()[:2], *spos.stride()[:2],
         NORMS=value_weighted, **common, num_warps=config["merge_warps"],
     )  # fmt: skip
     return out, mass
+
+
+def _adaptive_scale(slot_valid, slot_pos, qpos, window, own, D, scale, entropy_k) -> Tensor:
+    """AhaKV's scale per (row, KV head) ``[B * Hkv]`` (fp32): it depends only on how many keys the
+    query sees, so it is known before any key is read."""
+    seen = slot_valid if not window else slot_valid & (qpos[:, None, None] - slot_pos < window)
+    count = seen.sum(dim=-1)
+    if own:  # the token's own key, unless it is padding
+        count = count + (qpos >= 0)[:, None]
+    return mass_scale(count, D, scale, entropy_k).reshape(-1).contiguous()

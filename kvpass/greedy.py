@@ -31,6 +31,12 @@ def kv_bytes(cache) -> int:
     )
 
 
+def _wait(t: Tensor) -> None:
+    """Wait for the device's queued work (a clock read after it times the work, not its launch)."""
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+
+
 @torch.no_grad()
 def greedy(
     model: nn.Module,
@@ -54,6 +60,7 @@ def greedy(
             cache.reset()
         logits, cache = hf.call(model, input_ids, cache, logits_to_keep=1)
     nxt = logits[:, -1:].argmax(-1)
+    _wait(nxt)
     prefill = time.perf_counter() - t0
     tokens = [nxt]
     t1 = time.perf_counter()
@@ -64,6 +71,7 @@ def greedy(
         logits, cache = hf.call(model, nxt, cache, position_ids=pos, logits_to_keep=1)
         nxt = logits[:, -1:].argmax(-1)
         tokens.append(nxt)
+    _wait(nxt)
     decode = time.perf_counter() - t1
     steps = len(tokens) - 1
     return Run(torch.cat(tokens, dim=1), prefill, steps / decode if steps else float("nan"), kv_bytes(cache))
