@@ -1,0 +1,182 @@
+"""kvpass on vLLM (work in progress): a model whose evicting tables are vLLM per-request state.
+
+vLLM keeps a fixed-size state per request for Mamba-like layers (``MambaBase``): shapes the layer
+declares, gathered and written back by the request's state index. kvpass's tables are such a
+state: per attention layer, ``pos``, ``keys``, ``values``, ``score``, ``valid`` of one request,
+budget-sized. Each step runs kvpass's :class:`~kvpass.step.PureStep` once per request (its chunk
+of new tokens over its own tables) and returns the logits of each request's last token.
+
+A model directory for it is a Hugging Face checkpoint whose ``config.json`` names
+``KvpassForCausalLM`` and carries ``kvpass`` = {"architecture", "policy", "budget", "chunk",
+"knobs"}. Registered through the ``vllm.general_plugins`` entry point (:func:`register`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.mamba.abstract import MambaBase
+from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree
+from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
+
+from kvpass.step import PureStep, prefill_spans
+
+ARCH = "KvpassForCausalLM"
+ORDER = ("pos", "keys", "values", "score", "valid")  # widest dtype first: each state's bytes stay aligned
+
+
+def register() -> None:
+    from vllm import ModelRegistry
+
+    if ARCH not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCH, f"{__name__}:KvpassForCausalLM")
+
+
+def _build(hf_config):
+    """The transformed Hugging Face model and its pure step, from the directory's config."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    import kvpass
+
+    spec = dict(hf_config.kvpass)
+    config = copy.deepcopy(hf_config)
+    config.architectures = [spec["architecture"]]
+    del config.kvpass
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    small = kvpass.transform(
+        model, spec["policy"], spec["budget"], chunk=spec["chunk"], evict_during_decode=True, **spec.get("knobs", {})
+    )
+    return small, PureStep(small)
+
+
+class Tables(MambaBase, nn.Module):
+    """One attention layer's tables, as vLLM state: [kv_heads, capacity(, dim)] per request."""
+
+    def __init__(self, shapes, dtypes, prefix: str, vllm_config) -> None:
+        super().__init__()
+        self.shapes, self.dtypes, self.prefix = tuple(shapes), tuple(dtypes), prefix
+        ctx = vllm_config.compilation_config.static_forward_context
+        if prefix in ctx:
+            raise ValueError(f"duplicate layer name {prefix}")
+        ctx[prefix] = self
+        self.kv_cache = (torch.tensor([]),)
+
+    def get_state_shape(self):
+        return self.shapes
+
+    def get_state_dtype(self):
+        return self.dtypes
+
+    @property
+    def mamba_type(self):
+        return MambaAttentionBackendEnum.LINEAR
+
+
+def _layer_states(layout):
+    """Per kvpass layer: the (shape, dtype) of each table in ORDER, from a batch-1 empty layout."""
+    empty = layout.split(layout.empty(1))
+    out = {}
+    for g, layers in enumerate(layout.groups):
+        for i, layer in enumerate(layers):
+            t = {name: getattr(empty[g], name)[i, 0] for name in ORDER}
+            out[layer] = [(tuple(t[n].shape), t[n].dtype) for n in ORDER]
+    return out
+
+
+class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__()
+        hf_config = vllm_config.model_config.hf_config
+        small, pure = _build(hf_config)
+        self.small, self.pure = small, pure
+        self.chunk = pure.chunk
+        layout = pure.layout
+        self.layout = layout
+        states = _layer_states(layout)
+        self.tables = nn.ModuleDict(
+            {
+                str(layer): Tables(
+                    [s for s, _ in states[layer]], [d for _, d in states[layer]], f"layers.{layer}.kvpass", vllm_config
+                )
+                for layer in layout.layers
+            }
+        )
+        self.vocab = hf_config.vocab_size
+
+    # vLLM asks the class (before building it) for the state of each layer
+    @classmethod
+    def _states(cls, vllm_config):
+        _, pure = _build(vllm_config.model_config.hf_config)
+        first = _layer_states(pure.layout)[pure.layout.layers[0]]
+        return first
+
+    @classmethod
+    def get_mamba_state_shape_from_config(cls, vllm_config):
+        return tuple(s for s, _ in cls._states(vllm_config))
+
+    @classmethod
+    def get_mamba_state_dtype_from_config(cls, vllm_config):
+        return tuple(d for _, d in cls._states(vllm_config))
+
+    def embed_input_ids(self, input_ids):
+        return self.small.get_input_embeddings()(input_ids)
+
+    def _gather(self, index: int, new: bool) -> list[torch.Tensor]:
+        """The request's tables in the layout's flat order, with a batch dim of 1."""
+        flat = []
+        for layers in self.layout.groups:
+            per = {n: [] for n in ORDER}
+            for layer in layers:
+                for n, state in zip(ORDER, self.tables[str(layer)].kv_cache, strict=True):
+                    t = state[index]
+                    if new:
+                        t = torch.full_like(t, -1) if n == "pos" else torch.zeros_like(t)
+                    per[n].append(t)
+            flat += [torch.stack(per[n])[:, None] for n in ("keys", "values", "pos", "score", "valid")]
+        return flat
+
+    def _scatter(self, index: int, flat: list[torch.Tensor]) -> None:
+        for g, slots in enumerate(self.layout.split(flat)):
+            for i, layer in enumerate(self.layout.groups[g]):
+                for n, state in zip(ORDER, self.tables[str(layer)].kv_cache, strict=True):
+                    state[index] = getattr(slots, n)[i, 0]
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        out = torch.zeros(input_ids.shape[0], self.vocab, dtype=torch.float32)
+        md = get_forward_context().attn_metadata
+        md = md.get(f"layers.{self.layout.layers[0]}.kvpass") if isinstance(md, dict) else None
+        if md is None:  # vLLM's profiling run
+            return out
+        starts = md.query_start_loc.tolist()
+        index = md.state_indices_tensor.flatten().tolist()
+        for r in range(len(starts) - 1):
+            a, b = starts[r], starts[r + 1]
+            new = int(md.seq_lens[r]) == b - a  # nothing read before: a new request, empty tables
+            tables = self._gather(index[r], new)
+            ids, pos = input_ids[a:b][None], positions[a:b][None].long()
+            for s, e in prefill_spans(b - a, self.chunk):  # kvpass's own chunking of a prompt
+                logits, *tables = self.pure(ids[:, s:e], pos[:, s:e], *tables)
+            self._scatter(index[r], tables)
+            out[b - 1] = logits[0, -1]
+        return out
+
+    def train(self, mode: bool = True):
+        # vLLM calls eval(); the transformed model's exported graph refuses train(), and is always in eval
+        self.training = mode
+        return self
+
+    def compute_logits(self, hidden_states):
+        return hidden_states
+
+    def load_weights(self, weights):
+        params = dict(self.small.named_parameters())
+        ours = {id(p): name for name, p in self.named_parameters()}  # vLLM checks these names
+        loaded = set()
+        for name, w in weights:
+            if name in params:
+                params[name].data.copy_(w)
+                loaded.add(ours[id(params[name])])
+        return loaded
