@@ -218,9 +218,17 @@ def export(args: argparse.Namespace) -> None:
     if args.format == "tensorrt" and (lacks := missing()):
         sys.exit("kvpass: the TensorRT export needs " + " and ".join(lacks))
     torch.set_grad_enabled(False)
+    console = Console()
+    if args.format == "vllm":
+        from kvpass.serving import model_dir
+
+        model, tok = load_model(args.model)
+        knobs = kvpass.policies.text_knobs(args.policy, tok)
+        path = model_dir.write(model, args.out, args.policy, args.budget, args.chunk, knobs, tokenizer=tok)
+        console.print(f"wrote {path}; serve it with: vllm serve {path}")
+        return
     model, _ = load_model(args.model, tokenizer=False)
     small = kvpass.transform(model, args.policy, args.budget, chunk=args.chunk)
-    console = Console()
     with console.status(f"exporting {args.policy} at {args.budget} slots to {args.format} (minutes for 30 layers)"):
         if args.format == "onnx":
             path = kvpass.export_onnx(small, args.out)
@@ -366,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--out", default="allocation.json")
     c.set_defaults(run=calibrate)
     x = sub.add_parser("export", help=export.__doc__)
-    x.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
+    x.add_argument("--format", choices=["onnx", "tensorrt", "vllm"], default="onnx")
     x.add_argument("--policy", default="tova", help="eviction policy (default tova)")
     x.add_argument("--budget", type=int, default=512, help="KV slots per layer and KV head (default 512)")
     x.add_argument("--chunk", type=int, default=512, help="longest prefill chunk the engine takes (default 512)")

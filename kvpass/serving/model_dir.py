@@ -1,0 +1,40 @@
+"""``kvpass export --format vllm``: a model directory that vLLM serves through kvpass's plugin.
+
+The directory is the model's Hugging Face checkpoint (and tokenizer, if given) with a config that
+names ``KvpassForCausalLM`` and carries what to rebuild the transformed model from:
+``kvpass = {"architecture", "policy", "budget", "chunk", "knobs"}``. vLLM needs nothing of
+kvpass's but the plugin (``pip install "kvpass[vllm]"``) to load it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+ARCH = "KvpassForCausalLM"
+
+
+def write(model: nn.Module, out, policy: str, budget: int, chunk: int = 512, knobs: dict | None = None,
+          tokenizer=None) -> Path:  # fmt: skip
+    """Write ``model`` (an unmodified Hugging Face causal LM) to ``out`` for vLLM, served at
+    ``budget`` slots per layer and KV head with ``policy``. Checks first that the transform and
+    its fixed-shape step can be built (a fractional budget or an unknown policy fails here)."""
+    import kvpass
+    from kvpass.step import export_capacity
+
+    knobs = dict(knobs or {})
+    small = kvpass.transform(model, policy, budget, chunk=chunk, evict_during_decode=True, **knobs)
+    export_capacity(small, None)
+    arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    out = Path(out)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    path = out / "config.json"
+    config = json.loads(path.read_text())
+    config["kvpass"] = {"architecture": arch, "policy": policy, "budget": budget, "chunk": chunk, "knobs": knobs}
+    config["architectures"] = [ARCH]
+    path.write_text(json.dumps(config, indent=2))
+    return out
