@@ -28,9 +28,29 @@ ORDER = ("pos", "keys", "values", "score", "valid")  # widest dtype first: each 
 
 def register() -> None:
     from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     if ARCH not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCH, f"{__name__}:KvpassForCausalLM")
+    MODELS_CONFIG_MAP.setdefault(ARCH, EngineDefaults)
+
+
+class EngineDefaults:
+    """What the engine needs for kvpass's tables, set when vLLM builds its config: one state block
+    per request (as long as the longest request; the tables inside it are budget-sized), and no
+    prefix caching (a compressed prefix is not a prefix another request can share)."""
+
+    @classmethod
+    def verify_and_update_model_config(cls, model_config) -> None:
+        pass
+
+    @classmethod
+    def verify_and_update_config(cls, vllm_config) -> None:
+        cache = vllm_config.cache_config
+        cache.enable_prefix_caching = False
+        cache.mamba_cache_mode = "none"
+        if cache.mamba_block_size is None:
+            cache.mamba_block_size = vllm_config.model_config.max_model_len
 
 
 def _build(hf_config):

@@ -55,7 +55,7 @@ def test_vllm_greedy_tokens_equal_kvpass_generate(tmp_path, monkeypatch, policy)
     served = as_kvpass_dir(src, tmp_path / "kvpass", policy, 12, 8)
     llm = vllm.LLM(
         model=str(served), skip_tokenizer_init=True, dtype="float32", max_model_len=256, max_num_seqs=2,
-        enforce_eager=True, mamba_block_size=256, enable_prefix_caching=False,
+        enforce_eager=True,
     )  # fmt: skip
     params = vllm.SamplingParams(max_tokens=10, temperature=0, detokenize=False)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
