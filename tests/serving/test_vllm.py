@@ -39,7 +39,7 @@ def tiny_dir(tmp_path, seed: int):
 
 
 def engine(path, **kw):
-    settings = dict(max_model_len=256, max_num_seqs=2, **kw)
+    settings = {"max_model_len": 256, "max_num_seqs": 2, **kw}
     return vllm.LLM(model=str(path), skip_tokenizer_init=True, dtype="float32", enforce_eager=True, **settings)
 
 
