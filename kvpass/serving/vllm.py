@@ -13,6 +13,8 @@ A model directory for it is a Hugging Face checkpoint whose ``config.json`` name
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 from vllm.forward_context import get_forward_context
@@ -150,25 +152,28 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
     def embed_input_ids(self, input_ids):
         return self.small.get_input_embeddings()(input_ids)
 
-    def _gather(self, index: int, new: bool) -> list[torch.Tensor]:
-        """The request's tables in the layout's flat order, with a batch dim of 1."""
+    def _gather(self, index: list[int], new: list[bool]) -> list[torch.Tensor]:
+        """The requests' tables (state rows ``index``) in the layout's flat order, a batch row each;
+        a ``new`` request's tables empty (its state row holds an earlier request's)."""
+        at, fresh = torch.tensor(index), torch.tensor(new)
         flat = []
         for layers in self.layout.groups:
             per = {n: [] for n in ORDER}
             for layer in layers:
                 for n, state in zip(ORDER, self.tables[str(layer)].kv_cache, strict=True):
-                    t = state[index]
-                    if new:
-                        t = torch.full_like(t, -1) if n == "pos" else torch.zeros_like(t)
+                    t = state[at]  # a copy
+                    if fresh.any():
+                        t[fresh] = -1 if n == "pos" else 0
                     per[n].append(t)
-            flat += [torch.stack(per[n])[:, None] for n in ("keys", "values", "pos", "score", "valid")]
+            flat += [torch.stack(per[n]) for n in ("keys", "values", "pos", "score", "valid")]
         return flat
 
-    def _scatter(self, index: int, flat: list[torch.Tensor]) -> None:
+    def _scatter(self, index: list[int], flat: list[torch.Tensor]) -> None:
+        at = torch.tensor(index)
         for g, slots in enumerate(self.layout.split(flat)):
             for i, layer in enumerate(self.layout.groups[g]):
                 for n, state in zip(ORDER, self.tables[str(layer)].kv_cache, strict=True):
-                    state[index] = getattr(slots, n)[i, 0]
+                    state[at] = getattr(slots, n)[i]
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         out = torch.zeros(input_ids.shape[0], self.vocab, dtype=torch.float32)
@@ -178,14 +183,22 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
             return out
         starts = md.query_start_loc.tolist()
         index = md.state_indices_tensor.flatten().tolist()
-        for r in range(len(starts) - 1):
+        seen = md.seq_lens.tolist()  # tokens read so far, this step's included
+        lengths = [b - a for a, b in itertools.pairwise(starts)]
+        decoding = [r for r, n in enumerate(lengths) if n == 1 and seen[r] > 1]
+        if decoding:  # one token each: one batched step over their tables
+            at = torch.tensor([starts[r] for r in decoding])
+            tables = self._gather([index[r] for r in decoding], [False] * len(decoding))
+            logits, *tables = self.pure(input_ids[at][:, None], positions[at][:, None].long(), *tables)
+            self._scatter([index[r] for r in decoding], tables)
+            out[at] = logits[:, -1]
+        for r in sorted(set(range(len(lengths))) - set(decoding)):  # prompts, one at a time
             a, b = starts[r], starts[r + 1]
-            new = int(md.seq_lens[r]) == b - a  # nothing read before: a new request, empty tables
-            tables = self._gather(index[r], new)
+            tables = self._gather([index[r]], [seen[r] == b - a])  # nothing read before: a new request
             ids, pos = input_ids[a:b][None], positions[a:b][None].long()
             for s, e in prefill_spans(b - a, self.chunk):  # kvpass's own chunking of a prompt
                 logits, *tables = self.pure(ids[:, s:e], pos[:, s:e], *tables)
-            self._scatter(index[r], tables)
+            self._scatter([index[r]], tables)
             out[b - 1] = logits[0, -1]
         return out
 
