@@ -1,6 +1,7 @@
 """The wheel installs kvpass, kvpass.passes and kvpass.kernels, and no top-level `passes` or `kernels`
 (a top-level `kernels` would shadow the Hugging Face package transformers probes for)."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -10,6 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_layout(tmp_path):
+    src = tmp_path / "src"  # a copy: setuptools writes build/ and *.egg-info beside the sources
+    skip = shutil.ignore_patterns(".venv*", ".git", "build", "*.egg-info", "__pycache__", ".*_cache", "gpu-results")
+    shutil.copytree(ROOT, src, ignore=skip)
     subprocess.run(
         [
             sys.executable,
@@ -21,7 +25,7 @@ def test_wheel_layout(tmp_path):
             "-q",
             "-w",
             str(tmp_path),
-            str(ROOT),
+            str(src),
         ],
         check=True,
         cwd=tmp_path,
@@ -30,7 +34,8 @@ def test_wheel_layout(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"kvpass"}
-    for module in ("kvpass/passes/find_attention.py", "kvpass/kernels/attend.py", "kvpass/policies/h2o.py"):
+    for module in ("kvpass/passes/find_attention.py", "kvpass/kernels/attend.py", "kvpass/policies/h2o.py",
+                   "kvpass/serving/vllm.py"):  # fmt: skip
         assert module in names
     shipped = [n for n in names if n.startswith("kvpass/weights/") and n.endswith(".safetensors")]
     assert len(shipped) >= 2, "the trained gates of the default model are package data"

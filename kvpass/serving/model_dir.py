@@ -2,18 +2,22 @@
 
 The directory is the model's Hugging Face checkpoint (and tokenizer, if given) with a config that
 names ``KvpassForCausalLM`` and carries what to rebuild the transformed model from:
-``kvpass = {"architecture", "policy", "budget", "chunk", "knobs"}``. vLLM needs nothing of
-kvpass's but the plugin (``pip install "kvpass[vllm]"``) to load it.
+``kvpass = {"architecture", "policy", "budget", "chunk", "knobs"}``. The directory stands alone: an
+allocation (``kvpass calibrate`` file) is stored as its per-layer multiples at this budget, and a
+gate checkpoint (``kvpass train-gates``) is copied in as ``gates.safetensors``. vLLM needs nothing
+of kvpass's but the plugin (``pip install "kvpass[vllm]"``) to load it.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from torch import nn
 
 ARCH = "KvpassForCausalLM"
+GATES = "gates.safetensors"  # a gate checkpoint, inside the directory
 
 
 def write(model: nn.Module, out, policy: str, budget: int, chunk: int = 512, knobs: dict | None = None,
@@ -22,9 +26,12 @@ def write(model: nn.Module, out, policy: str, budget: int, chunk: int = 512, kno
     ``budget`` slots per layer and KV head with ``policy``. Checks first that the transform and
     its fixed-shape step can be built (a fractional budget or an unknown policy fails here)."""
     import kvpass
+    from kvpass import allocation, policies
     from kvpass.step import export_capacity
 
-    knobs = dict(knobs or {})
+    policy, knobs = policies.merge(policy, dict(knobs or {}))  # "gate:checkpoint=..." -> name and knobs
+    if isinstance(knobs.get("allocation"), (str, Path)):  # a `kvpass calibrate` file: its multiples here
+        knobs["allocation"] = list(allocation.for_budget(allocation.load(knobs["allocation"]), budget))
     small = kvpass.transform(model, policy, budget, chunk=chunk, evict_during_decode=True, **knobs)
     export_capacity(small, None)
     arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
@@ -32,6 +39,9 @@ def write(model: nn.Module, out, policy: str, budget: int, chunk: int = 512, kno
     model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    if knobs.get("checkpoint"):
+        shutil.copyfile(knobs["checkpoint"], out / GATES)
+        knobs["checkpoint"] = GATES
     path = out / "config.json"
     config = json.loads(path.read_text())
     config["kvpass"] = {"architecture": arch, "policy": policy, "budget": budget, "chunk": chunk, "knobs": knobs}

@@ -61,21 +61,26 @@ class EngineDefaults:
         scheduler.max_num_batched_tokens = max(scheduler.max_num_batched_tokens, longest)
 
 
-def _build(hf_config):
+def _build(model_config):
     """The transformed Hugging Face model and its pure step, from the directory's config."""
     import copy
+    from pathlib import Path
 
     from transformers import AutoModelForCausalLM
 
     import kvpass
 
+    hf_config = model_config.hf_config
     spec = dict(hf_config.kvpass)
+    knobs = dict(spec.get("knobs", {}))
+    if knobs.get("checkpoint"):  # stored inside the directory
+        knobs["checkpoint"] = str(Path(model_config.model) / knobs["checkpoint"])
     config = copy.deepcopy(hf_config)
     config.architectures = [spec["architecture"]]
     del config.kvpass
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     small = kvpass.transform(
-        model, spec["policy"], spec["budget"], chunk=spec["chunk"], evict_during_decode=True, **spec.get("knobs", {})
+        model, spec["policy"], spec["budget"], chunk=spec["chunk"], evict_during_decode=True, **knobs
     )
     return small, PureStep(small)
 
@@ -118,7 +123,7 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__()
         hf_config = vllm_config.model_config.hf_config
-        small, pure = _build(hf_config)
+        small, pure = _build(vllm_config.model_config)
         self.small, self.pure = small, pure
         self.chunk = pure.chunk
         layout = pure.layout
@@ -137,7 +142,7 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
     # vLLM asks the class (before building it) for the state of each layer
     @classmethod
     def _states(cls, vllm_config):
-        _, pure = _build(vllm_config.model_config.hf_config)
+        _, pure = _build(vllm_config.model_config)
         first = _layer_states(pure.layout)[pure.layout.layers[0]]
         return first
 

@@ -39,3 +39,26 @@ def test_bad_requests_fail_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="nope"):
         model_dir.write(tiny(4), tmp_path / "b", "nope", 12)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_gate_checkpoint_and_an_allocation_travel_inside_the_directory(tmp_path):
+    import kvpass
+    from kvpass import allocation, gates
+    from kvpass.transform import sites_of
+
+    model = tiny(5)
+    base = gates.BaseModel.of(model, sites_of(model)[1])
+    net = gates.Gates(base.layers, base.heads, base.kv_heads, base.head_dim)
+    torch.nn.init.normal_(next(net.parameters()))
+    gates.save(net, tmp_path / "g.safetensors", base, {"target": 0.5})
+    calibration = allocation.save({"sensitivity": [3.0, 1.0], "budget": 0.5}, tmp_path / "alloc.json")
+    out = model_dir.write(model, tmp_path / "m", f"gate:checkpoint={tmp_path / 'g.safetensors'}", 12, chunk=8,
+                          knobs={"allocation": str(calibration)})  # fmt: skip
+    spec = json.loads((out / "config.json").read_text())["kvpass"]
+    assert spec["policy"] == "gate"
+    assert spec["knobs"]["checkpoint"] == "gates.safetensors"  # relative: the directory can move
+    assert (out / "gates.safetensors").read_bytes() == (tmp_path / "g.safetensors").read_bytes()
+    want = list(allocation.for_budget(allocation.load(calibration), 12))
+    assert spec["knobs"]["allocation"] == want and want[0] > want[1]
+    small = kvpass.transform(model, "gate", 12, chunk=8, checkpoint=out / "gates.safetensors", allocation=want)
+    assert small.kvpass_policy.allocation == tuple(want)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 vllm = pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
 
 PROMPTS = [
     [1, 5, 9, 42, 7, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23],
