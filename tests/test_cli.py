@@ -72,3 +72,16 @@ def test_train_gates_refuses_an_unknown_retrieval_kind_before_loading_anything(c
     with pytest.raises(SystemExit):
         main(["train-gates", "--retrieval", "lockers", "ledgers"])
     assert "invalid choice: 'ledgers'" in capsys.readouterr().err
+
+
+def test_export_vllm_writes_a_directory_for_the_plugin(tmp_path, llama, capsys):
+    import json
+
+    llama.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "served"
+    main(["export", "--format", "vllm", "--model", str(tmp_path / "hf"), "--policy", "h2o", "--budget", "48",
+          "--chunk", "8", "--out", str(out)])  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["KvpassForCausalLM"]
+    assert config["kvpass"]["policy"] == "h2o" and config["kvpass"]["budget"] == 48
+    assert f"vllm serve {out}" in capsys.readouterr().out
