@@ -1,10 +1,12 @@
-"""kvpass on vLLM (work in progress): a model whose evicting tables are vLLM per-request state.
+"""kvpass on vLLM: a model whose evicting tables are vLLM per-request state (docs/serving-vllm.md).
 
 vLLM keeps a fixed-size state per request for Mamba-like layers (``MambaBase``): shapes the layer
-declares, gathered and written back by the request's state index. kvpass's tables are such a
-state: per attention layer, ``pos``, ``keys``, ``values``, ``score``, ``valid`` of one request,
-budget-sized. Each step runs kvpass's :class:`~kvpass.step.PureStep` once per request (its chunk
-of new tokens over its own tables) and returns the logits of each request's last token.
+declares, allocated once per admitted request and addressed by the request's state index.
+kvpass's tables are such a state: per attention layer, ``pos``, ``keys``, ``values``, ``score``,
+``valid`` of one request, budget-sized. Each engine step gathers the scheduled requests' tables,
+runs kvpass's step (the one :class:`~kvpass.step.PureStep` exports) -- each prompt on its own, in
+kvpass's chunks; all decoding requests together, one token each -- writes the tables back and
+returns the logits of each request's last token.
 
 A model directory for it is a Hugging Face checkpoint whose ``config.json`` names
 ``KvpassForCausalLM`` and carries ``kvpass`` = {"architecture", "policy", "budget", "chunk",
@@ -191,10 +193,11 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         seen = md.seq_lens.tolist()  # tokens read so far, this step's included
         lengths = [b - a for a, b in itertools.pairwise(starts)]
         decoding = [r for r, n in enumerate(lengths) if n == 1 and seen[r] > 1]
+        # PureStep's step, without PureStep's copy of the tables: they are gathered copies already
         if decoding:  # one token each: one batched step over their tables
             at = torch.tensor([starts[r] for r in decoding])
             tables = self._gather([index[r] for r in decoding], [False] * len(decoding))
-            logits, *tables = self.pure(input_ids[at][:, None], positions[at][:, None].long(), *tables)
+            logits = self.pure.step(input_ids[at][:, None], positions[at][:, None].long(), *tables, layout=self.layout)
             self._scatter([index[r] for r in decoding], tables)
             out[at] = logits[:, -1]
         for r in sorted(set(range(len(lengths))) - set(decoding)):  # prompts, one at a time
@@ -202,7 +205,7 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
             tables = self._gather([index[r]], [seen[r] == b - a])  # nothing read before: a new request
             ids, pos = input_ids[a:b][None], positions[a:b][None].long()
             for s, e in prefill_spans(b - a, self.chunk):  # kvpass's own chunking of a prompt
-                logits, *tables = self.pure(ids[:, s:e], pos[:, s:e], *tables)
+                logits = self.pure.step(ids[:, s:e], pos[:, s:e], *tables, layout=self.layout)
             self._scatter([index[r]], tables)
             out[b - 1] = logits[0, -1]
         return out
