@@ -24,7 +24,9 @@ class OnnxEngine:
     """
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None) -> None:
-        import onnxruntime as ort
+        from kvpass.extras import need
+
+        ort = need("onnxruntime", "An ONNX engine")
 
         path = Path(path)
         if not path.is_file():

@@ -27,7 +27,10 @@ def export_onnx(model: nn.Module, path: str | Path, *, capacity: int | None = No
     its weights). ``capacity``: slots per layer and KV head -- default the policy's budget when it is
     a number of slots; needed when the budget is a fraction (an engine's shapes are fixed).
     ``check``: run ``onnx.checker`` on the result. Returns ``path``."""
-    import onnx
+    from kvpass.extras import need
+
+    onnx = need("onnx", "ONNX export")
+    need("onnxscript", "ONNX export")  # torch.onnx's exporter
 
     path = Path(path)
     step = PureStep(model, capacity)

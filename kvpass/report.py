@@ -78,9 +78,9 @@ def markdown(records: list[Record]) -> str:
 def plot(records: list[Record], path: Path, title: str = "") -> None:
     """Average score vs budget, one line per policy; the full cache as a dashed reference. A policy's
     variants share its colour: the peer's rows (``kvpress:``) dotted, per-layer budgets (``+alloc``) dashed."""
-    import matplotlib
+    from kvpass.extras import need
 
-    matplotlib.use("Agg")
+    need("matplotlib", "Plotting").use("Agg")
     import matplotlib.pyplot as plt
 
     per: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))

@@ -338,9 +338,9 @@ def _optimizer_state(opt, extra: dict[str, Tensor]) -> dict:
 
 
 def _plot(path: Path, log: list[dict]) -> None:
-    import matplotlib
+    from kvpass.extras import need
 
-    matplotlib.use("Agg")
+    need("matplotlib", "Plotting").use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in log]
