@@ -12,10 +12,10 @@ def ci_commands() -> list[str]:
     ]
 
 
-def test_ci_runs_the_readme_test_command_then_the_oldest_transformers_then_vllm():
+def test_ci_runs_the_readme_test_command_then_the_oldest_transformers_then_vllm_then_the_wheel():
     first, *rest = ci_commands()
     assert first in (ROOT / "README.md").read_text()
-    assert len(rest) == 2
+    assert len(rest) == 3 and rest[2] == ".ci/wheel-smoke"
     assert rest[1] in (ROOT / "docs/serving-vllm.md").read_text() and rest[1].endswith("pytest -m vllm tests/serving")
     # the same install with the oldest transformers pyproject.toml allows, then the tests marked hf
     lower = re.search(r'"transformers>=([\d.]+),<[\d.]+"', (ROOT / "pyproject.toml").read_text()).group(1)
