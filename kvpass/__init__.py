@@ -6,11 +6,11 @@ small.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=32)
 """
 
 from kvpass import compile, policies
-from kvpass.allocation import calibrate
 from kvpass.cache import EvictingCache
 from kvpass.default_model import load_default_model
 from kvpass.onnx_engine import OnnxEngine
 from kvpass.onnx_export import export_onnx
+from kvpass.sensitivity import calibrate
 from kvpass.stats import CacheStats, cache_stats
 from kvpass.tensorrt_export import export_tensorrt
 from kvpass.train import train_gates

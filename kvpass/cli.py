@@ -253,7 +253,7 @@ def calibrate(args: argparse.Namespace) -> None:
     import torch
 
     import kvpass
-    from kvpass import allocation
+    from kvpass import allocation, sensitivity
     from kvpass.default_model import label, load_model
 
     console = Console()
@@ -262,7 +262,7 @@ def calibrate(args: argparse.Namespace) -> None:
     torch.set_grad_enabled(False)
     with console.status(f"loading {label(args.model)}"):
         model, tok = load_model(args.model)
-    result = allocation.calibrate(
+    result = sensitivity.calibrate(
         model, tok, args.policy, args.budget, n_samples=args.samples, tokens=args.tokens, chunk=args.chunk
     )
     result["model"] = label(args.model)

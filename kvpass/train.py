@@ -81,12 +81,10 @@ def gated_attention(module: nn.Module, query, key, value, attention_mask, scalin
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(ATTENTION, gated_attention)
-
-
 @contextlib.contextmanager
 def gated(model: nn.Module, g: gates.Gates, threshold: float = 0.5, window: int = 0):
     """Within the block, ``model``'s attention runs through ``g`` (see :func:`gated_attention`)."""
+    AttentionInterface.register(ATTENTION, gated_attention)  # here, not on import: no global change until used
     before = model.config._attn_implementation
     _ACTIVE.gates, _ACTIVE.threshold, _ACTIVE.window, _ACTIVE.rates, _ACTIVE.probs = g, threshold, window, [], []
     model.set_attn_implementation(ATTENTION)

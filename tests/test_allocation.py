@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kvpass
-from kvpass import allocation, policies
+from kvpass import allocation, policies, sensitivity
 from kvpass.step import PureStep
 from tests.conftest import tiny_llama
 from tests.eval.stub import WordTokenizer
@@ -111,21 +111,21 @@ def test_sensitivity_is_measured_one_layer_at_a_time(monkeypatch):
     model = tiny_llama(seed=9, layers=3, vocab=97)
     tok = WordTokenizer()
     seen = []
-    real = allocation.answer_nll
+    real = sensitivity.answer_nll
 
     def spy(m, prompt, answer):
         policy = getattr(m, "kvpass_policy", None)
         seen.append(None if policy is None else policy.allocation)
         return real(m, prompt, answer)
 
-    monkeypatch.setattr(allocation, "answer_nll", spy)
-    out = allocation.calibrate(model, tok, "tova", 0.25, n_samples=2, tokens=120, chunk=32, progress=False)
+    monkeypatch.setattr(sensitivity, "answer_nll", spy)
+    out = sensitivity.calibrate(model, tok, "tova", 0.25, n_samples=2, tokens=120, chunk=32, progress=False)
     assert len(out["sensitivity"]) == 3 and len(out["allocation"]) == 3
     assert seen[:2] == [None, None]  # the unmodified model first
     assert seen[2:] == [(1.0, 4.0, 4.0)] * 2 + [(4.0, 1.0, 4.0)] * 2 + [(4.0, 4.0, 1.0)] * 2
     assert any(abs(s) > 1e-6 for s in out["sensitivity"])  # eviction in a random tiny model changes the answers
     with pytest.raises(ValueError, match="fraction"):
-        allocation.sensitivity(model, tok, "tova", 8)
+        sensitivity.sensitivity(model, tok, "tova", 8)
 
 
 def test_cli_calibrates_and_evaluates_with_the_allocation(tmp_path, monkeypatch, capsys):
@@ -149,22 +149,19 @@ def test_cli_calibrates_and_evaluates_with_the_allocation(tmp_path, monkeypatch,
 
 
 def test_cli_calibrates_kvzip_with_its_probe(tmp_path, monkeypatch):
-    import sys
-
     from kvpass import default_model
     from kvpass.cli import main
     from kvpass.policies import KVzip
 
     model, tok = tiny_llama(seed=11, layers=2), WordTokenizer()
     monkeypatch.setattr(default_model, "load_model", lambda name="default", **kw: (model, tok))
-    module = sys.modules["kvpass.transform"]
-    made, real = [], module.transform
+    made, real = [], sensitivity.transform
 
     def spy(model, policy, budget, **kw):
         made.append(kw.get("repeat"))
         return real(model, policy, budget, **kw)
 
-    monkeypatch.setattr(module, "transform", spy)
+    monkeypatch.setattr(sensitivity, "transform", spy)
     argv = ["calibrate", "--policy", "kvzip", "--budget", "0.5", "--samples", "1", "--tokens", "120", "--chunk", "32"]
     main([*argv, "--out", str(tmp_path / "kvzip.json")])
     assert made == [KVzip.instruction(tok)] and len(made[0]) > 0  # the same probe as eval and demo use

@@ -413,3 +413,15 @@ def test_training_with_a_kvzip_teacher_runs_and_records_it(tmp_path):
     assert info["teacher"] == "kvzip" and info["teacher_weight"] == 2.0
     log = __import__("json").loads(path.with_suffix(".log.json").read_text())
     assert all(r["teacher"] > 0 for r in log)
+
+
+def test_importing_kvpass_changes_nothing_in_transformers():
+    import subprocess
+    import sys
+
+    code = (
+        "from transformers import AttentionInterface; before = set(AttentionInterface._global_mapping); "
+        "import kvpass; assert set(AttentionInterface._global_mapping) == before, "
+        "set(AttentionInterface._global_mapping) - before"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
