@@ -21,3 +21,14 @@ def test_ci_runs_the_readme_test_command_then_the_oldest_transformers_then_vllm_
     lower = re.search(r'"transformers>=([\d.]+),<[\d.]+"', (ROOT / "pyproject.toml").read_text()).group(1)
     oldest = first.replace(".venv", ".venv-oldest").replace('-e ".[test]"', f'-e ".[test]" transformers=={lower}.0')
     assert rest[0] == oldest.replace("pytest", "pytest -m hf")
+
+
+def test_the_readme_stays_short_and_its_links_and_docs_links_resolve():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            path = target.split("#")[0]
+            if path and "://" not in path and not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, broken
