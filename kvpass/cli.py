@@ -206,8 +206,11 @@ def train_gates(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} (loss curves: {Path(args.out).with_suffix('.png')})")
 
 
+EXPORT_OUT = {"onnx": "kvpass.onnx", "tensorrt": "kvpass-tensorrt", "vllm": "kvpass-vllm"}  # --format -> default --out
+
+
 def export(args: argparse.Namespace) -> None:
-    """Export a transformed model with a budget-sized KV cache: ONNX (onnxruntime), TensorRT or a vLLM model dir."""
+    """Export a model with a budget-sized KV cache: an ONNX engine, a TensorRT engine or a vLLM model directory."""
     import torch
 
     import kvpass
@@ -215,6 +218,7 @@ def export(args: argparse.Namespace) -> None:
     from kvpass.tensorrt_export import missing
 
     kvpass.policies.get(args.policy, budget=args.budget)  # fail on a bad name or budget before loading anything
+    args.out = args.out or EXPORT_OUT[args.format]
     if args.format == "tensorrt" and (lacks := missing()):
         sys.exit("kvpass: the TensorRT export needs " + " and ".join(lacks))
     torch.set_grad_enabled(False)
@@ -378,12 +382,15 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--out", default="allocation.json")
     c.set_defaults(run=calibrate)
     x = sub.add_parser("export", help=export.__doc__)
-    x.add_argument("--format", choices=["onnx", "tensorrt", "vllm"], default="onnx")
+    x.add_argument("--format", choices=list(EXPORT_OUT), default="onnx", help="what to write (default onnx)")
     x.add_argument("--policy", default="tova", help="eviction policy (default tova)")
     x.add_argument("--budget", type=int, default=512, help="KV slots per layer and KV head (default 512)")
     x.add_argument("--chunk", type=int, default=512, help="longest prefill chunk the engine takes (default 512)")
     x.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model directory")
-    x.add_argument("--out", default="kvpass.onnx", help="ONNX file, or a directory for TensorRT (default kvpass.onnx)")
+    x.add_argument(
+        "--out",
+        help="the ONNX file, or the directory for TensorRT or vLLM (default kvpass.onnx, kvpass-tensorrt, kvpass-vllm)",
+    )
     x.set_defaults(run=export)
     w = sub.add_parser("sweep", help=sweep.__doc__)
     w.add_argument("types", nargs="*", help="model types (default: every causal LM of the installed transformers)")
@@ -391,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--workers", type=int, default=2, help="architectures checked at once (default 2)")
     w.add_argument("--timeout", type=float, default=300, help="seconds before one architecture counts as crashed")
     w.set_defaults(run=sweep)
-    p = sub.add_parser("policies", help="list the eviction policies")
+    p = sub.add_parser("policies", help="List the eviction policies, one line each.")
     p.set_defaults(run=lambda _: print("\n".join(__import__("kvpass").policies())))
     args = ap.parse_args(argv)
     try:

@@ -74,14 +74,15 @@ def test_train_gates_refuses_an_unknown_retrieval_kind_before_loading_anything(c
     assert "invalid choice: 'ledgers'" in capsys.readouterr().err
 
 
-def test_export_vllm_writes_a_directory_for_the_plugin(tmp_path, llama, capsys):
+def test_export_vllm_writes_a_directory_for_the_plugin(tmp_path, llama, capsys, monkeypatch):
     import json
 
     llama.save_pretrained(tmp_path / "hf")
-    out = tmp_path / "served"
+    monkeypatch.chdir(tmp_path)
+    out = "kvpass-vllm"  # the default --out for --format vllm
     main(["export", "--format", "vllm", "--model", str(tmp_path / "hf"), "--policy", "h2o", "--budget", "48",
-          "--chunk", "8", "--out", str(out)])  # fmt: skip
-    config = json.loads((out / "config.json").read_text())
+          "--chunk", "8"])  # fmt: skip
+    config = json.loads((tmp_path / out / "config.json").read_text())
     assert config["architectures"] == ["KvpassForCausalLM"]
     assert config["kvpass"]["policy"] == "h2o" and config["kvpass"]["budget"] == 48
     assert f"vllm serve {out}" in " ".join(capsys.readouterr().out.split())  # rich wraps lines
