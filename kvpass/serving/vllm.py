@@ -24,7 +24,7 @@ from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
-from kvpass.step import PureStep, prefill_spans
+from kvpass.step import PureStep, Slots, prefill_spans
 
 ARCH = "KvpassForCausalLM"
 ORDER = ("pos", "keys", "values", "score", "valid")  # widest dtype first: each state's bytes stay aligned
@@ -159,28 +159,31 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
     def embed_input_ids(self, input_ids):
         return self.small.get_input_embeddings()(input_ids)
 
+    def _state(self, layer: int) -> dict[str, torch.Tensor]:
+        """The layer's vLLM state tensors, by table name."""
+        return dict(zip(ORDER, self.tables[str(layer)].kv_cache, strict=True))
+
     def _gather(self, index: list[int], new: list[bool]) -> list[torch.Tensor]:
         """The requests' tables (state rows ``index``) in the layout's flat order, a batch row each;
         a ``new`` request's tables empty (its state row holds an earlier request's)."""
-        at, fresh = torch.tensor(index), torch.tensor(new)
-        flat = []
-        for layers in self.layout.groups:
-            per = {n: [] for n in ORDER}
-            for layer in layers:
-                for n, state in zip(ORDER, self.tables[str(layer)].kv_cache, strict=True):
-                    t = state[at]  # a copy
-                    if fresh.any():
-                        t[fresh] = -1 if n == "pos" else 0
-                    per[n].append(t)
-            flat += [torch.stack(per[n]) for n in ("keys", "values", "pos", "score", "valid")]
+        at = torch.tensor(index)
+        flat = [
+            torch.stack([self._state(layer)[name][at] for layer in layers])
+            for layers in self.layout.groups
+            for name in Slots._fields
+        ]
+        if any(new):
+            fresh = torch.tensor(new)
+            for table, empty in zip(flat, self.layout.empty(1), strict=True):
+                table[:, fresh] = empty
         return flat
 
     def _scatter(self, index: list[int], flat: list[torch.Tensor]) -> None:
         at = torch.tensor(index)
-        for g, slots in enumerate(self.layout.split(flat)):
-            for i, layer in enumerate(self.layout.groups[g]):
-                for n, state in zip(ORDER, self.tables[str(layer)].kv_cache, strict=True):
-                    state[at] = getattr(slots, n)[i]
+        for layers, slots in zip(self.layout.groups, self.layout.split(flat), strict=True):
+            for i, layer in enumerate(layers):
+                for name, state in self._state(layer).items():
+                    state[at] = getattr(slots, name)[i]
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         out = torch.zeros(input_ids.shape[0], self.vocab, dtype=torch.float32)
