@@ -17,7 +17,7 @@ import statistics
 import torch
 
 import kvpass
-from kvpass.greedy import greedy
+from kvpass.eval.greedy import greedy
 
 
 def main() -> None:

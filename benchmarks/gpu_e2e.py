@@ -18,8 +18,8 @@ import argparse
 import torch
 
 import kvpass
-from kvpass import hf
-from kvpass.greedy import greedy
+from kvpass.eval.greedy import greedy
+from kvpass.runtime import hf
 
 LLAMA3_8B = dict(
     hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, head_dim=128,

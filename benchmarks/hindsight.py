@@ -24,8 +24,8 @@ from tqdm import tqdm
 from transformers import AttentionInterface
 
 import kvpass
-from kvpass import tasks
-from kvpass.evaluate import answer, render, score
+from kvpass.data import tasks
+from kvpass.eval.evaluate import answer, render, score
 
 ROWS = ("question", "answer")
 _HIDDEN: dict[int, tuple[int, torch.Tensor]] = {}  # layer -> (context length, keep [Hkv, context])

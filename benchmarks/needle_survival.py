@@ -15,9 +15,9 @@ import torch
 
 import kvpass
 from kvpass import policies as kvpass_policies
-from kvpass import tasks
-from kvpass.evaluate import read, render
-from kvpass.passkey import needle
+from kvpass.data import tasks
+from kvpass.data.passkey import needle
+from kvpass.eval.evaluate import read, render
 
 
 def spans(tokenizer, text: str, parts: list[str]) -> list[list[int]]:

@@ -23,7 +23,7 @@ import onnxruntime
 import torch
 
 import kvpass
-from kvpass.passkey import passkey_prompt
+from kvpass.data.passkey import passkey_prompt
 
 
 def torch_decode(model, ids: torch.Tensor, new: int) -> tuple[list[int], float]:

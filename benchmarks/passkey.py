@@ -2,7 +2,7 @@
 and 25 % of the context, the full cache beside them, in both modes: the question inside the
 compressed prompt (``aware``), or asked after the context was compressed (``agnostic``: compress
 once, ask anything). Each sample hides a 5-digit key at a random depth of ~``--tokens`` tokens of
-filler (``kvpass.tasks.passkey``). Prints a Markdown table: the fraction found, and the paired
+filler (``kvpass.data.tasks.passkey``). Prints a Markdown table: the fraction found, and the paired
 difference from the full cache on the same samples, in points, with its standard error.
 
     python benchmarks/passkey.py --tokens 2450 --samples 16 --budgets 0.25
@@ -22,8 +22,9 @@ import time
 import torch
 
 import kvpass
-from kvpass import allocation, report
-from kvpass.evaluate import MODES, evaluate
+from kvpass.eval import report
+from kvpass.eval.evaluate import MODES, evaluate
+from kvpass.runtime import allocation
 
 
 def main() -> None:

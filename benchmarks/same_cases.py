@@ -14,7 +14,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from kvpass.report import _standard_error
+from kvpass.eval.report import _standard_error
 
 
 def load(run: Path) -> dict[tuple, dict]:

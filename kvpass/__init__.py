@@ -5,15 +5,16 @@ small = kvpass.transform(model, policy="snapkv", budget=512)
 small.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=32)
 """
 
-from kvpass import compile, policies
-from kvpass.cache import EvictingCache
+from kvpass import policies
 from kvpass.default_model import load_default_model
-from kvpass.onnx_engine import OnnxEngine
-from kvpass.onnx_export import export_onnx
-from kvpass.sensitivity import calibrate
-from kvpass.stats import CacheStats, cache_stats
-from kvpass.tensorrt_export import export_tensorrt
-from kvpass.train import train_gates
+from kvpass.eval.sensitivity import calibrate
+from kvpass.export.onnx import export_onnx
+from kvpass.export.onnx_engine import OnnxEngine
+from kvpass.export.tensorrt import export_tensorrt
+from kvpass.runtime import compile
+from kvpass.runtime.cache import EvictingCache
+from kvpass.runtime.stats import CacheStats, cache_stats
+from kvpass.train.distill import train_gates
 from kvpass.transform import transform
 
 
@@ -21,7 +22,7 @@ def find_attention(model):
     """The attention sites kvpass finds in ``model``: layer, heads, KV heads, head dim, scale,
     causal, sliding window, and whether it will be rewritten (of its text model, for a multimodal
     transformers model, as :func:`transform` does)."""
-    from kvpass import hf
+    from kvpass.runtime import hf
     from kvpass.transform import sites_of
 
     if hf.is_hf_model(type(model)):

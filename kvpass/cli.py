@@ -15,8 +15,8 @@ def demo(args: argparse.Namespace) -> None:
     import torch
 
     import kvpass
-    from kvpass.greedy import greedy
-    from kvpass.passkey import passkey_prompt
+    from kvpass.data.passkey import passkey_prompt
+    from kvpass.eval.greedy import greedy
 
     console = Console()
     for budget in args.budgets:  # fail on a bad name or budget before the model is loaded
@@ -93,9 +93,11 @@ def evaluate(args: argparse.Namespace) -> None:
     import torch
 
     import kvpass
-    from kvpass import allocation, report, tasks
+    from kvpass.data import tasks
     from kvpass.default_model import label, load_model
-    from kvpass.evaluate import MODES, evaluate
+    from kvpass.eval import report
+    from kvpass.eval.evaluate import MODES, evaluate
+    from kvpass.runtime import allocation
 
     console = Console()
     for t in args.tasks:
@@ -154,8 +156,8 @@ def bench(args: argparse.Namespace) -> None:
     import torch
 
     import kvpass
-    from kvpass.bench import run_all, table, to_json
     from kvpass.default_model import label
+    from kvpass.eval.bench import run_all, table, to_json
 
     for p in args.policies:
         kvpass.policies.get(p, budget=args.budget if args.budget <= 1 else int(args.budget))
@@ -184,7 +186,7 @@ def train_gates(args: argparse.Namespace) -> None:
     import torch
 
     from kvpass.default_model import load_model
-    from kvpass.train import train_gates as run
+    from kvpass.train.distill import train_gates as run
 
     if args.teacher:  # fail on a bad policy name before loading anything
         import kvpass
@@ -192,7 +194,7 @@ def train_gates(args: argparse.Namespace) -> None:
         kvpass.policies.get(args.teacher, budget=1.0)
     alloc = None
     if args.allocation:  # fail on a bad file before loading anything
-        from kvpass import allocation
+        from kvpass.runtime import allocation
 
         alloc = allocation.for_budget(allocation.load(args.allocation), args.target)
     torch.manual_seed(args.seed)
@@ -215,7 +217,7 @@ def export(args: argparse.Namespace) -> None:
 
     import kvpass
     from kvpass.default_model import load_model
-    from kvpass.tensorrt_export import missing
+    from kvpass.export.tensorrt import missing
 
     kvpass.policies.get(args.policy, budget=args.budget)  # fail on a bad name or budget before loading anything
     args.out = args.out or EXPORT_OUT[args.format]
@@ -257,8 +259,9 @@ def calibrate(args: argparse.Namespace) -> None:
     import torch
 
     import kvpass
-    from kvpass import allocation, sensitivity
     from kvpass.default_model import label, load_model
+    from kvpass.eval import sensitivity
+    from kvpass.runtime import allocation
 
     console = Console()
     kvpass.policies.get(args.policy, budget=args.budget)  # fail on a bad name or budget before loading anything
@@ -282,7 +285,7 @@ def calibrate(args: argparse.Namespace) -> None:
 def sweep(args: argparse.Namespace) -> None:
     """Run every causal-LM architecture of the installed transformers (or those named) through
     kvpass, tiny and random: exact, refused (and why), wrong or crashed; writes the support table."""
-    from kvpass import sweep as sweeping
+    from kvpass.eval import sweep as sweeping
 
     types = args.types or sweeping.model_types()
     unknown = sorted(set(types) - set(sweeping.model_types()))
@@ -298,108 +301,160 @@ def sweep(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from kvpass.corpus import RETRIEVAL
+class _Help(argparse.HelpFormatter):
+    """Every option's help ends with its default, where it has one and the help does not quote it."""
 
-    ap = argparse.ArgumentParser(prog="kvpass", description="Keep only the KV entries worth keeping.")
-    sub = ap.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help=demo.__doc__)
-    d.add_argument("--tokens", type=int, default=2048, help="prompt length (default 2048)")
-    d.add_argument("--policy", default="tova", help="eviction policy (default tova)")
-    d.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25], help="fractions of the prompt to keep")
-    d.add_argument("--depth", type=float, default=0.5, help="where the passkey sits, 0 = start, 1 = end")
-    d.add_argument("--new-tokens", type=int, default=16)
-    d.add_argument("--seed", type=int, default=0)
-    d.set_defaults(run=demo)
-    i = sub.add_parser("inspect", help=inspect.__doc__)
-    i.add_argument("model", help="'default' (SmolLM2-135M-Instruct) or a local transformers model directory")
-    i.set_defaults(run=inspect)
-    e = sub.add_parser("eval", help=evaluate.__doc__)
-    e.add_argument(
-        "--tasks", nargs="+", default=["niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe", "fwe"]
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if not action.option_strings or any(default is v for v in (None, False, argparse.SUPPRESS)):
+            return text
+        if f"'{default}'" in text:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
+        return f"{text} (default {shown.replace('%', '%%')})".lstrip()
+
+
+def _policy_lines() -> str:
+    from kvpass.policies import REGISTRY
+
+    def first_sentence(cls: type) -> str:
+        paragraph = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        return paragraph.split(". ")[0].split("; ")[0].rstrip(".") + "."
+
+    return "\n".join(f"{name:<10} {first_sentence(REGISTRY[name])}" for name in sorted(REGISTRY))
+
+
+def main(argv: list[str] | None = None) -> None:
+    from kvpass.data.corpus import RETRIEVAL
+
+    ap = argparse.ArgumentParser(
+        prog="kvpass",
+        description="Keep only the KV entries worth keeping.",
+        epilog="`kvpass COMMAND --help` for a command's options; docs/usage.md for the Python API.",
     )
-    e.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048], help="context lengths in tokens")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, run, doc: str | None = None) -> argparse.ArgumentParser:
+        doc = " ".join((doc or run.__doc__).split())
+        parser = sub.add_parser(name, help=doc, description=doc, formatter_class=_Help)
+        parser.set_defaults(run=run)
+        return parser
+
+    def model_option(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model directory"
+        )
+
+    d = command("demo", demo)
+    d.add_argument("--tokens", type=int, default=2048, help="prompt length in tokens")
+    d.add_argument("--policy", default="tova", help="eviction policy (`kvpass policies`)")
+    d.add_argument(
+        "--budgets", type=float, nargs="+", default=[0.5, 0.25], metavar="F", help="fractions of the prompt kept"
+    )
+    d.add_argument("--depth", type=float, default=0.5, help="where the passkey sits, 0 = start, 1 = end")
+    d.add_argument("--new-tokens", type=int, default=16, help="tokens generated per answer")
+    d.add_argument("--seed", type=int, default=0, help="seed of the filler and the passkey")
+    i = command("inspect", inspect)
+    i.add_argument("model", help="'default' (SmolLM2-135M-Instruct) or a local transformers model directory")
+    e = command("eval", evaluate)
+    e.add_argument(
+        "--tasks",
+        nargs="+",
+        default=["niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe", "fwe"],
+        metavar="TASK",
+        help="long-context tasks (docs/evaluation.md)",
+    )
+    e.add_argument(
+        "--lengths", type=int, nargs="+", default=[1024, 2048], metavar="N", help="context lengths in tokens"
+    )
     e.add_argument(
         "--policies",
         nargs="+",
         default=["streaming", "h2o", "tova", "snapkv", "aha", "gate"],
-        help="policy names; knobs may ride along: gate:threshold=0.05; kvpress:NAME runs that kvpress press alone",
+        metavar="POLICY",
+        help="policy names; knobs may ride along (gate:threshold=0.05); kvpress:NAME runs that kvpress press alone",
     )
-    e.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.5, 0.25], help="fractions of the prompt kept")
+    e.add_argument(
+        "--budgets", type=float, nargs="+", default=[0.75, 0.5, 0.25], metavar="F", help="fractions of the prompt kept"
+    )
     e.add_argument("--samples", type=int, default=3, help="samples per task and length")
     e.add_argument("--mode", default="aware", help="aware (question compressed too) or agnostic (context only)")
-    e.add_argument("--new-tokens", type=int, default=48)
-    e.add_argument("--chunk", type=int, default=512)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--new-tokens", type=int, default=48, help="tokens generated per answer")
+    e.add_argument("--chunk", type=int, default=512, help="prefill chunk length in tokens")
+    e.add_argument("--seed", type=int, default=0, help="seed of the generated samples")
     e.add_argument("--ppl", action="store_true", help="also the perplexity of documentation text at each length")
     e.add_argument("--peer", choices=["kvpress"], help="also run kvpress's presses (pip install 'kvpass[compare]')")
-    e.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model directory")
+    model_option(e)
     e.add_argument(
-        "--allocation", nargs="+", help="`kvpass calibrate` files: also run each policy with per-layer budgets"
+        "--allocation",
+        nargs="+",
+        metavar="FILE",
+        help="`kvpass calibrate` files: also each policy with per-layer budgets",
     )
-    e.add_argument("--out", default="eval-results", help="directory for results.json / .md / .png")
-    e.set_defaults(run=evaluate)
-    b = sub.add_parser("bench", help=bench.__doc__)
-    b.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="prompt lengths")
-    b.add_argument("--policies", nargs="+", default=["tova", "snapkv", "streaming"])
-    b.add_argument("--budget", type=float, default=512, help="slots per layer and KV head, or a fraction (<= 1)")
-    b.add_argument("--new-tokens", type=int, default=32)
-    b.add_argument("--chunk", type=int, default=512)
-    b.add_argument("--out", default="bench-results")
+    e.add_argument("--out", default="eval-results", help="directory for results.json, .md and .png")
+    b = command("bench", bench)
+    b.add_argument(
+        "--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192], metavar="N", help="prompt lengths in tokens"
+    )
+    b.add_argument(
+        "--policies", nargs="+", default=["tova", "snapkv", "streaming"], metavar="POLICY", help="policy names"
+    )
+    b.add_argument(
+        "--budget", type=float, default=512, help="slots per layer and KV head, or a fraction (<= 1) of the prompt"
+    )
+    b.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per run")
+    b.add_argument("--chunk", type=int, default=512, help="prefill chunk length in tokens")
+    b.add_argument("--out", default="bench-results", help="directory for results.json and .md")
     b.add_argument("--peer", choices=["kvpress"], help="also run kvpress's presses (needs a fractional --budget)")
     b.add_argument("--compile", action="store_true", help="also each policy compiled with the kvpass backend")
     b.add_argument("--static", action="store_true", help="also the original with a static cache and torch.compile")
-    b.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes")
-    b.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model directory")
-    b.set_defaults(run=bench)
-    t = sub.add_parser("train-gates", help=train_gates.__doc__)
-    t.add_argument("--target", type=float, default=0.5, help="mean keep rate to train for (default 0.5)")
-    t.add_argument("--steps", type=int, default=200)
+    b.add_argument("--batch", type=int, nargs="+", default=[1], metavar="B", help="batch sizes")
+    model_option(b)
+    t = command("train-gates", train_gates)
+    t.add_argument("--target", type=float, default=0.5, help="mean keep rate to train for")
+    t.add_argument("--steps", type=int, default=200, help="optimizer steps")
     t.add_argument("--seq-len", type=int, default=512, help="training sequence length in tokens")
-    t.add_argument("--lr", type=float, default=1e-2)
+    t.add_argument("--lr", type=float, default=1e-2, help="learning rate (Adam)")
     t.add_argument("--rate-weight", type=float, default=100.0, help="weight of the keep-rate penalty")
     t.add_argument("--window", type=int, default=32, help="queries that still see a flagged-out token")
-    t.add_argument("--answer-weight", type=float, default=20.0, help="KL weight of retrieval-answer positions")
+    t.add_argument("--answer-weight", type=float, default=20.0, help="weight of retrieval-answer positions in the loss")
     t.add_argument(
-        "--hindsight-weight", type=float, default=0.0, help="weight of the term that keeps what retrieval answers read"
+        "--hindsight-weight", type=float, default=0.0, help="weight of the term that keeps what answers read"
     )
     t.add_argument("--teacher", help="a policy whose keep set the gate learns to predict (e.g. kvzip)")
-    t.add_argument("--teacher-weight", type=float, default=1.0, help="weight of the teacher's term (default 1)")
+    t.add_argument("--teacher-weight", type=float, default=1.0, help="weight of the teacher's term")
     t.add_argument("--retrieval", nargs="+", default=["lockers"], choices=RETRIEVAL, help="retrieval chats trained on")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the gates and the training text")
     t.add_argument("--restart", action="store_true", help="start over instead of resuming --out")
-    t.add_argument("--allocation", help="a `kvpass calibrate` file: per-layer keep targets (and budgets)")
-    t.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model directory")
+    t.add_argument(
+        "--allocation", metavar="FILE", help="a `kvpass calibrate` file: per-layer keep targets (and budgets)"
+    )
+    model_option(t)
     t.add_argument("--out", default="gate.safetensors", help="checkpoint to write (and resume from)")
-    t.set_defaults(run=train_gates)
-    c = sub.add_parser("calibrate", help=calibrate.__doc__)
-    c.add_argument("--policy", default="aha", help="eviction policy to measure (default aha)")
-    c.add_argument("--budget", type=float, default=0.5, help="fraction of the prompt kept (default 0.5)")
+    c = command("calibrate", calibrate)
+    c.add_argument("--policy", default="aha", help="eviction policy to measure")
+    c.add_argument("--budget", type=float, default=0.5, help="fraction of the prompt kept")
     c.add_argument("--samples", type=int, default=4, help="retrieval samples (one prefill per layer each)")
     c.add_argument("--tokens", type=int, default=1024, help="sample length in tokens")
-    c.add_argument("--chunk", type=int, default=512)
-    c.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model directory")
-    c.add_argument("--out", default="allocation.json")
-    c.set_defaults(run=calibrate)
-    x = sub.add_parser("export", help=export.__doc__)
-    x.add_argument("--format", choices=list(EXPORT_OUT), default="onnx", help="what to write (default onnx)")
-    x.add_argument("--policy", default="tova", help="eviction policy (default tova)")
-    x.add_argument("--budget", type=int, default=512, help="KV slots per layer and KV head (default 512)")
-    x.add_argument("--chunk", type=int, default=512, help="longest prefill chunk the engine takes (default 512)")
-    x.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model directory")
+    c.add_argument("--chunk", type=int, default=512, help="prefill chunk length in tokens")
+    model_option(c)
+    c.add_argument("--out", default="allocation.json", help="the allocation file to write")
+    x = command("export", export)
+    x.add_argument("--format", choices=list(EXPORT_OUT), default="onnx", help="what to write")
+    x.add_argument("--policy", default="tova", help="eviction policy (`kvpass policies`)")
+    x.add_argument("--budget", type=int, default=512, help="KV slots per layer and KV head")
+    x.add_argument("--chunk", type=int, default=512, help="longest prefill chunk the engine takes")
+    model_option(x)
     x.add_argument(
         "--out",
         help="the ONNX file, or the directory for TensorRT or vLLM (default kvpass.onnx, kvpass-tensorrt, kvpass-vllm)",
     )
-    x.set_defaults(run=export)
-    w = sub.add_parser("sweep", help=sweep.__doc__)
+    w = command("sweep", sweep)
     w.add_argument("types", nargs="*", help="model types (default: every causal LM of the installed transformers)")
     w.add_argument("--out", help="write the support table here (e.g. docs/supported-models.md)")
-    w.add_argument("--workers", type=int, default=2, help="architectures checked at once (default 2)")
+    w.add_argument("--workers", type=int, default=2, help="architectures checked at once")
     w.add_argument("--timeout", type=float, default=300, help="seconds before one architecture counts as crashed")
-    w.set_defaults(run=sweep)
-    p = sub.add_parser("policies", help="List the eviction policies, one line each.")
-    p.set_defaults(run=lambda _: print("\n".join(__import__("kvpass").policies())))
+    command("policies", lambda _: print(_policy_lines()), "List the eviction policies, one line each.")
     args = ap.parse_args(argv)
     try:
         args.run(args)

@@ -11,10 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from kvpass import allocation, hf, policies
-from kvpass.attention import KVAttention
-from kvpass.cache import EvictingCache
-from kvpass.generate import generate
+from kvpass import policies
 from kvpass.passes import (
     PROBE_LEN,
     Site,
@@ -27,7 +24,11 @@ from kvpass.passes import (
     rewrite,
     split_head,
 )
-from kvpass.step import Exchange, Step, prefill_spans
+from kvpass.runtime import allocation, hf
+from kvpass.runtime.attention import KVAttention
+from kvpass.runtime.cache import EvictingCache
+from kvpass.runtime.generate import generate
+from kvpass.runtime.step import Exchange, Step, prefill_spans
 
 
 def sites_of(model: nn.Module) -> tuple[torch.fx.GraphModule, list[Site]]:
@@ -139,7 +140,7 @@ def transform(
 
 class StepOutput(NamedTuple):
     """What ``kvpass_forward`` returns (and the forward of a model written by hand; a transformers
-    model's forward returns transformers' output: see :mod:`kvpass.hf`)."""
+    model's forward returns transformers' output: see :mod:`kvpass.runtime.hf`)."""
 
     logits: Tensor
     cache: EvictingCache
@@ -148,7 +149,7 @@ class StepOutput(NamedTuple):
 class KVPassMixin:
     """kvpass's own API on a transformed model, the same for every model (mixed in before the
     model's own class, after the front door that gives it ``forward`` and ``generate``:
-    :class:`PlainMixin`, or :class:`kvpass.hf.HFMixin` for a transformers model)."""
+    :class:`PlainMixin`, or :class:`kvpass.runtime.hf.HFMixin` for a transformers model)."""
 
     kvpass_cache_class: type[EvictingCache] = EvictingCache
 
@@ -157,7 +158,7 @@ class KVPassMixin:
         return self.kvpass_cache_class(self.kvpass_policy, decode_reserve=decode_reserve, **self.kvpass_options)
 
     def compile(self, *, backend: str = "kvpass", mode: str | None = None, options: dict | None = None) -> None:
-        """Compile this model's step, in place (:mod:`kvpass.compile`): ``fullgraph``, one decode
+        """Compile this model's step, in place (:mod:`kvpass.runtime.compile`): ``fullgraph``, one decode
         graph for a whole generation. ``mode``: Inductor's (``"reduce-overhead"``: decode steps
         replay as CUDA graphs); ``options``: Inductor's config patches."""
         if backend != "kvpass":
@@ -165,7 +166,7 @@ class KVPassMixin:
                 f"a kvpass model compiles its step with backend='kvpass', got {backend!r} "
                 "(Inductor does the work; any other backend would see no kvpass step)"
             )
-        from kvpass.compile import compile_step
+        from kvpass.runtime.compile import compile_step
 
         self._kvpass_compiled = compile_step(self.kvpass_step, mode, options)
 
@@ -191,7 +192,7 @@ class KVPassMixin:
 
     @torch.compiler.disable(recursive=False)
     def _kvpass_run(self, input_ids: Tensor, pos: Tensor, cache: EvictingCache, logits_to_keep: int) -> Tensor:
-        """The chunk loop: the step (:class:`kvpass.step.Step`) on each prefill chunk, or on the
+        """The chunk loop: the step (:class:`kvpass.runtime.step.Step`) on each prefill chunk, or on the
         decoded token. Under ``torch.compile`` this frame runs eagerly and the steps it calls are
         compiled, so the bookkeeping around them never becomes graph guards."""
         T = input_ids.shape[1]
@@ -240,7 +241,7 @@ class PlainMixin:
     (a model written by hand)."""
 
     def generate(self, input_ids: Tensor, max_new_tokens: int = 32, **kwargs) -> Tensor:
-        """kvpass's decode loop (:func:`kvpass.generate.generate`)."""
+        """kvpass's decode loop (:func:`kvpass.runtime.generate.generate`)."""
         return generate(self, input_ids, max_new_tokens, **kwargs)
 
     forward = KVPassMixin.kvpass_forward

@@ -1,4 +1,4 @@
-"""Driving :mod:`kvpass.step`'s layer functions directly, as a model's step does, for tests that
+"""Driving :mod:`kvpass.runtime.step`'s layer functions directly, as a model's step does, for tests that
 work out which slots survive (brute force, or by hand)."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvpass import step
-from kvpass.step import Slots
+from kvpass.runtime import step
+from kvpass.runtime.step import Slots
 
 
 class Layers:

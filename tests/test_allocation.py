@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import kvpass
-from kvpass import allocation, policies, sensitivity
-from kvpass.step import PureStep
+from kvpass import policies
+from kvpass.eval import sensitivity
+from kvpass.runtime import allocation
+from kvpass.runtime.step import PureStep
 from tests.conftest import tiny_llama
 from tests.eval.stub import WordTokenizer
 from tests.test_export import greedy_with_step
@@ -183,7 +185,7 @@ def test_bad_calibrations_are_clear_errors(tmp_path):
 
 
 def test_eval_allocates_from_the_calibration_nearest_each_budget(monkeypatch):
-    from kvpass import evaluate as ev
+    from kvpass.eval import evaluate as ev
 
     made = []
     real = ev.transform

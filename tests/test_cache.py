@@ -1,4 +1,4 @@
-"""Eviction (:mod:`kvpass.step`) checked against brute force on random inputs, and the cache's state."""
+"""Eviction (:mod:`kvpass.runtime.step`) checked against brute force on random inputs, and the cache's state."""
 
 import itertools
 
@@ -6,11 +6,12 @@ import pytest
 import torch
 
 import kvpass
-from kvpass import gates, policies
-from kvpass.cache import EvictingCache
+from kvpass import policies
 from kvpass.kernels import attend
+from kvpass.policies import gate_network as gates
 from kvpass.policies.base import Chunk
-from kvpass.step import prefill_spans
+from kvpass.runtime.cache import EvictingCache
+from kvpass.runtime.step import prefill_spans
 from tests.conftest import tiny_llama
 from tests.layers import Layers, kept_positions
 
@@ -165,7 +166,7 @@ def test_evicted_count_and_capacity():
     s = cache.slots[0]
     g = torch.Generator().manual_seed(fresh_seed())
     layers = Layers(cache.policy, 1, 2, 16, 4)
-    layers.group = kvpass.step.Slots(*(t[:1] for t in cache.layout.split(cache.tables)[0]))
+    layers.group = kvpass.runtime.step.Slots(*(t[:1] for t in cache.layout.split(cache.tables)[0]))
     q, k, v, pos = feed(None, g, 1, 2, 1, 10, 16, 0)
     layers(q, k, v, pos, 0.5, keep=4)
     cache.lengths += 10

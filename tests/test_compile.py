@@ -9,7 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import kvpass
-from kvpass.step import Step
+from kvpass.runtime.step import Step
 from tests.test_transform import prompt
 
 
@@ -86,7 +86,7 @@ def test_backend_is_an_entry_point():
         "from torch._dynamo.backends.registry import lookup_backend\n"
         "assert 'kvpass' not in sys.modules\n"
         "fn = lookup_backend('kvpass')\n"
-        "assert fn.__module__ == 'kvpass.compile', fn\n"
+        "assert fn.__module__ == 'kvpass.runtime.compile', fn\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from kvpass import corpus
+from kvpass.data import corpus
 
 
 class _Chars:

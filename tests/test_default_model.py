@@ -7,8 +7,8 @@ import torch
 from transformers import DynamicCache
 
 import kvpass
-from kvpass import hf
-from kvpass.passkey import passkey_prompt
+from kvpass.data.passkey import passkey_prompt
+from kvpass.runtime import hf
 
 pytestmark = pytest.mark.slow
 

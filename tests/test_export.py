@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import kvpass
-from kvpass import gates
 from kvpass.cli import main
+from kvpass.export.tensorrt import input_shapes, missing
 from kvpass.policies import H2O
-from kvpass.step import PureStep, Slots, prefill_spans
-from kvpass.tensorrt_export import input_shapes, missing
+from kvpass.policies import gate_network as gates
+from kvpass.runtime.step import PureStep, Slots, prefill_spans
 from kvpass.transform import sites_of
 from tests.conftest import tiny_llama
 
@@ -249,8 +249,8 @@ def test_tensorrt_engine_gives_the_torch_tokens(tmp_path):
 @pytest.mark.slow
 @pytest.mark.hf
 def test_default_model_onnx_engine_gives_the_torch_tokens(default_model, tmp_path):
-    from kvpass.greedy import greedy
-    from kvpass.passkey import passkey_prompt
+    from kvpass.data.passkey import passkey_prompt
+    from kvpass.eval.greedy import greedy
 
     model, tok = default_model
     prompt, _ = passkey_prompt(tok, 1050, seed=2)

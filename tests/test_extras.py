@@ -43,7 +43,7 @@ def _engine(tmp_path):
 
 
 def _plot(tmp_path):
-    from kvpass import report
+    from kvpass.eval import report
 
     report.plot([], tmp_path / "p.png")
 

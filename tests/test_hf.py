@@ -10,7 +10,7 @@ from transformers import Cache, DynamicCache, TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
 import kvpass
-from kvpass import hf
+from kvpass.runtime import hf
 from tests.conftest import tiny_llama
 from tests.test_transform import prompt
 

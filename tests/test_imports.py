@@ -46,3 +46,32 @@ def test_no_import_cycles():
 
     cycles = sorted(m for m in graph if m in reach(m))
     assert not cycles, f"modules on an import cycle: {cycles}"
+
+
+# The architecture, bottom up: a module imports only from its own layer and the layers below it.
+# extras and default_model are leaves any layer may use; the package's __init__ and the CLI sit on top.
+LAYERS = [
+    ["kvpass.extras", "kvpass.default_model", "kvpass.data"],
+    ["kvpass.kernels", "kvpass.passes"],
+    ["kvpass.policies"],
+    ["kvpass.runtime"],
+    ["kvpass.transform"],
+    ["kvpass.export", "kvpass.train", "kvpass.serving"],
+    ["kvpass.eval"],
+    ["kvpass.cli"],
+]
+
+
+def layer(module: str) -> int:
+    for i, names in enumerate(LAYERS):
+        if any(module == n or module.startswith(n + ".") for n in names):
+            return i
+    raise AssertionError(f"{module} belongs to no layer of LAYERS")
+
+
+def test_imports_point_down_the_layers():
+    known = modules()
+    upward = sorted(
+        f"{m} -> {i}" for m, p in known.items() if m != "kvpass" for i in imports(m, p, known) if layer(i) > layer(m)
+    )
+    assert not upward, f"imports pointing up the layers: {upward}"

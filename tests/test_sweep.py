@@ -11,7 +11,7 @@ import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import kvpass
-from kvpass import sweep
+from kvpass.eval import sweep
 
 TABLE = Path(__file__).parent.parent / "docs" / "supported-models.md"
 

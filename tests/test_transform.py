@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 import kvpass
-from kvpass import hf
+from kvpass.runtime import hf
 from tests.conftest import tiny_llama
 from tests.models import SDPAModel
 

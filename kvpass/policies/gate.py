@@ -13,7 +13,7 @@ from .snapkv import pool_by_position
 class AttentionGate(Policy):
     """Attention-Gate: a learned gate flags, per token and KV head, what to evict -- in context.
 
-    A small gate per layer (:mod:`kvpass.gates`) gives every token t a keep probability p_t per KV
+    A small gate per layer (:mod:`kvpass.policies.gate_network`) gives every token t a keep probability p_t per KV
     head from the layer's queries, keys and values: a gate query attends over the layer's keys,
     and a linear readout of its output, v_t and three norms gives the logit. The flag is
     p_t >= ``threshold``. A flagged-out token is seen by itself and by the ``window`` queries after
@@ -37,13 +37,13 @@ class AttentionGate(Policy):
 
     ``checkpoint``: a gate file from ``kvpass train-gates``; default: the gate shipped for the
     default model whose keep target (``target``; default the budget if it is a fraction, else 0.5)
-    is nearest. ``gates``: a :class:`kvpass.gates.Gates` object instead of a file.
+    is nearest. ``gates``: a :class:`kvpass.policies.gate_network.Gates` object instead of a file.
 
     From the paper: a learned per-layer gate before attention, per-token per-head flags, in-context
     eviction, training on a frozen model with a keep-rate penalty. Ours: the gate reads the
     layer's q, k, v instead of its hidden states (no graph surgery, no second cache; see
-    :mod:`kvpass.gates`), self-distillation as the main loss with a hindsight term (the keep
-    probability of the tokens a retrieval answer reads is pulled up; :mod:`kvpass.train`), the
+    :mod:`kvpass.policies.gate_network`), self-distillation as the main loss with a hindsight term (the keep
+    probability of the tokens a retrieval answer reads is pulled up; :mod:`kvpass.train.distill`), the
     grace ``window``, and the ``attention`` term (from TOVA, :mod:`kvpass.policies.tova`). Zeng et al.,
     "In-context KV-Cache Eviction for LLMs via Attention-Gate", arXiv 2410.12876.
     """
@@ -54,7 +54,7 @@ class AttentionGate(Policy):
     target: float | None = None
     attention: float = 0.0
     pool: int = 0
-    gates: object = field(default=None, repr=False)  # kvpass.gates.Gates; loaded by bind() if None
+    gates: object = field(default=None, repr=False)  # kvpass.policies.gate_network.Gates; loaded by bind() if None
     name = "gate"
     gated = True
     obs = 1  # the ``attention`` term reads the newest query's attention only
@@ -75,7 +75,7 @@ class AttentionGate(Policy):
             raise ValueError(f"gate: pool must be 0 or a positive odd number of positions, got {k!r}")
 
     def bind(self, model, sites) -> None:
-        from kvpass import gates
+        from kvpass.policies import gate_network as gates
 
         base = gates.BaseModel.of(model, sites)
         if self.gates is not None:  # given as an object (e.g. just trained): its shapes must fit

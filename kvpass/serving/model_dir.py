@@ -26,8 +26,9 @@ def write(model: nn.Module, out, policy: str, budget: int, chunk: int = 512, kno
     ``budget`` slots per layer and KV head with ``policy``. Checks first that the transform and
     its fixed-shape step can be built (a fractional budget or an unknown policy fails here)."""
     import kvpass
-    from kvpass import allocation, policies
-    from kvpass.step import export_capacity
+    from kvpass import policies
+    from kvpass.runtime import allocation
+    from kvpass.runtime.step import export_capacity
 
     policy, knobs = policies.merge(policy, dict(knobs or {}))  # "gate:checkpoint=..." -> name and knobs
     if isinstance(knobs.get("allocation"), (str, Path)):  # a `kvpass calibrate` file: its multiples here

@@ -4,7 +4,7 @@ vLLM keeps a fixed-size state per request for Mamba-like layers (``MambaBase``):
 declares, allocated once per admitted request and addressed by the request's state index.
 kvpass's tables are such a state: per attention layer, ``pos``, ``keys``, ``values``, ``score``,
 ``valid`` of one request, budget-sized. Each engine step gathers the scheduled requests' tables,
-runs kvpass's step (the one :class:`~kvpass.step.PureStep` exports) -- each prompt on its own, in
+runs kvpass's step (the one :class:`~kvpass.runtime.step.PureStep` exports) -- each prompt on its own, in
 kvpass's chunks; all decoding requests together, one token each -- writes the tables back and
 returns the logits of each request's last token.
 
@@ -24,7 +24,7 @@ from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
-from kvpass.step import PureStep, Slots, prefill_spans
+from kvpass.runtime.step import PureStep, Slots, prefill_spans
 
 ARCH = "KvpassForCausalLM"
 ORDER = ("pos", "keys", "values", "score", "valid")  # widest dtype first: each state's bytes stay aligned

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvpass.bench import Case, run_all, table
+from kvpass.eval.bench import Case, run_all, table
 
 
 def test_table_reports_ratios_against_the_full_cache_of_the_same_length():

@@ -10,8 +10,10 @@ import torch
 from transformers import DynamicCache
 
 import kvpass
-from kvpass import hf, report, tasks
-from kvpass.evaluate import Context, Record, answer, answers, ask, evaluate, fork, read, render, score
+from kvpass.data import tasks
+from kvpass.eval import report
+from kvpass.eval.evaluate import Context, Record, answer, answers, ask, evaluate, fork, read, render, score
+from kvpass.runtime import hf
 from tests.conftest import tiny_llama
 from tests.eval.stub import WordTokenizer
 
@@ -149,7 +151,7 @@ def test_plot_gives_a_policys_variants_its_colour(tmp_path, monkeypatch):
 
 def test_perplexity_full_budget_matches_and_small_budget_differs(llama):
     from kvpass import transform
-    from kvpass.evaluate import perplexity
+    from kvpass.eval.evaluate import perplexity
 
     ids = torch.randint(3, 97, (1, 120), generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()))))
     logits = llama(ids).logits[0, :-1]

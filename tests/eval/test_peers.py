@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvpass import peers
-from kvpass.evaluate import answer, evaluate
+from kvpass.eval import peers
+from kvpass.eval.evaluate import answer, evaluate
 from tests.eval.stub import WordTokenizer
 
 HAVE_KVPRESS = importlib.util.find_spec("kvpress") is not None

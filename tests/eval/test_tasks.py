@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvpass import tasks
+from kvpass.data import tasks
 from tests.eval.stub import WordTokenizer
 
 

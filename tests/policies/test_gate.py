@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import kvpass
-from kvpass import gates, in_context, train
 from kvpass.policies import AttentionGate, Chunk
+from kvpass.policies import gate_network as gates
+from kvpass.train import distill as train
+from kvpass.train import in_context
 from kvpass.transform import sites_of
 from tests.conftest import tiny_llama
 

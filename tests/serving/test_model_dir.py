@@ -43,7 +43,8 @@ def test_bad_requests_fail_before_anything_is_written(tmp_path):
 
 def test_a_gate_checkpoint_and_an_allocation_travel_inside_the_directory(tmp_path):
     import kvpass
-    from kvpass import allocation, gates
+    from kvpass.policies import gate_network as gates
+    from kvpass.runtime import allocation
     from kvpass.transform import sites_of
 
     model = tiny(5)

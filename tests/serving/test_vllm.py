@@ -95,7 +95,7 @@ def test_more_requests_than_seqs_give_what_each_gives_alone(tmp_path, monkeypatc
 
 def test_each_request_holds_its_tables_bytes_whatever_max_model_len(tmp_path, monkeypatch):
     import kvpass
-    from kvpass.step import PureStep
+    from kvpass.runtime.step import PureStep
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     model, src = tiny_dir(tmp_path, seed=5)

@@ -27,10 +27,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from kvpass.attention import KVAttention
 from kvpass.kernels.attend import attend_attention, attend_reference
 from kvpass.kernels.decode import decode_attention
 from kvpass.policies.base import Chunk, Policy, Probe
+from kvpass.runtime.attention import KVAttention
 
 
 class Slots(NamedTuple):

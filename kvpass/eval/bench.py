@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from kvpass.passkey import FILLER
+from kvpass.data.passkey import FILLER
 
 MiB = 2**20
 
@@ -88,7 +88,7 @@ def measure(
     """One case, in this process: load, (transform,) warm up, then time prefill and decoding."""
     import kvpass
     from kvpass.default_model import load_model
-    from kvpass.greedy import greedy
+    from kvpass.eval.greedy import greedy
 
     torch.set_grad_enabled(False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,7 +102,7 @@ def measure(
         cache = StaticCache(config=model.config, max_cache_len=tokens + new + 8)
         model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
     elif policy.startswith("kvpress:"):
-        from kvpass import peers
+        from kvpass.eval import peers
 
         press = peers.press(policy.removeprefix("kvpress:"), budget)
     elif policy != "full":
@@ -154,7 +154,7 @@ def run_all(
     ``static``, the original with a static cache and ``torch.compile`` too."""
     from tqdm import tqdm
 
-    from kvpass import peers
+    from kvpass.eval import peers
 
     if peer is not None:
         if peer != "kvpress":
@@ -167,7 +167,7 @@ def run_all(
     cases = [(n, b, p) for n in lengths for b in batches for p in names]
     out = []
     for n, b, p in tqdm(cases, desc="bench"):
-        cmd = [sys.executable, "-m", "kvpass.bench", str(n), p, str(budget), str(new), str(chunk), model, str(b)]
+        cmd = [sys.executable, "-m", "kvpass.eval.bench", str(n), p, str(budget), str(new), str(chunk), model, str(b)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"bench case {n} tokens x {b} / {p} failed:\n{done.stderr[-2000:]}")

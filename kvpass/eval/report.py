@@ -6,7 +6,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from kvpass.evaluate import ALLOC, Record
+from kvpass.eval.evaluate import ALLOC, Record
 
 PPL = "perplexity"
 

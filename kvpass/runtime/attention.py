@@ -1,7 +1,7 @@
 """A rewritten attention site: the module the rewrite pass puts where the model attended.
 
 It holds what the site's attention needs (layer, scale, sliding window, soft-cap) and hands the
-rest to the step it runs in (:class:`kvpass.step.Exchange`), which gives it its layer's cache
+rest to the step it runs in (:class:`kvpass.runtime.step.Exchange`), which gives it its layer's cache
 tables. Nothing here is opaque to ``torch.compile``: a compiled step traces through it.
 """
 

@@ -1,5 +1,5 @@
 """Per-layer budgets at the same total memory: the allocation rule, and the calibration files
-that carry it (measured by :mod:`kvpass.sensitivity`, ``kvpass calibrate``).
+that carry it (measured by :mod:`kvpass.eval.sensitivity`, ``kvpass calibrate``).
 
 The **allocation** gives layer i the multiplier ``a_i = clip(c * (s_i + mean(s)), low, high)`` of
 the budget, ``s_i`` its sensitivity (negative values count as 0), with ``c`` chosen so that the

@@ -9,7 +9,7 @@ be checked and reproduced.
   the text; asked which variables hold the value.
 - ``cwe`` (common words): a numbered list of words in which ten appear far more often; asked for them.
 - ``fwe`` (frequent words): coded text drawn from a Zipf distribution; asked for the three most frequent.
-- ``passkey``: the classic pass key in repeated filler (:mod:`kvpass.passkey`).
+- ``passkey``: the classic pass key in repeated filler (:mod:`kvpass.data.passkey`).
 
 The haystack is the CPython documentation shipped with Python (``pydoc_data.topics``). Lengths
 are in tokens of the tokenizer given; a generated context is within a few percent of the target.
@@ -133,7 +133,7 @@ def fwe(rng: random.Random, units: int) -> tuple[str, str, list[str]]:
 
 
 def passkey(rng: random.Random, units: int) -> tuple[str, str, list[str]]:
-    from kvpass.passkey import FILLER, QUESTION, needle
+    from kvpass.data.passkey import FILLER, QUESTION, needle
 
     key = str(rng.randint(10000, 99999))
     at = rng.randrange(units + 1)

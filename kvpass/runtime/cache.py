@@ -1,12 +1,12 @@
 """The evicting KV cache: the state a transformed model keeps between steps, and nothing else.
 
-It holds fixed-capacity slot tables (see :class:`kvpass.step.Layout`: per group of layers, keys,
+It holds fixed-capacity slot tables (see :class:`kvpass.runtime.step.Layout`: per group of layers, keys,
 values, true positions, scores and valid flags, ``[L, B, Hkv, C, ...]``), the number of tokens
 seen and each row's real length, and what the first input fixed: the budget and the capacity.
 What a step does with the tables -- attention, scoring, eviction, admission -- is
-:mod:`kvpass.step`, the same for every path.
+:mod:`kvpass.runtime.step`, the same for every path.
 
-Nothing here knows transformers: :mod:`kvpass.hf` presents this cache to ``generate()``.
+Nothing here knows transformers: :mod:`kvpass.runtime.hf` presents this cache to ``generate()``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from kvpass.policies.base import Policy
-from kvpass.step import Layout, Slots, Step
+from kvpass.runtime.step import Layout, Slots, Step
 
 
 class EvictingCache:

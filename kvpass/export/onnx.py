@@ -1,13 +1,13 @@
 """``kvpass.export_onnx``: a transformed model as one ONNX model that plain onnxruntime runs.
 
-The model is the step of :mod:`kvpass.step` (as :class:`~kvpass.step.PureStep`) -- ``(input_ids, positions, *tables) ->
-(logits, *new tables)`` -- with the evicting cache as budget-sized inputs and outputs, eviction
-included, in standard ONNX operators (``torch.export`` decomposes the step, ``torch.onnx``
-translates it; no custom operator). Policies score a decoded token and a prefill chunk
-differently, so the step is exported twice, for one token and for a chunk of any length from 2
-to ``chunk``, and the two graphs become the branches of one ``If`` on the input's length: one file,
-each weight stored once. Batch size is dynamic. The ``kvpass`` metadata entry describes the tables.
-"""
+The model is the step of :mod:`kvpass.runtime.step` (as :class:`~kvpass.runtime.step.PureStep`) --
+``(input_ids, positions, *tables) -> (logits, *new tables)`` -- with the evicting cache as
+budget-sized inputs and outputs, eviction included, in standard ONNX operators (``torch.export``
+decomposes the step, ``torch.onnx`` translates it; no custom operator). Policies score a decoded
+token and a prefill chunk differently, so the step is exported twice, for one token and for a chunk
+of any length from 2 to ``chunk``, and the two graphs become the branches of one ``If`` on the
+input's length: one file, each weight stored once. Batch size is dynamic. The ``kvpass`` metadata
+entry describes the tables."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kvpass.step import Layout, PureStep
+from kvpass.runtime.step import Layout, PureStep
 
 TABLE_DTYPES = {"pos": "int64", "score": "float32", "valid": "bool"}  # keys/values: the model's dtype
 

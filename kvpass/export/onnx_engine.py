@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kvpass.onnx_export import TABLE_DTYPES, layout_of
-from kvpass.step import prefill_spans
+from kvpass.export.onnx import TABLE_DTYPES, layout_of
+from kvpass.runtime.step import prefill_spans
 
 
 class OnnxEngine:

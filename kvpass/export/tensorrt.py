@@ -1,6 +1,6 @@
 """``kvpass.export_tensorrt``: a transformed model's step compiled by TensorRT (through torch-tensorrt).
 
-The same step as the ONNX export (:class:`kvpass.step.PureStep`: the evicting cache as budget-sized
+The same step as the ONNX export (:class:`kvpass.runtime.step.PureStep`: the evicting cache as budget-sized
 inputs and outputs, eviction in standard operators, so no TensorRT plugin is needed), exported
 for one token and for a chunk of 2 to ``chunk`` tokens and compiled by ``torch_tensorrt.dynamo``
 into two TensorRT-backed ``ExportedProgram`` files.
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kvpass.step import Layout, PureStep
+from kvpass.runtime.step import Layout, PureStep
 
 
 def missing() -> list[str]:

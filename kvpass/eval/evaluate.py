@@ -1,5 +1,5 @@
 """``kvpass eval``: score policies x budgets x context lengths on the long-context tasks of
-:mod:`kvpass.tasks`, the unmodified model beside them.
+:mod:`kvpass.data.tasks`, the unmodified model beside them.
 
 Two modes, as in kvpress's benchmarks:
 
@@ -25,9 +25,11 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from kvpass import allocation, hf, peers, tasks
 from kvpass import policies as kvpass_policies
-from kvpass.cache import EvictingCache
+from kvpass.data import tasks
+from kvpass.eval import peers
+from kvpass.runtime import allocation, hf
+from kvpass.runtime.cache import EvictingCache
 from kvpass.transform import transform
 
 ALLOC = "+alloc"  # suffix of a policy run with per-layer budgets

@@ -36,7 +36,7 @@ from transformers import Cache, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.generation import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from kvpass.cache import EvictingCache
+from kvpass.runtime.cache import EvictingCache
 
 CACHE_NAMES = ("cache", "past_key_values")  # transformers >= 5.24, <= 5.23
 

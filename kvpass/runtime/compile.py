@@ -5,7 +5,7 @@
     model.compile(mode="reduce-overhead")    # and replays each decode step as a CUDA graph
     # or: compiled = torch.compile(model, backend="kvpass")  (compiled(...) runs compiled steps)
 
-``model.compile`` captures the step (:class:`kvpass.step.Step`: attention, scoring, eviction,
+``model.compile`` captures the step (:class:`kvpass.runtime.step.Step`: attention, scoring, eviction,
 admission, the LM head) with ``fullgraph=True``: no graph breaks. A decode step has static shapes
 -- the cache's tables at capacity, updated in place -- so it is compiled once for a whole
 generation (and again only when the tables change shape: another batch size or budget). Prefill

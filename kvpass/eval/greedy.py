@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from kvpass import hf
-from kvpass.cache import EvictingCache
+from kvpass.runtime import hf
+from kvpass.runtime.cache import EvictingCache
 
 
 @dataclass
@@ -49,10 +49,10 @@ def greedy(
 ) -> Run:
     """Prefill ``input_ids``, then decode greedily one token at a time (stopping at ``eos``).
 
-    ``press``: a kvpress press applied during the prefill (see :mod:`kvpass.peers`). ``cache``: the
+    ``press``: a kvpress press applied during the prefill (see :mod:`kvpass.eval.peers`). ``cache``: the
     cache to start from (e.g. a transformers ``StaticCache``, reset first); default a fresh one.
     """
-    from kvpass import peers
+    from kvpass.eval import peers
 
     t0 = time.perf_counter()
     with peers.applied(press, model) if press is not None else contextlib.nullcontext():

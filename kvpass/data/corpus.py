@@ -6,7 +6,7 @@
   ``shelves``: every code put on one shelf (multi-value); ``relays``: everyone a message passed
   through (a chain); ``tallies``: the three names that come back most often in a visit log
   (counting). Their templates, names and number formats differ from every evaluation task
-  (:mod:`kvpass.tasks`), and their seeds have their own namespace.
+  (:mod:`kvpass.data.tasks`), and their seeds have their own namespace.
 
 Each sample is ``(ids, answer)``: the token ids and how many of the last ones are an answer that
 needs a distant fact (0 for plain text), so training can weigh those positions more.
@@ -19,7 +19,7 @@ import random
 from collections import Counter
 from collections.abc import Iterator
 
-from kvpass.tasks import _haystack, _plant
+from kvpass.data.tasks import _haystack, _plant
 
 COLOURS = ("teal", "amber", "crimson", "olive", "violet", "silver", "indigo", "coral")
 NAMES = ("Mira", "Tobias", "Ines", "Kofi", "Anouk", "Ravi", "Lena", "Oskar", "Yara", "Emeka", "Sora", "Pavel")

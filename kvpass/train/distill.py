@@ -3,7 +3,7 @@
 Each step runs a sequence twice through the frozen model: once as it is (the teacher), once with
 every attention layer replaced by :func:`gated_attention`, in which the layer's gate flags each
 token per KV head and flagged-out tokens are hidden from all later queries of that head
-(:mod:`kvpass.in_context`). The flags are hard in the forward pass; their gradient is the keep
+(:mod:`kvpass.train.in_context`). The flags are hard in the forward pass; their gradient is the keep
 probability's (straight-through).
 
     loss = KL(teacher || student) + rate_weight * mean_layers (keep rate - target)^2
@@ -36,8 +36,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
-from kvpass import corpus, gates
-from kvpass.in_context import in_context_attention
+from kvpass.data import corpus
+from kvpass.policies import gate_network as gates
+from kvpass.train.in_context import in_context_attention
 
 ATTENTION = "kvpass_gate"
 
@@ -240,11 +241,11 @@ def train_gates(
     policy's ``window`` at inference); ``threshold``: keep when p >= threshold; ``answer_weight``:
     the KL weight of the positions that predict a retrieval answer (1 elsewhere); ``hindsight_weight``:
     of the hindsight term on retrieval samples (module docstring; 0: none); ``retrieval``: the kinds
-    of retrieval chat trained on (:mod:`kvpass.corpus`), in turn with documentation text. ``teacher``:
+    of retrieval chat trained on (:mod:`kvpass.data.corpus`), in turn with documentation text. ``teacher``:
     a policy whose keep set the gate learns to predict on every sample (``teacher_weight``: of that
     binary cross-entropy; :func:`teacher_targets`), e.g. ``"kvzip"``, so a one-pass gate learns what a
     query-agnostic scorer that reads the context twice would keep. ``allocation``:
-    per-layer multiples of the budget (:mod:`kvpass.allocation`): layer i is trained to keep
+    per-layer multiples of the budget (:mod:`kvpass.runtime.allocation`): layer i is trained to keep
     ``min(1, target * allocation[i])``, and the policy then gives each layer that share of the budget.
 
     An existing ``out`` from an earlier run is resumed (``resume=False``: start over). Beside it:

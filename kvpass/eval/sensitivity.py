@@ -1,10 +1,10 @@
 """A layer's sensitivity to eviction, measured on the model: what ``kvpass calibrate`` runs to make
-the per-layer budgets of :mod:`kvpass.allocation`.
+the per-layer budgets of :mod:`kvpass.runtime.allocation`.
 
 A layer's **sensitivity** is how much the answers of retrieval samples get worse (their mean
 negative log-likelihood, teacher-forced, in nats per token) when that layer alone evicts at the
 budget and every other layer keeps the whole prompt. The samples are the gate-training "lockers"
-chats (:mod:`kvpass.corpus`: facts in documentation text, a question, its answer), with seeds of
+chats (:mod:`kvpass.data.corpus`: facts in documentation text, a question, its answer), with seeds of
 their own, so nothing is shared with the evaluation suite. One prefill per layer and sample.
 """
 
@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from kvpass import corpus, policies
-from kvpass.allocation import allocate, check_fraction
+from kvpass import policies
+from kvpass.data import corpus
+from kvpass.runtime.allocation import allocate, check_fraction
 from kvpass.transform import transform
 
 

@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-SHIPPED = Path(__file__).parent / "weights"  # trained gates for the default model
+SHIPPED = Path(__file__).parents[1] / "weights"  # kvpass/weights: trained gates for the default model
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Engines made from a transformed model: ONNX (run by onnxruntime) and TensorRT."""

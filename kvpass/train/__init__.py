@@ -1,0 +1,1 @@
+"""Training Attention-Gates on a frozen model (``kvpass train``)."""
