@@ -1,5 +1,7 @@
 """Smoke test of an installed wheel, run from outside the source tree (.ci/wheel-smoke)."""
 
+import importlib
+import pkgutil
 import subprocess
 import sys
 import tarfile
@@ -10,6 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvpass
+from kvpass.policies import gate_network
 
 dist = Path(sys.argv[1])
 here = Path(kvpass.__file__).resolve()
@@ -17,6 +20,12 @@ assert "site-packages" in here.parts, f"kvpass imported from {here}, not from th
 subprocess.run([Path(sys.executable).parent / "kvpass", "--help"], check=True, stdout=subprocess.DEVNULL)
 gates = [p.name for p in resources.files("kvpass").joinpath("weights").iterdir() if p.name.endswith(".safetensors")]
 assert len(gates) >= 2, f"the shipped gate checkpoints are missing from the wheel: {gates}"
+assert gate_network.shipped(0.5).name in gates, "the gate policy does not look where the wheel has its gates"
+for module in pkgutil.walk_packages(kvpass.__path__, "kvpass."):  # every module the wheel ships imports without extras
+    try:
+        importlib.import_module(module.name)
+    except ModuleNotFoundError as e:  # but the vLLM plugin and the Triton kernels (used where CUDA brings Triton)
+        assert e.name in ("vllm", "triton"), f"{module.name} needs {e.name}, which a plain install lacks"
 (sdist,) = dist.glob("kvpass-*.tar.gz")
 names = tarfile.open(sdist).getnames()
 for part in ("passes/find_attention.py", "kernels/decode_triton.py", "kvpass/serving/vllm.py", "pyproject.toml"):
