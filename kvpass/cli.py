@@ -306,9 +306,11 @@ class _Help(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text, default = action.help or "", action.default
-        if not action.option_strings or any(default is v for v in (None, False, argparse.SUPPRESS)):
-            return text
-        if f"'{default}'" in text:
+        if (
+            not action.option_strings
+            or any(default is v for v in (None, False, argparse.SUPPRESS))
+            or f"'{default}'" in text
+        ):
             return text
         shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
         return f"{text} (default {shown.replace('%', '%%')})".lstrip()
@@ -324,7 +326,7 @@ def _policy_lines() -> str:
     return "\n".join(f"{name:<10} {first_sentence(REGISTRY[name])}" for name in sorted(REGISTRY))
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     from kvpass.data.corpus import RETRIEVAL
 
     ap = argparse.ArgumentParser(
@@ -455,7 +457,11 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--workers", type=int, default=2, help="architectures checked at once")
     w.add_argument("--timeout", type=float, default=300, help="seconds before one architecture counts as crashed")
     command("policies", lambda _: print(_policy_lines()), "List the eviction policies, one line each.")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     try:
         args.run(args)
     except (ValueError, OSError) as e:  # bad names, budgets, paths: a message, not a traceback

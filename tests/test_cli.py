@@ -1,14 +1,36 @@
+import argparse
 import subprocess
 import sys
 
 import pytest
 
-from kvpass.cli import main
+from kvpass.cli import _parser, main
 
 
-def test_policies_command(capsys):
+def test_policies_command_prints_one_line_per_policy(capsys):
+    import kvpass
+
     main(["policies"])
-    assert "snapkv" in capsys.readouterr().out.split()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == kvpass.policies()
+    assert all(line.endswith(".") and len(line.split()) > 3 for line in lines), lines
+
+
+@pytest.mark.parametrize(
+    "command", ["demo", "inspect", "eval", "bench", "train-gates", "calibrate", "export", "sweep", "policies"]
+)
+def test_every_option_has_a_help_text_and_shows_its_default(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # no line breaks inside a default (argparse breaks at hyphens)
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    parser = next(a for a in _parser()._actions if a.dest == "command").choices[command]
+    assert parser.description and parser.description in text
+    for action in parser._actions:
+        assert action.help, f"{command} {action.option_strings}: no help text"
+        if action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+            shown = " ".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
+            assert f"(default {shown})" in text or f"'{shown}'" in text, (command, action.dest)
 
 
 def test_demo_rejects_a_bad_policy_before_loading_anything():
