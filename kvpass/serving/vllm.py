@@ -3,12 +3,11 @@
 vLLM keeps a fixed-size state per request for Mamba-like layers (``MambaBase``): shapes the layer
 declares, allocated once per admitted request and addressed by the request's state index.
 kvpass's tables are such a state: all of one request's tables (every layer's ``pos``, ``keys``,
-``values``, ``score``, ``valid``, budget-sized) are one state, one flat tensor per dtype, so layers of
-different sizes (per-layer budgets) make one block of one size. Each engine step gathers the
-scheduled requests' tables,
-runs kvpass's step (the one :class:`~kvpass.runtime.step.PureStep` exports) -- each prompt on its own, in
-kvpass's chunks; all decoding requests together, one token each -- writes the tables back and
-returns the logits of each request's last token.
+``values``, ``score``, ``valid``, budget-sized) are one state, one flat tensor per dtype, so layers
+of different sizes (per-layer budgets) make one block of one size. Each engine step gathers the
+scheduled requests' tables, runs kvpass's step (the one :class:`~kvpass.runtime.step.PureStep`
+exports) -- each prompt on its own, in kvpass's chunks; all decoding requests together, one token
+each -- writes the tables back and returns the logits of each request's last token.
 
 A model directory for it is a Hugging Face checkpoint whose ``config.json`` names
 ``KvpassForCausalLM`` and carries ``kvpass`` = {"architecture", "policy", "budget", "chunk",
@@ -138,6 +137,20 @@ class Plan(NamedTuple):
         return cls(tuple(((n,), d) for d, n in used.items()), tuple(spans))
 
 
+_STATES: dict[tuple[str, str], tuple] = {}
+
+
+def _states(model_config) -> tuple:
+    """A model directory's state (``Plan.states``), built once per process for vLLM's two questions
+    (each build loads the directory's weights)."""
+    import json
+
+    key = (str(model_config.model), json.dumps(model_config.hf_config.kvpass, sort_keys=True))
+    if key not in _STATES:
+        _STATES[key] = Plan.of(_build(model_config)[1].layout).states
+    return _STATES[key]
+
+
 class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__()
@@ -149,14 +162,14 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         self.tables = Tables(*zip(*self.plan.states, strict=True), vllm_config)
         self.vocab = hf_config.vocab_size
 
-    # vLLM asks the class (before building it) for the state's shapes and dtypes
+    # vLLM asks the class (before building it) for the state's shapes, then for its dtypes
     @classmethod
     def get_mamba_state_shape_from_config(cls, vllm_config):
-        return tuple(shape for shape, _ in Plan.of(_build(vllm_config.model_config)[1].layout).states)
+        return tuple(shape for shape, _ in _states(vllm_config.model_config))
 
     @classmethod
     def get_mamba_state_dtype_from_config(cls, vllm_config):
-        return tuple(dtype for _, dtype in Plan.of(_build(vllm_config.model_config)[1].layout).states)
+        return tuple(dtype for _, dtype in _states(vllm_config.model_config))
 
     def embed_input_ids(self, input_ids):
         return self.small.get_input_embeddings()(input_ids)
