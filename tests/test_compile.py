@@ -42,7 +42,7 @@ def test_one_decode_graph_for_whole_generations(llama):
         assert got.shape == (2, T + new)
         assert torch.equal(got, want), f"seed {seed}, prompt {T}"
         assert compiled_entries(Step.decode) == 1, "decoding recompiled"
-    assert compiled_entries(Step.prefill) <= 3  # chunk lengths 2 and 16, then any length
+    assert compiled_entries(Step.prefill) <= 4  # chunks that read and chunks that compress: 2 and 16, then any length
     assert not counters["graph_break"]
 
 
@@ -55,7 +55,7 @@ def test_torch_compile_of_the_module(llama):
 
 def test_a_probing_policy_compiles_with_its_probe(llama):
     # kvzip's probe is appended inside the step: the compiled prefill runs it and keeps the same slots
-    ids = prompt(int(torch.randint(0, 2**31, ())), B=2, T=45)
+    ids = prompt(int(torch.randint(0, 2**31, ())), B=2, T=33)  # (a lone first token joins a chunk)
     eager = kvpass.transform(llama, policy="kvzip", budget=12, chunk=16, repeat=(4, 5))
     compiled = kvpass.transform(llama, policy="kvzip", budget=12, chunk=16, repeat=(4, 5))
     compiled.compile()

@@ -5,9 +5,9 @@ The model is the step of :mod:`kvpass.runtime.step` (as :class:`~kvpass.runtime.
 budget-sized inputs and outputs, eviction included, in standard ONNX operators (``torch.export``
 decomposes the step, ``torch.onnx`` translates it; no custom operator). Policies score a decoded
 token and a prefill chunk differently, so the step is exported twice, for one token and for a chunk
-of any length from 2 to ``chunk``, and the two graphs become the branches of one ``If`` on the
-input's length: one file, each weight stored once. Batch size is dynamic. The ``kvpass`` metadata
-entry describes the tables."""
+of any length from 2 to ``chunk + 1``, and the two graphs become the branches of one ``If`` on the
+input's length (the planner's rule, :func:`kvpass.runtime.plan.mode_of`): one file, each weight
+stored once. Batch size is dynamic. The ``kvpass`` metadata entry describes the tables."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def layout_of(meta: dict) -> Layout:
 
 def _to_onnx(step: PureStep, T: int, param: torch.Tensor, chunk: int):
     """The step as an ONNX ModelProto, traced with ``T`` tokens: for exactly one token (``T = 1``),
-    else for any length from 2 to ``chunk``."""
+    else for any length from 2 to ``chunk + 1``."""
     B = 2
     tables = step.layout.empty(B, dtype=param.dtype, device=param.device)
     ids = torch.zeros(B, T, dtype=torch.long, device=param.device)
@@ -99,7 +99,7 @@ def _check_guards(program, layout: Layout, chunk: int) -> None:
     compiled = [(g, compile(g, "<guard>", "eval")) for g in guards]
     n = len(layout.names())
     for batch in (1, 2, 3):
-        for T in range(1 if chunk == 1 else 2, chunk + 1):
+        for T in range(1 if chunk == 1 else 2, chunk + 2):  # (a lone first token joins a chunk)
             L = {
                 "input_ids": _Shape((batch, T)),
                 "positions": _Shape((batch, T)),

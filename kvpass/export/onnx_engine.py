@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from kvpass.export.onnx import TABLE_DTYPES, layout_of
-from kvpass.runtime.step import prefill_spans
+from kvpass.runtime.plan import plan
 
 
 class OnnxEngine:
@@ -117,7 +117,7 @@ class OnnxEngine:
         tables = self.new_cache(B)
         rng = np.random.default_rng(seed)
         logits = None
-        for start, end in prefill_spans(T, self.chunk):
+        for start, end, *_ in plan(T, self.chunk):  # (the model branches on the span's mode: its length)
             logits, tables = self.step(ids[:, start:end], pos[:, start:end], tables)
         out, done = [ids], np.zeros(B, dtype=bool)
         for i in range(max_new_tokens):

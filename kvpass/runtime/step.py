@@ -1,6 +1,6 @@
 """The one step: a transformed model's forward over explicit cache tables.
 
-``Step(input_ids, positions, *tables, layout=...)`` runs the rewritten graph of
+``Step(input_ids, positions, *tables, layout=..., mode=...)`` runs the rewritten graph of
 :func:`kvpass.transform`; each attention site attends over its layer's tables and the new tokens,
 and the policy decides what stays. Attention, scoring, eviction and admission live here once:
 the eager runtime, ``torch.compile`` (the whole decode step, one graph) and the exported engines
@@ -9,11 +9,12 @@ the eager runtime, ``torch.compile`` (the whole decode step, one graph) and the 
 Tables are stacked by *group*: the layers that share a capacity, sliding window and scale hold one
 tensor per field, ``[L, B, Hkv, C(, D)]`` (:class:`Layout`). A step writes its tables in place,
 at fixed shapes, so a compiled decode step reads the cache once and writes one slot per layer and
-KV head:
+KV head. The mode is the planner's (:mod:`kvpass.runtime.plan`), passed in, and what a step needs
+travels in one :class:`Call` per step:
 
-- a prefill chunk (``T`` tokens, or any input with ``keep``): each layer attends over its ``C``
-  slots and the chunk causally, the policy scores the ``C + T`` candidates, and the best ``keep``
-  of them become the layer's slots;
+- a prefill chunk: each layer attends over its ``C`` slots and the chunk causally, the policy
+  scores the ``C + T`` candidates, and the best ``keep`` (default ``C``) of them become the layer's
+  slots;
 - a decoded token: each layer attends over its slots and the token's own key (the cache is only
   read), and at the end of the step every group admits its layers' tokens at once: a token takes
   the place of the lowest-ranked slot, unless it ranks lowest itself.
@@ -31,6 +32,7 @@ from kvpass.kernels.attend import attend_attention, attend_reference
 from kvpass.kernels.decode import decode_attention
 from kvpass.policies.base import Chunk, Policy, Probe
 from kvpass.runtime.attention import KVAttention
+from kvpass.runtime.plan import DECODE, PREFILL, mode_of
 
 
 class Slots(NamedTuple):
@@ -130,14 +132,6 @@ class Layout:
         if len(tables) != n * len(self.groups):
             raise ValueError(f"this layout has {n * len(self.groups)} tables, got {len(tables)}")
         return [Slots(*tables[g * n : (g + 1) * n]) for g in range(len(self.groups))]
-
-
-def prefill_spans(length: int, chunk: int) -> list[tuple[int, int]]:
-    """Where an input of ``length`` tokens is cut into prefill chunks of at most ``chunk``: from its
-    end, so the last chunk is a whole one and the first takes the remainder. Eviction follows every
-    chunk; cut this way, the end of a prompt (where the question usually is) scores the most
-    candidates before anything is lost, at the same peak memory."""
-    return [(max(0, end - chunk), end) for end in reversed(range(length, 0, -chunk))]
 
 
 # --- one layer ----------------------------------------------------------------------------------
@@ -282,51 +276,60 @@ def rank_candidates(
 
 
 # --- the model ----------------------------------------------------------------------------------
+class Call(NamedTuple):
+    """One step's context, fixed for the step: the policy, the tables (one :class:`Slots` per group
+    of ``layout``), the mode (:mod:`kvpass.runtime.plan`), per layer the slots a prefill keeps
+    (None: all), how many of a prefill's last tokens are the policy's probe, and where the sites
+    leave their decoded tokens for the step to admit."""
+
+    policy: Policy
+    groups: list[Slots]
+    layout: Layout
+    decoding: bool
+    keep: dict[int, int] | None
+    probe: int
+    pending: dict[int, tuple[Tensor, ...]]
+
+
 class Exchange:
-    """Where a step hands each attention site its layer's tables, and collects the decoded tokens
-    to admit (a plain object: dynamo traces its use; export snapshots module attributes that are
-    containers of tensors)."""
+    """Where a step hands each attention site its :class:`Call` (a plain object holding one field:
+    dynamo traces its use; export snapshots module attributes that are containers of tensors)."""
 
     def __init__(self) -> None:
-        self.policy: Policy | None = None  # set by the Step
-        self.groups: list[Slots] | None = None
-        self.layout: Layout | None = None
-        self.keep: dict[int, int] | None = None
-        self.probe = 0  # how many of a prefill's last tokens are the policy's probe
-        self.decoding = False
-        self.pending: dict[int, tuple[Tensor, ...]] = {}
+        self.call: Call | None = None
 
     def attend(self, site, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, sinks: Tensor | None = None) -> Tensor:
         """What the site of ``site.layer`` computes: its output; its tables updated (prefill) or its
         token kept for admission (decode)."""
-        if self.groups is None:
+        call = self.call
+        if call is None:
             raise RuntimeError("a kvpass attention ran outside a kvpass step (no cache tables are bound)")
         layer = site.layer
-        g, i = self.layout.where[layer]
-        slots = self.groups[g].layer(i)
-        if self.decoding:
-            out, mass = decode(self.policy, q, k, v, pos, slots, site.scale, site.window, site.softcap, sinks)
-            self.pending[layer] = (q, k, v, pos, mass)
+        g, i = call.layout.where[layer]
+        slots = call.groups[g].layer(i)
+        if call.decoding:
+            out, mass = decode(call.policy, q, k, v, pos, slots, site.scale, site.window, site.softcap, sinks)
+            call.pending[layer] = (q, k, v, pos, mass)
             return out
-        keep = None if self.keep is None else self.keep[layer]
+        keep = None if call.keep is None else call.keep[layer]
         return prefill(
-            self.policy, layer, q, k, v, pos, slots, site.scale, site.window, site.softcap, keep, sinks, self.probe
+            call.policy, layer, q, k, v, pos, slots, site.scale, site.window, site.softcap, keep, sinks, call.probe
         )
 
 
 class Step(nn.Module):
-    """``forward(input_ids [B, T], positions [B, T], *tables, layout, keep=None, rows=1) -> logits``.
+    """``forward(input_ids [B, T], positions [B, T], *tables, layout, mode, keep=None, rows=1) -> logits``.
 
     ``positions``: true positions, -1 for padding. ``tables``: ``layout.names()`` in order, updated
-    in place. ``keep``: per layer, how many slots a prefill keeps (default all; given, also a
-    one-token input is a prefill chunk). ``rows``: logits for the last ``rows`` columns (0: all).
-    ``decode`` and ``prefill`` are the same step, as separate entry points for ``torch.compile``.
+    in place. ``mode``: the span's (:mod:`kvpass.runtime.plan`), a decoded token or a prefill chunk.
+    ``keep``: per layer, how many slots a prefill keeps (default all). ``rows``: logits for the last
+    ``rows`` columns (0: all). ``decode`` and ``prefill`` are the two modes as separate entry points
+    for ``torch.compile``.
     """
 
     def __init__(self, graph: nn.Module, head: nn.Module | None, policy: Policy, io: Exchange) -> None:
         super().__init__()
         self.body, self.head, self.policy, self.io = graph, head, policy, io
-        io.policy = policy
         self.sites = {m.layer: m for m in graph.modules() if isinstance(m, KVAttention)}
         if not self.sites:
             raise ValueError("this graph has no rewritten attention")
@@ -337,37 +340,42 @@ class Step(nn.Module):
         positions: Tensor,
         *tables: Tensor,
         layout: Layout,
+        mode: str,
         keep: dict[int, int] | None = None,
         rows: int = 1,
     ) -> Tensor:
-        io = self.io
-        io.groups, io.layout, io.keep = layout.split(tables), layout, keep
-        io.decoding, io.pending = input_ids.shape[1] == 1 and keep is None, {}
+        if mode not in (PREFILL, DECODE):
+            raise ValueError(f"a step's mode is {PREFILL!r} or {DECODE!r}, got {mode!r}")
+        decoding = mode == DECODE
+        if decoding and input_ids.shape[1] != 1:
+            raise ValueError(f"a decode step takes one token per row, got {input_ids.shape[1]}")
         T = input_ids.shape[1]
-        probe = None if io.decoding else self.policy.probe(input_ids, positions)
+        probe = None if decoding else self.policy.probe(input_ids, positions)
         if probe is not None:
-            io.probe = probe[0].shape[1]
             input_ids, positions = torch.cat([input_ids, probe[0]], dim=1), torch.cat([positions, probe[1]], dim=1)
+        call = Call(
+            self.policy, layout.split(tables), layout, decoding, keep, 0 if probe is None else probe[0].shape[1], {}
+        )
+        self.io.call = call
         try:
             hidden = self.body(input_ids, positions)
-            if io.decoding:
-                for group, layers in zip(io.groups, layout.groups, strict=True):
-                    q, k, v, pos, mass = (torch.cat(t) for t in zip(*(io.pending[i] for i in layers), strict=True))
+            if decoding:
+                for group, layers in zip(call.groups, layout.groups, strict=True):
+                    q, k, v, pos, mass = (torch.cat(t) for t in zip(*(call.pending[i] for i in layers), strict=True))
                     site = self.sites[layers[0]]
                     admit(self.policy, layers, group, q, k, v, pos, mass, site.scale, site.window)
         finally:
-            io.groups = io.layout = io.keep = None
-            io.pending, io.probe = {}, 0
+            self.io.call = None
         hidden = hidden[0] if isinstance(hidden, (tuple, list)) else hidden
         hidden = hidden[:, :T] if probe is not None else hidden
         hidden = hidden[:, -rows:] if rows else hidden
         return hidden if self.head is None else self.head(hidden)
 
     def decode(self, input_ids: Tensor, positions: Tensor, *tables: Tensor, layout: Layout) -> Tensor:
-        return self(input_ids, positions, *tables, layout=layout)
+        return self(input_ids, positions, *tables, layout=layout, mode=DECODE)
 
     def prefill(self, input_ids, positions, *tables, layout: Layout, keep=None, rows: int = 1) -> Tensor:
-        return self(input_ids, positions, *tables, layout=layout, keep=keep, rows=rows)
+        return self(input_ids, positions, *tables, layout=layout, mode=PREFILL, keep=keep, rows=rows)
 
     def layout(self, capacity: dict[int, int]) -> Layout:
         """The layout of tables with ``capacity`` slots per layer (capped by a layer's sliding window)."""
@@ -393,7 +401,8 @@ class PureStep(nn.Module):
 
     def forward(self, input_ids: Tensor, positions: Tensor, *tables: Tensor) -> tuple[Tensor, ...]:
         tables = [t.clone() for t in tables]
-        logits = self.step(input_ids, positions, *tables, layout=self.layout)
+        mode = mode_of(input_ids.shape[1])  # the planner's rule: an engine's graphs branch on the length
+        logits = self.step(input_ids, positions, *tables, layout=self.layout, mode=mode)
         return (logits.float(), *tables)
 
 

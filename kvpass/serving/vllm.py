@@ -26,7 +26,8 @@ from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
-from kvpass.runtime.step import PureStep, prefill_spans
+from kvpass.runtime.plan import DECODE, plan
+from kvpass.runtime.step import PureStep
 
 ARCH = "KvpassForCausalLM"
 STATE = "layers.0.kvpass"  # the one state layer (vLLM reads a layer index from the name)
@@ -203,20 +204,22 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         index = md.state_indices_tensor.flatten().tolist()
         seen = md.seq_lens.tolist()  # tokens read so far, this step's included
         lengths = [b - a for a, b in itertools.pairwise(starts)]
-        decoding = [r for r, n in enumerate(lengths) if n == 1 and seen[r] > 1]
+        spans = [plan(n, self.chunk) for n in lengths]  # kvpass's own cutting of each request's tokens
+        decoding = [r for r, s in enumerate(spans) if s[0].mode == DECODE]
         # PureStep's step, without PureStep's copy of the tables: they are gathered copies already
         if decoding:  # one token each: one batched step over their tables
             at = torch.tensor([starts[r] for r in decoding])
-            tables = self._gather([index[r] for r in decoding], [False] * len(decoding))
-            logits = self.pure.step(input_ids[at][:, None], positions[at][:, None].long(), *tables, layout=self.layout)
+            tables = self._gather([index[r] for r in decoding], [seen[r] == 1 for r in decoding])
+            ids, pos = input_ids[at][:, None], positions[at][:, None].long()
+            logits = self.pure.step(ids, pos, *tables, layout=self.layout, mode=DECODE)
             self._scatter([index[r] for r in decoding], tables)
             out[at] = logits[:, -1]
         for r in sorted(set(range(len(lengths))) - set(decoding)):  # prompts, one at a time
             a, b = starts[r], starts[r + 1]
             tables = self._gather([index[r]], [seen[r] == b - a])  # nothing read before: a new request
             ids, pos = input_ids[a:b][None], positions[a:b][None].long()
-            for s, e in prefill_spans(b - a, self.chunk):  # kvpass's own chunking of a prompt
-                logits = self.pure.step(ids[:, s:e], pos[:, s:e], *tables, layout=self.layout)
+            for s, e, mode, _ in spans[r]:
+                logits = self.pure.step(ids[:, s:e], pos[:, s:e], *tables, layout=self.layout, mode=mode)
             self._scatter([index[r]], tables)
             out[b - 1] = logits[0, -1]
         return out
