@@ -22,9 +22,11 @@ import time
 import torch
 
 import kvpass
+from kvpass.cli import reading_tokens
 from kvpass.eval import report
 from kvpass.eval.evaluate import MODES, evaluate
 from kvpass.runtime import allocation
+from kvpass.runtime.cache import READING
 
 
 def main() -> None:
@@ -36,6 +38,7 @@ def main() -> None:
     ap.add_argument("--policies", nargs="+", default=[p for p in kvpass.policies() if p != "full"])
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--chunk", type=int, default=512)
+    ap.add_argument("--reading", type=reading_tokens, default=READING, help="tokens read, then compressed; or 'prompt'")
     ap.add_argument("--peer", choices=["kvpress"])
     ap.add_argument("--allocation", nargs="+", default=[], help="kvpass calibrate files: also NAME+alloc rows")
     ap.add_argument("--out", help="write every record here (JSON)")
@@ -49,8 +52,8 @@ def main() -> None:
     for mode in args.modes:
         records += evaluate(
             model, tok, task_names=["passkey"], lengths=[args.tokens], policies=args.policies, budgets=args.budgets,
-            samples=args.samples, mode=mode, max_new_tokens=12, chunk=args.chunk, seed=args.seed, peer=args.peer,
-            calibrations=calibrations,
+            samples=args.samples, mode=mode, max_new_tokens=12, chunk=args.chunk, reading=args.reading, seed=args.seed,
+            peer=args.peer, calibrations=calibrations,
         )  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
@@ -58,7 +61,8 @@ def main() -> None:
 
     print(
         f"\nPasskey retrieval, SmolLM2-135M-Instruct, ~{args.tokens}-token contexts, {args.samples} samples "
-        f"(seeds {args.seed}-{args.seed + args.samples - 1}), chunk {args.chunk}, greedy; "
+        f"(seeds {args.seed}-{args.seed + args.samples - 1}), chunk {args.chunk}, reading {args.reading or 'prompt'}, "
+        "greedy; "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {time.time() - start:.0f} s\n"
     )
     tables = {}  # mode -> (policy, kept) -> (found, vs full)

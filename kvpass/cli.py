@@ -125,6 +125,7 @@ def evaluate(args: argparse.Namespace) -> None:
         mode=args.mode,
         max_new_tokens=args.new_tokens,
         chunk=args.chunk,
+        reading=args.reading,
         seed=args.seed,
         peer=args.peer,
         ppl=args.ppl,
@@ -138,6 +139,7 @@ def evaluate(args: argparse.Namespace) -> None:
         "lengths": args.lengths,
         "samples": args.samples,
         "chunk": args.chunk,
+        "reading": args.reading,
         "seed": args.seed,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "minutes": round((time.time() - start) / 60, 1),
@@ -347,6 +349,17 @@ def _parser() -> argparse.ArgumentParser:
             "--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model directory"
         )
 
+    def reading_option(parser: argparse.ArgumentParser) -> None:
+        from kvpass.runtime.cache import READING
+
+        parser.add_argument(
+            "--reading",
+            type=reading_tokens,
+            default=READING,
+            metavar="N",
+            help="tokens a prompt is read into before it is compressed, or 'prompt' (all of it)",
+        )
+
     d = command("demo", demo)
     d.add_argument("--tokens", type=int, default=2048, help="prompt length in tokens")
     d.add_argument("--policy", default="tova", help="eviction policy (`kvpass policies`)")
@@ -383,6 +396,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--mode", default="aware", help="aware (question compressed too) or agnostic (context only)")
     e.add_argument("--new-tokens", type=int, default=48, help="tokens generated per answer")
     e.add_argument("--chunk", type=int, default=512, help="prefill chunk length in tokens")
+    reading_option(e)
     e.add_argument("--seed", type=int, default=0, help="seed of the generated samples")
     e.add_argument("--ppl", action="store_true", help="also the perplexity of documentation text at each length")
     e.add_argument("--peer", choices=["kvpress"], help="also run kvpress's presses (pip install 'kvpass[compare]')")
@@ -458,6 +472,19 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--timeout", type=float, default=300, help="seconds before one architecture counts as crashed")
     command("policies", lambda _: print(_policy_lines()), "List the eviction policies, one line each.")
     return ap
+
+
+def reading_tokens(text: str) -> int | None:
+    """``--reading``: a positive number of tokens, or ``prompt`` (the whole prompt)."""
+    if text == "prompt":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of tokens or 'prompt', not {text!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"a positive number of tokens, not {n}")
+    return n
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,9 +26,10 @@ from kvpass.passes import (
 )
 from kvpass.runtime import allocation, hf
 from kvpass.runtime.attention import KVAttention
-from kvpass.runtime.cache import EvictingCache
+from kvpass.runtime.cache import READING, EvictingCache, check_reading
 from kvpass.runtime.generate import generate
-from kvpass.runtime.step import Exchange, Step, prefill_spans
+from kvpass.runtime.plan import DECODE, plan
+from kvpass.runtime.step import Exchange, Step
 
 
 def sites_of(model: nn.Module) -> tuple[torch.fx.GraphModule, list[Site]]:
@@ -64,6 +65,7 @@ def transform(
     budget: int | float | None = None,
     *,
     chunk: int = 512,
+    reading: int | None = READING,
     evict_during_decode: bool = True,
     **knobs,
 ) -> nn.Module:
@@ -72,9 +74,12 @@ def transform(
     ``policy``: a name from ``kvpass.policies()`` (knobs may ride along: ``"gate:threshold=0.05"``)
     or a :class:`~kvpass.policies.Policy`.
     ``budget``: KV slots kept per layer and KV head (int), or a fraction of the prompt (float in
-    (0, 1]). ``chunk``: prompts are prefilled ``chunk`` tokens at a time, so memory grows with
-    budget + chunk, not with the prompt. ``evict_during_decode=False`` evicts only the prompt, as
-    kvpress does. Other keyword arguments are the policy's knobs (``sink_tokens``, ``window``, ...);
+    (0, 1]). ``chunk``: prompts are prefilled ``chunk`` tokens at a time (activations stay
+    chunk-sized). ``reading``: a prompt is read into a buffer of up to ``reading`` tokens per layer
+    and KV head and compressed to the budget once it is read (or whenever the buffer fills), so the
+    policy ranks the whole buffer at once; None: the whole prompt; budget + chunk (or less): evict
+    after every chunk. ``evict_during_decode=False`` evicts only the prompt, as kvpress does.
+    Other keyword arguments are the policy's knobs (``sink_tokens``, ``window``, ...);
     ``allocation`` (per-layer multiples of the budget) may be a ``kvpass calibrate`` file.
 
     The original model is left as it was; the returned one shares its weights. A multimodal
@@ -94,6 +99,7 @@ def transform(
     pol = policies.get(policy, **knobs)
     if chunk <= 0:
         raise ValueError(f"chunk must be a positive number of tokens, got {chunk}")
+    check_reading(reading)
     gm, sites = sites_of(model)
     if not sites:
         raise ValueError(
@@ -131,7 +137,7 @@ def transform(
     new.kvpass_head = split_head(gm)  # None: the graph itself returns logits
     new.kvpass_policy = pol
     new.kvpass_sites = sites
-    new.kvpass_options = {"chunk": chunk, "evict_during_decode": evict_during_decode}
+    new.kvpass_options = {"chunk": chunk, "reading": reading, "evict_during_decode": evict_during_decode}
     new.kvpass_cache = None
     object.__setattr__(new, "kvpass_step", Step(gm, new.kvpass_head, pol, io))
     new._kvpass_compiled = None
@@ -196,21 +202,27 @@ class KVPassMixin:
         decoded token. Under ``torch.compile`` this frame runs eagerly and the steps it calls are
         compiled, so the bookkeeping around them never becomes graph guards."""
         T = input_ids.shape[1]
-        keep = cache.keep() if cache.seen == 0 else None  # a prompt keeps the budget (+ no reserve)
+        prompt = cache.seen == 0
         step, compiled = self.kvpass_step, self._kvpass_compiled
         logits: list[Tensor] = []
-        for start, end in prefill_spans(T, cache.chunk):
+        room = cache.room if prompt and self.kvpass_policy.evicts else None  # a prompt is read, then compressed
+        budget = max(cache.keep().values()) if room is not None else 0
+        for span in plan(T, cache.chunk, room=room, budget=budget):
+            start, end = span.start, span.end
             cache.make_room(end - start, step)
             rows = end - start if not logits_to_keep else min(end - start, max(0, end - (T - logits_to_keep)))
             args = (input_ids[:, start:end], pos[:, start:end], *cache.tables)
-            if end - start == 1 and keep is None:
+            if span.mode == DECODE:
                 out = (compiled.decode if compiled else step.decode)(*args, layout=cache.layout)
             else:
+                keep = cache.keep() if span.compress else None
                 run = compiled.prefill if compiled else step.prefill
                 out = run(*args, layout=cache.layout, keep=keep, rows=max(rows, 1))
             if rows:
                 logits.append(out if compiled is None or not compiled.graphs else out.clone())
             cache.seen += end - start
+        if prompt:
+            cache.settle(step)
         self.kvpass_cache = cache
         return torch.cat(logits, dim=1) if len(logits) > 1 else logits[0]
 

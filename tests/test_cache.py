@@ -11,7 +11,7 @@ from kvpass.kernels import attend
 from kvpass.policies import gate_network as gates
 from kvpass.policies.base import Chunk
 from kvpass.runtime.cache import EvictingCache
-from kvpass.runtime.step import prefill_spans
+from kvpass.runtime.plan import DECODE, PREFILL, cuts, plan
 from tests.conftest import tiny_llama
 from tests.layers import Layers, kept_positions
 
@@ -204,14 +204,82 @@ def test_bad_chunk():
         EvictingCache(policies.get("tova"), chunk=0)
 
 
-def test_prefill_spans_cut_from_the_end():
-    assert prefill_spans(100, 32) == [(0, 4), (4, 36), (36, 68), (68, 100)]
-    assert prefill_spans(64, 32) == [(0, 32), (32, 64)]
-    assert prefill_spans(33, 32) == [(0, 1), (1, 33)]
-    assert prefill_spans(5, 32) == [(0, 5)]
-    assert prefill_spans(3, 1) == [(0, 1), (1, 2), (2, 3)]
-    for n in range(1, 70):  # contiguous, covering, none longer than the chunk, all but the first whole
-        spans = prefill_spans(n, 16)
+def test_prompts_are_cut_from_the_end_and_never_into_a_lone_token():
+    assert cuts(100, 32) == [(0, 4), (4, 36), (36, 68), (68, 100)]
+    assert cuts(64, 32) == [(0, 32), (32, 64)]
+    assert cuts(33, 32) == [(0, 33)]  # not (0, 1), (1, 33): a lone first token would be decoded
+    assert cuts(65, 32) == [(0, 33), (33, 65)]
+    assert cuts(5, 32) == [(0, 5)]
+    assert cuts(3, 1) == [(0, 1), (1, 2), (2, 3)]
+    for n in range(1, 70):  # contiguous, covering, all but the first whole, the first of 2..17 tokens
+        spans = cuts(n, 16)
         assert spans[0][0] == 0 and spans[-1][1] == n
         assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
-        assert all(e - s == 16 for s, e in spans[1:]) and 0 < spans[0][1] - spans[0][0] <= 16
+        assert all(e - s == 16 for s, e in spans[1:])
+        assert (n == 1) == (spans[0][1] - spans[0][0] == 1) and spans[0][1] - spans[0][0] <= 17
+
+
+def test_a_span_is_decoded_exactly_when_it_is_one_token():
+    assert [s.mode for s in plan(1, 8)] == [DECODE]
+    assert [s.mode for s in plan(9, 8)] == [PREFILL]
+    assert [s.mode for s in plan(3, 1)] == [DECODE] * 3
+    assert all(s.mode == PREFILL for n in range(2, 60) for s in plan(n, 8))
+
+
+def test_the_reading_buffer_is_compressed_when_full_and_after_the_prompt():
+    # room 20, budget 6, chunks of 8 from the end of 40 tokens: 8 | 8 (16) | 8 (24 > 20: compress to 6) | 8 (14) | last
+    assert [s.compress for s in plan(40, 8, room=20, budget=6)] == [False, False, True, False, True]
+    assert [s.compress for s in plan(40, 8, room=6, budget=6)] == [True] * 5  # room = budget: every chunk
+    assert [s.compress for s in plan(40, 8, room=40, budget=6)] == [False] * 4 + [True]  # once, when read
+    assert not any(s.compress for s in plan(40, 8))  # after the prompt: nothing is compressed
+
+
+def _prompt(seed: int, T: int) -> torch.Tensor:
+    return torch.randint(3, 97, (2, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_reading_the_prompt_defers_eviction_until_it_is_read():
+    """With the whole prompt in the reading buffer, nothing is evicted while it is read: every
+    prompt position gets the full model's logits, the tables grow to the prompt and then shrink
+    to the budget."""
+    seed = fresh_seed()
+    model, ids = tiny_llama(seed=3), _prompt(seed, 70)
+    want = model(ids).logits
+    small = kvpass.transform(model, "tova", 12, chunk=16, reading=None)
+    logits, cache = small.kvpass_forward(ids)
+    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4, msg=f"seed {seed}")
+    per_slot = sum(t[:, :, :, :1].nbytes for t in cache.tables)  # one slot of every layer and table
+    assert cache.peak_bytes == 70 * per_slot  # the whole prompt, held while reading
+    assert [s.capacity for s in cache.slots.values()] == [12, 12]  # then the budget
+    assert all(int(s.valid.sum(-1).max()) == 12 for s in cache.slots.values())
+
+
+@pytest.mark.parametrize("policy", ["tova", "h2o", "snapkv", "knorm"])
+def test_reading_in_chunks_keeps_what_one_whole_chunk_keeps(policy):
+    """Compressing after reading ranks the whole prompt at once: read in chunks of 16 into the
+    buffer, a prompt keeps the slots (and then generates the tokens) that reading it as one chunk
+    keeps -- for policies whose scores add up over chunks or come from the last queries."""
+    seed = fresh_seed()
+    model, ids = tiny_llama(seed=4), _prompt(seed, 61)
+    knobs = {"snapkv": {"window": 4}, "h2o": {"window": 4}}.get(policy, {})
+    whole = kvpass.transform(model, policy, 20, chunk=64, **knobs)  # one chunk, evicted once
+    read = kvpass.transform(model, policy, 20, chunk=16, reading=None, **knobs)
+    want = whole.generate(ids, max_new_tokens=6, do_sample=False)
+    got = read.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want), f"seed {seed}"
+
+
+def test_a_bounded_buffer_compresses_when_full_and_holds_no_more():
+    """``reading`` bounds the tables while the prompt is read: budget + chunk is eviction after
+    every chunk (the tables never exceed the budget), a larger buffer holds up to reading - chunk."""
+    seed = fresh_seed()
+    model, ids = tiny_llama(seed=5), _prompt(seed, 100)
+    per_slot = None
+    for reading, most in ((12 + 16, 12), (60, 44), (None, 100)):
+        small = kvpass.transform(model, "h2o", 12, chunk=16, reading=reading, window=2)
+        _, cache = small.kvpass_forward(ids)
+        per_slot = per_slot or sum(t[:, :, :, :1].nbytes for t in cache.tables)
+        assert cache.peak_bytes == most * per_slot, (reading, seed)
+        assert sum(t.nbytes for t in cache.tables) == 12 * per_slot
+    with pytest.raises(ValueError, match="reading"):
+        kvpass.transform(model, "tova", 12, reading=0)

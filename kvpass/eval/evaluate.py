@@ -29,7 +29,7 @@ from kvpass import policies as kvpass_policies
 from kvpass.data import tasks
 from kvpass.eval import peers
 from kvpass.runtime import allocation, hf
-from kvpass.runtime.cache import EvictingCache
+from kvpass.runtime.cache import READING, EvictingCache
 from kvpass.transform import transform
 
 ALLOC = "+alloc"  # suffix of a policy run with per-layer budgets
@@ -168,6 +168,7 @@ def evaluate(
     mode: str = "aware",
     max_new_tokens: int = 48,
     chunk: int = 512,
+    reading: int | None = READING,
     seed: int = 0,
     peer: str | None = None,
     ppl: bool = False,
@@ -195,7 +196,8 @@ def evaluate(
         peers.press(presses[0], budgets[0])  # kvpress missing or an unknown name: fail before any run
     runs: list[tuple[str, float | None, nn.Module, object]] = [("full", None, model, None)]
     for policy, budget in product(policies, budgets):
-        knobs = {"chunk": chunk, "evict_during_decode": False, **kvpass_policies.text_knobs(policy, tokenizer)}
+        knobs = {"chunk": chunk, "reading": reading, "evict_during_decode": False}
+        knobs |= kvpass_policies.text_knobs(policy, tokenizer)
         runs.append((policy, budget, transform(model, policy, budget, **knobs), None))
         if calibrations:
             alloc = allocation.nearest(calibrations, budget)

@@ -3,6 +3,10 @@
 It holds fixed-capacity slot tables (see :class:`kvpass.runtime.step.Layout`: per group of layers, keys,
 values, true positions, scores and valid flags, ``[L, B, Hkv, C, ...]``), the number of tokens
 seen and each row's real length, and what the first input fixed: the budget and the capacity.
+While the first input (the prompt) is read, the tables are a reading buffer of up to ``reading``
+entries per layer and KV head (less the chunk in flight); once it is read they are compressed to
+the budget and shrunk to the capacity, so the memory held afterwards is the budget's
+(:mod:`kvpass.runtime.plan` says when the buffer is compressed).
 What a step does with the tables -- attention, scoring, eviction, admission -- is
 :mod:`kvpass.runtime.step`, the same for every path.
 
@@ -19,11 +23,16 @@ from torch import Tensor
 from kvpass.policies.base import Policy
 from kvpass.runtime.step import Layout, Slots, Step
 
+READING: int | None = 1  # the default reading buffer, in tokens (None: the whole prompt)
+
 
 class EvictingCache:
     """Per-layer fixed-capacity KV slots, evicted by ``policy``.
 
     ``chunk``: prefill chunk length (prompts longer than it are processed in pieces).
+    ``reading``: entries per layer and KV head the prompt is read into before it is compressed
+    (tables plus the chunk in flight; at least budget + chunk, which is eviction after every chunk;
+    None: the whole prompt, compressed once it is read).
     ``evict_during_decode=False`` evicts only while the prompt is processed (as kvpress does);
     the cache then has ``decode_reserve`` extra slots for generated tokens, and evicts again only
     when those are used up, so memory stays bounded either way.
@@ -36,11 +45,14 @@ class EvictingCache:
         chunk: int = 512,
         evict_during_decode: bool = True,
         decode_reserve: int = 256,
+        reading: int | None = READING,
     ) -> None:
         if chunk <= 0:
             raise ValueError(f"chunk must be positive, got {chunk}")
+        check_reading(reading)
         self.policy = policy
         self.chunk = chunk
+        self.reading = reading
         self.evict_during_decode = evict_during_decode
         self.decode_reserve = decode_reserve
         self.layout: Layout | None = None
@@ -49,7 +61,9 @@ class EvictingCache:
         self.budget = 0  # slots kept after the prompt; fixed by the first input
         self.capacity = 0  # slots per layer and KV head: the budget (scaled per layer by an allocation), + any reserve
         self.prompt_len = 0
+        self.room = 0  # entries per layer and KV head the tables hold while the prompt is read
         self.lengths: Tensor | None = None  # real (non-padding) tokens seen, per batch row
+        self.peak_bytes = 0  # the most bytes of tables held at once since begin()
 
     def __repr__(self) -> str:
         name, p = type(self).__name__, self.policy.name
@@ -57,27 +71,54 @@ class EvictingCache:
 
     def reset(self) -> None:
         self.layout, self.tables = None, []
-        self.seen = self.budget = self.capacity = 0
+        self.seen = self.budget = self.capacity = self.room = self.peak_bytes = 0
         self.lengths = None
 
     def begin(self, batch: int, prompt_len: int, step: Step, dtype: torch.dtype, device: torch.device) -> None:
         """Start new sequences of the model whose step is ``step``: the capacity is fixed by the first
         input's length, ``prompt_len``; the tables are allocated here, ``dtype`` and ``device``."""
         self.reset()
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         p = self.policy
         self.budget = p.capacity(prompt_len) if p.evicts else prompt_len
         self.capacity = self.budget if (self.evict_during_decode or not p.evicts) else self.budget + self.decode_reserve
         self.prompt_len = prompt_len
         if p.evicts:
             p.check_fits(self.budget)
-        self._allocate(step, batch, dtype, device)
+        reading = prompt_len + self.chunk if self.reading is None else self.reading
+        buffer = min(prompt_len, reading - self.chunk)  # what the tables hold between chunks while reading
+        self.room = min(max(buffer, self.layer_budget(i)) for i in step.sites)  # in every layer
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.layout = step.layout(self._capacities(step, buffer))
+        self.tables = self.layout.empty(batch, dtype, device)
+        self._held()
 
-    def _allocate(self, step: Step, batch: int, dtype, device) -> None:
+    def _capacities(self, step: Step, least: int = 0) -> dict[int, int]:
+        """Per layer, its slots: its budget plus the reserve, at least ``least`` (the reading buffer)."""
         reserve = self.capacity - self.budget
-        layout = step.layout({i: reserve + self.layer_budget(i) for i in step.sites})
-        self.layout, self.tables = layout, layout.empty(batch, dtype, device)
+        return {i: max(least, reserve + self.layer_budget(i)) for i in step.sites}
+
+    def _relayout(self, step: Step, capacity: dict[int, int]) -> None:
+        """Move the tables to a layout of ``capacity`` slots per layer: each layer keeps its first
+        slots (a prefill that compressed left its kept slots first, best first)."""
+        old = self.slots
+        batch, dtype, device = self.lengths.shape[0], self.tables[0].dtype, self.tables[0].device
+        self.layout = step.layout(capacity)
+        self.tables = self.layout.empty(batch, dtype, device)
+        for layer, new in self.slots.items():
+            n = min(new.capacity, old[layer].capacity)
+            for a, b in zip(old[layer], new, strict=True):
+                b[:, :, :n] = a[:, :, :n]
+        self._held()
+
+    def _held(self) -> None:
+        self.peak_bytes = max(self.peak_bytes, sum(t.nbytes for t in self.tables))
         self._fix_addresses()
+
+    def settle(self, step: Step) -> None:
+        """After the prompt: the reading buffer, compressed, shrinks to the capacity."""
+        final = step.layout(self._capacities(step))
+        if final != self.layout:
+            self._relayout(step, self._capacities(step))
 
     def _fix_addresses(self) -> None:
         """On CUDA, mark the tables' addresses static: a CUDA graph replays over the same tables."""
@@ -102,12 +143,7 @@ class EvictingCache:
         if self.policy.evicts or self.seen + tokens <= self.capacity:
             return
         self.budget = self.capacity = max(2 * self.capacity, self.seen + tokens)
-        old = self.layout.split(self.tables)
-        batch, dtype, device = self.lengths.shape[0], self.tables[0].dtype, self.tables[0].device
-        self._allocate(step, batch, dtype, device)
-        for o, n in zip(old, self.layout.split(self.tables), strict=True):
-            for a, b in zip(o, n, strict=True):
-                b[:, :, :, : a.shape[3]] = a
+        self._relayout(step, self._capacities(step))
 
     @property
     def slots(self) -> dict[int, Slots]:
@@ -139,3 +175,9 @@ class EvictingCache:
         """Entries (token x KV head x batch row) that entered ``layer`` and are no longer held."""
         s = self.slots[layer]
         return int(self.lengths.sum()) * s.valid.shape[1] - int(s.valid.sum())
+
+
+def check_reading(reading) -> None:
+    """``reading`` is a number of tokens, or None (the whole prompt)."""
+    if reading is not None and (isinstance(reading, bool) or not isinstance(reading, int) or reading <= 0):
+        raise ValueError(f"reading must be a positive number of tokens (or None: the whole prompt), got {reading!r}")
