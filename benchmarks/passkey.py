@@ -59,10 +59,10 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump([r.to_dict() for r in records], f, indent=1)
 
+    reading = "prompt" if args.reading is None else args.reading
     print(
         f"\nPasskey retrieval, SmolLM2-135M-Instruct, ~{args.tokens}-token contexts, {args.samples} samples "
-        f"(seeds {args.seed}-{args.seed + args.samples - 1}), chunk {args.chunk}, reading {args.reading or 'prompt'}, "
-        "greedy; "
+        f"(seeds {args.seed}-{args.seed + args.samples - 1}), chunk {args.chunk}, reading {reading}, greedy; "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {time.time() - start:.0f} s\n"
     )
     tables = {}  # mode -> (policy, kept) -> (found, vs full)

@@ -8,9 +8,9 @@ each policy's score on the chosen tasks, with its paired difference from the ful
 same cases (points, standard error).
 
     python benchmarks/reading.py --tasks niah_single niah_multikey --tokens 1024 --samples 12 \\
-        --seed 3000 --budget 0.25 --policies kvzip tova --readings 1 1024 prompt --mode agnostic
+        --seed 3000 --budget 0.25 --policies kvzip tova --readings 0 1024 prompt --mode agnostic
 
-``--readings 1`` is eviction after every chunk (any value up to budget + chunk is), ``prompt`` the
+``--readings 0`` is eviction after every chunk (any value up to budget + chunk is), ``prompt`` the
 whole prompt read before it is compressed.
 """
 
@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=3000, help="first sample's seed")
     ap.add_argument("--budget", type=float, default=0.25)
     ap.add_argument("--policies", nargs="+", default=["kvzip", "tova"])
-    ap.add_argument("--readings", type=reading_tokens, nargs="+", default=[1, 1024, None], metavar="N")
+    ap.add_argument("--readings", type=reading_tokens, nargs="+", default=[0, 1024, None], metavar="N")
     ap.add_argument("--mode", choices=MODES, default="agnostic")
     ap.add_argument("--chunk", type=int, default=512)
     args = ap.parse_args()
@@ -59,7 +59,7 @@ def main() -> None:
             model, tok, task_names=args.tasks, lengths=[args.tokens], policies=args.policies, budgets=[args.budget],
             samples=args.samples, mode=args.mode, chunk=args.chunk, reading=reading, seed=args.seed,
         )  # fmt: skip
-        name = reading or "prompt"
+        name = "prompt" if reading is None else reading
         records += [r for r in runs if i == 0 or r.policy != "full"]
         for r in runs:
             if r.policy != "full":

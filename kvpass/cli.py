@@ -357,7 +357,7 @@ def _parser() -> argparse.ArgumentParser:
             type=reading_tokens,
             default=READING,
             metavar="N",
-            help="tokens a prompt is read into before it is compressed, or 'prompt' (all of it)",
+            help="tokens a prompt is read into before it is compressed (0: evict after every chunk), or 'prompt'",
         )
 
     d = command("demo", demo)
@@ -475,15 +475,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def reading_tokens(text: str) -> int | None:
-    """``--reading``: a positive number of tokens, or ``prompt`` (the whole prompt)."""
+    """``--reading``: a number of tokens (0: evict after every chunk), or ``prompt`` (the whole prompt)."""
     if text == "prompt":
         return None
     try:
         n = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"a number of tokens or 'prompt', not {text!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"a positive number of tokens, not {n}")
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"a number of tokens >= 0, not {n}")
     return n
 
 

@@ -77,8 +77,8 @@ def transform(
     (0, 1]). ``chunk``: prompts are prefilled ``chunk`` tokens at a time (activations stay
     chunk-sized). ``reading``: a prompt is read into a buffer of up to ``reading`` tokens per layer
     and KV head and compressed to the budget once it is read (or whenever the buffer fills), so the
-    policy ranks the whole buffer at once; None: the whole prompt; budget + chunk (or less): evict
-    after every chunk. ``evict_during_decode=False`` evicts only the prompt, as kvpress does.
+    policy ranks the whole buffer at once; None: the whole prompt; 0 (or anything up to budget +
+    chunk): evict after every chunk. ``evict_during_decode=False`` evicts only the prompt, as kvpress does.
     Other keyword arguments are the policy's knobs (``sink_tokens``, ``window``, ...);
     ``allocation`` (per-layer multiples of the budget) may be a ``kvpass calibrate`` file.
 

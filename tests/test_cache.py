@@ -282,4 +282,4 @@ def test_a_bounded_buffer_compresses_when_full_and_holds_no_more():
         assert cache.peak_bytes == most * per_slot, (reading, seed)
         assert sum(t.nbytes for t in cache.tables) == 12 * per_slot
     with pytest.raises(ValueError, match="reading"):
-        kvpass.transform(model, "tova", 12, reading=0)
+        kvpass.transform(model, "tova", 12, reading=-1)

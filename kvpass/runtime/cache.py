@@ -23,7 +23,7 @@ from torch import Tensor
 from kvpass.policies.base import Policy
 from kvpass.runtime.step import Layout, Slots, Step
 
-READING: int | None = 1  # the default reading buffer, in tokens (None: the whole prompt)
+READING: int | None = 0  # the default reading buffer, in tokens (0: evict after every chunk; None: the whole prompt)
 
 
 class EvictingCache:
@@ -31,7 +31,7 @@ class EvictingCache:
 
     ``chunk``: prefill chunk length (prompts longer than it are processed in pieces).
     ``reading``: entries per layer and KV head the prompt is read into before it is compressed
-    (tables plus the chunk in flight; at least budget + chunk, which is eviction after every chunk;
+    (tables plus the chunk in flight; budget + chunk or less, 0 say, is eviction after every chunk;
     None: the whole prompt, compressed once it is read).
     ``evict_during_decode=False`` evicts only while the prompt is processed (as kvpress does);
     the cache then has ``decode_reserve`` extra slots for generated tokens, and evicts again only
@@ -178,6 +178,9 @@ class EvictingCache:
 
 
 def check_reading(reading) -> None:
-    """``reading`` is a number of tokens, or None (the whole prompt)."""
-    if reading is not None and (isinstance(reading, bool) or not isinstance(reading, int) or reading <= 0):
-        raise ValueError(f"reading must be a positive number of tokens (or None: the whole prompt), got {reading!r}")
+    """``reading`` is a number of tokens (0: evict after every chunk), or None (the whole prompt)."""
+    if reading is not None and (isinstance(reading, bool) or not isinstance(reading, int) or reading < 0):
+        raise ValueError(
+            f"reading must be a number of tokens >= 0 (0: evict after every chunk) or None (the whole prompt), "
+            f"got {reading!r}"
+        )
