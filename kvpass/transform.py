@@ -28,7 +28,7 @@ from kvpass.runtime import allocation, hf
 from kvpass.runtime.attention import KVAttention
 from kvpass.runtime.cache import READING, EvictingCache, check_reading
 from kvpass.runtime.generate import generate
-from kvpass.runtime.plan import DECODE, plan
+from kvpass.runtime.plan import DECODE, cuts, plan
 from kvpass.runtime.step import Exchange, Step
 
 
@@ -207,6 +207,9 @@ class KVPassMixin:
         logits: list[Tensor] = []
         room = cache.room if prompt and self.kvpass_policy.evicts else None  # a prompt is read, then compressed
         budget = max(cache.keep().values()) if room is not None else 0
+        probe_buffer = prompt and cache.probe_buffer
+        run = compiled.prefill if compiled else step.prefill
+        read = 0  # where the tokens read since the last compression start
         for span in plan(T, cache.chunk, room=room, budget=budget):
             start, end = span.start, span.end
             cache.make_room(end - start, step)
@@ -214,9 +217,13 @@ class KVPassMixin:
             args = (input_ids[:, start:end], pos[:, start:end], *cache.tables)
             if span.mode == DECODE:
                 out = (compiled.decode if compiled else step.decode)(*args, layout=cache.layout)
+            elif probe_buffer:  # read whole; at a compression, the policy's probe repeats what was read
+                out = run(*args, layout=cache.layout, rows=max(rows, 1), probe="none")
+                if span.compress:
+                    self._kvpass_probe(input_ids[:, read:end], pos[:, read:end], pos[:, :end].amax(dim=1), cache)
+                    read = end
             else:
                 keep = cache.keep() if span.compress else None
-                run = compiled.prefill if compiled else step.prefill
                 out = run(*args, layout=cache.layout, keep=keep, rows=max(rows, 1))
             if rows:
                 logits.append(out if compiled is None or not compiled.graphs else out.clone())
@@ -225,6 +232,17 @@ class KVPassMixin:
             cache.settle(step)
         self.kvpass_cache = cache
         return torch.cat(logits, dim=1) if len(logits) > 1 else logits[0]
+
+    def _kvpass_probe(self, ids: Tensor, pos: Tensor, after: Tensor, cache: EvictingCache) -> None:
+        """KVzip's way of compressing a buffer: the policy's probe repeats the context read into it
+        (``ids``, ``pos``), a chunk at a time (bounded activations), placed after position ``after``
+        and attending over the whole buffer; it scores every entry, and the last piece keeps the best."""
+        run = self._kvpass_compiled.prefill if self._kvpass_compiled else self.kvpass_step.prefill
+        pieces = cuts(ids.shape[1], cache.chunk)
+        for i, (a, b) in enumerate(pieces):
+            keep = cache.keep() if i == len(pieces) - 1 else None
+            args = (ids[:, a:b], pos[:, a:b], *cache.tables)
+            run(*args, layout=cache.layout, keep=keep, rows=0, probe="only", after=after)
 
     @torch.compiler.disable
     def _kvpass_begin(self, input_ids, attention_mask, position_ids, cache) -> tuple[EvictingCache, Tensor]:

@@ -53,14 +53,17 @@ def test_torch_compile_of_the_module(llama):
     torch.testing.assert_close(torch.compile(small, backend="kvpass")(ids).logits, want, rtol=1e-4, atol=1e-4)
 
 
-def test_a_probing_policy_compiles_with_its_probe(llama):
-    # kvzip's probe is appended inside the step: the compiled prefill runs it and keeps the same slots
+@pytest.mark.parametrize("reading", [0, None])
+def test_a_probing_policy_compiles_with_its_probe(llama, reading):
+    # kvzip's probe is appended inside the step (reading=0), or run over the whole buffer after it is
+    # read (reading=None): the compiled prefill runs it and keeps the same slots
     ids = prompt(int(torch.randint(0, 2**31, ())), B=2, T=33)  # (a lone first token joins a chunk)
-    eager = kvpass.transform(llama, policy="kvzip", budget=12, chunk=16, repeat=(4, 5))
-    compiled = kvpass.transform(llama, policy="kvzip", budget=12, chunk=16, repeat=(4, 5))
+    eager = kvpass.transform(llama, policy="kvzip", budget=12, chunk=16, reading=reading, repeat=(4, 5))
+    compiled = kvpass.transform(llama, policy="kvzip", budget=12, chunk=16, reading=reading, repeat=(4, 5))
     compiled.compile()
     want = eager.generate(ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(compiled.generate(ids, max_new_tokens=8, do_sample=False), want)
+    assert eager.kvpass_cache.probe_buffer == (reading is None)
     for layer, s in eager.kvpass_cache.slots.items():
         got = compiled.kvpass_cache.slots[layer]
         assert torch.equal(got.pos.sort(-1).values, s.pos.sort(-1).values)

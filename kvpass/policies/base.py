@@ -32,7 +32,8 @@ class Chunk:
     last ``policy.obs`` queries, summed over the query heads of its KV head ``[B, Hkv, C + T]``;
     ``slot_pos``: the slots' positions ``[B, Hkv, C]``; ``gate``: the chunk's keep probabilities
     ``[B, Hkv, T]`` (gated policies only); ``slot_keys``: the slots' keys ``[B, Hkv, C, D]`` and
-    ``probe``: the tokens the policy appended (:class:`Probe`), for policies that probe.
+    ``probe``: the tokens the policy appended (:class:`Probe`), for policies that probe;
+    ``slot_valid``: which slots hold an entry ``[B, Hkv, C]`` (a prefill chunk's).
     """
 
     old: Tensor
@@ -44,6 +45,7 @@ class Chunk:
     gate: Tensor | None = None
     slot_keys: Tensor | None = None
     probe: Probe | None = None
+    slot_valid: Tensor | None = None
 
     def positions(self) -> Tensor:
         """The candidates' positions ``[B, Hkv, C + T]``: the slots', then the chunk's."""
@@ -74,6 +76,7 @@ class Policy:
     mass_entropy_k: ClassVar[int] = 0  # > 0: ``mass`` at AhaKV's adaptive softmax scale (kvpass::attend)
     mass_by_value: ClassVar[bool] = False  # ``mass`` weighted by each key's squared value norm
     gated: ClassVar[bool] = False  # computes keep probabilities before attention (``keep_prob``)
+    probes: ClassVar[bool] = False  # appends a probe to prefill chunks (``probe``)
 
     def __post_init__(self) -> None:
         b = self.budget
@@ -145,10 +148,12 @@ class Policy:
         of layers: the rows are those layers' batches, one after the other (decode, all layers at once)."""
         raise NotImplementedError
 
-    def probe(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, Tensor] | None:
+    def probe(self, input_ids: Tensor, positions: Tensor, after: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
         """Tokens to append to a prefill chunk (``input_ids, positions [B, T]``) as ``(ids, positions)
         [B, P]``: they run through the model after the chunk, their attention reaches :meth:`score`
-        (``Chunk.probe``), and they are never admitted nor change the chunk's logits. None: no probe."""
+        (``Chunk.probe``), and they are never admitted nor change the chunk's logits. ``after [B]``:
+        the probe's positions follow it instead of the chunk (a probe of a buffer already read,
+        whose chunk is not run). None: no probe."""
         return None
 
     def drops(self, score: Tensor) -> Tensor | None:

@@ -27,6 +27,13 @@ class KVzip(Policy):
     evicting chunk by chunk keeps, per layer and KV head, the top entries by those scores. A chunk's
     probe repeats that chunk alone, so reading the context in one chunk scores it better (the
     paper's method with a uniform budget per head; docs/query-agnostic.md measures the difference).
+
+    With a reading buffer (``transform(..., reading=...)`` larger than budget + chunk) the chunks
+    are read without their probe (entering at score 0), and when the buffer is compressed the probe
+    repeats everything read since the last compression, a chunk at a time, placed after it: each
+    piece attends over the whole buffer and itself, and every entry of the buffer scores the most
+    attention a probe query gives it, the softmax over the whole buffer and the probe -- the paper's
+    scoring of the whole context, with chunk-sized activations.
     The probe costs a second pass over the context while it is prefilled; scoring holds one
     ``[B, H, P, C + T + P]`` probability matrix per layer at a time (P the probe's length).
     A decoded token is not scored (the paper compresses the context only): it enters with the
@@ -42,6 +49,7 @@ class KVzip(Policy):
     repeat: tuple[int, ...] = ()
     name = "kvzip"
     obs = 1  # the attention mass is not used
+    probes = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,22 +75,27 @@ class KVzip(Policy):
             suffix = chat[chat.rindex(mark) + 1 :]
         return tuple(tokenizer(INSTRUCTION + suffix, add_special_tokens=False).input_ids)
 
-    def probe(self, input_ids: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def probe(self, input_ids: Tensor, positions: Tensor, after: Tensor | None = None) -> tuple[Tensor, Tensor]:
         B, R = input_ids.shape[0], len(self.repeat)
         prefix = torch.tensor(self.repeat, dtype=input_ids.dtype, device=input_ids.device).expand(B, R)
         real = positions >= 0
-        start = positions.amax(dim=1, keepdim=True) + 1  # after the chunk's last token
+        last = positions.amax(dim=1) if after is None else after
+        start = last[:, None] + 1  # after the chunk's last token (or the buffer's)
         copy = torch.where(real, start + R + real.long().cumsum(dim=1) - 1, -1)
         ahead = start + torch.arange(R, device=positions.device)
         return torch.cat([prefix, input_ids], dim=1), torch.cat([ahead, copy], dim=1)
 
     def score(self, chunk: Chunk) -> Tensor:
         B, Hkv, T, _ = chunk.keys.shape
-        if chunk.probe is None:  # a decoded token
-            return torch.cat([chunk.old, torch.ones_like(chunk.old[..., :T])], dim=-1)
+        if chunk.probe is None:  # a decoded token enters first; a chunk read into a buffer waits for its probe
+            fill = torch.ones_like if T == 1 else torch.zeros_like
+            return torch.cat([chunk.old, fill(chunk.old[..., :T])], dim=-1)
         q, k, pos, scale = chunk.probe
         C, P = chunk.old.shape[-1], q.shape[2]
-        sinks = (chunk.slot_pos >= 0) & (chunk.slot_pos < self.sink_tokens)  # [B, Hkv, C]
+        if T == 0:  # the probe repeats the buffer: its softmax runs over all of it, as the paper's over the context
+            sinks = chunk.slot_valid & (chunk.slot_pos >= 0)
+        else:
+            sinks = (chunk.slot_pos >= 0) & (chunk.slot_pos < self.sink_tokens)  # [B, Hkv, C]
         causal = torch.ones(P, P, dtype=torch.bool, device=q.device).tril() & (pos >= 0)[:, None, None, :]
         seen = torch.cat(
             [
@@ -96,5 +109,7 @@ class KVzip(Policy):
         qg = q.float().unflatten(1, (Hkv, -1))  # [B, Hkv, G, P, D]
         logits = (qg @ keys[:, :, None].transpose(-1, -2)) * scale
         probs = logits.masked_fill(~seen[:, :, None], -torch.inf).softmax(dim=-1)
+        if T == 0:  # every slot of the buffer: the most any piece's probe gave it
+            return torch.maximum(chunk.old, probs[..., :C].amax(dim=(2, 3)))
         best = probs[..., C : C + T].amax(dim=(2, 3))  # [B, Hkv, T]
         return torch.cat([chunk.old, best], dim=-1)

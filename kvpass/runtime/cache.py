@@ -62,6 +62,7 @@ class EvictingCache:
         self.capacity = 0  # slots per layer and KV head: the budget (scaled per layer by an allocation), + any reserve
         self.prompt_len = 0
         self.room = 0  # entries per layer and KV head the tables hold while the prompt is read
+        self.probe_buffer = False  # the policy's probe runs over the buffer before it is compressed
         self.lengths: Tensor | None = None  # real (non-padding) tokens seen, per batch row
         self.peak_bytes = 0  # the most bytes of tables held at once since begin()
 
@@ -87,6 +88,10 @@ class EvictingCache:
         reading = prompt_len + self.chunk if self.reading is None else self.reading
         buffer = min(prompt_len, reading - self.chunk)  # what the tables hold between chunks while reading
         self.room = min(max(buffer, self.layer_budget(i)) for i in step.sites)  # in every layer
+        # a policy that probes reads its buffer whole, chunk in flight included, then probes it (plan.py)
+        self.probe_buffer = p.evicts and p.probes and self.room > max(self.layer_budget(i) for i in step.sites)
+        if self.probe_buffer:
+            buffer = min(prompt_len, buffer + self.chunk)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.layout = step.layout(self._capacities(step, buffer))
         self.tables = self.layout.empty(batch, dtype, device)

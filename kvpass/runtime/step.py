@@ -171,7 +171,7 @@ def prefill(
         T = k.shape[2] - probe
         seen = Probe(q[:, :, T:], k[:, :, T:], pos[:, T:], scale)
         k, v, pos, mass = k[:, :, :T], v[:, :, :T], pos[:, :T], mass[..., : C + T]
-    chunk = Chunk(slots.score, k, v, pos, mass, slots.pos, gate, slots.keys, seen)
+    chunk = Chunk(slots.score, k, v, pos, mass, slots.pos, gate, slots.keys, seen, slots.valid)
     score = policy.score(chunk)
     cand_pos, cand_valid, rank = rank_candidates(policy, score, slots.pos, slots.valid, pos, window)
     best = rank.topk(C, dim=-1).indices  # [B, Hkv, C], best first
@@ -323,8 +323,11 @@ class Step(nn.Module):
     ``positions``: true positions, -1 for padding. ``tables``: ``layout.names()`` in order, updated
     in place. ``mode``: the span's (:mod:`kvpass.runtime.plan`), a decoded token or a prefill chunk.
     ``keep``: per layer, how many slots a prefill keeps (default all). ``rows``: logits for the last
-    ``rows`` columns (0: all). ``decode`` and ``prefill`` are the two modes as separate entry points
-    for ``torch.compile``.
+    ``rows`` columns (0: all). ``probe`` (a prefill, for a policy that probes): ``"chunk"`` appends
+    the policy's probe of the chunk; ``"none"`` reads the chunk without it (into a buffer probed
+    later); ``"only"``: the input is context already read, and only its probe runs, placed after
+    position ``after [B]``, over the tables (it scores them; nothing is admitted; no logits).
+    ``decode`` and ``prefill`` are the two modes as separate entry points for ``torch.compile``.
     """
 
     def __init__(self, graph: nn.Module, head: nn.Module | None, policy: Policy, io: Exchange) -> None:
@@ -343,18 +346,26 @@ class Step(nn.Module):
         mode: str,
         keep: dict[int, int] | None = None,
         rows: int = 1,
+        probe: str = "chunk",
+        after: Tensor | None = None,
     ) -> Tensor:
         if mode not in (PREFILL, DECODE):
             raise ValueError(f"a step's mode is {PREFILL!r} or {DECODE!r}, got {mode!r}")
+        if probe not in ("chunk", "none", "only"):
+            raise ValueError(f"a step's probe is 'chunk', 'none' or 'only', got {probe!r}")
         decoding = mode == DECODE
         if decoding and input_ids.shape[1] != 1:
             raise ValueError(f"a decode step takes one token per row, got {input_ids.shape[1]}")
         T = input_ids.shape[1]
-        probe = None if decoding else self.policy.probe(input_ids, positions)
-        if probe is not None:
-            input_ids, positions = torch.cat([input_ids, probe[0]], dim=1), torch.cat([positions, probe[1]], dim=1)
+        extra = None if decoding or probe == "none" else self.policy.probe(input_ids, positions, after)
+        if probe == "only":
+            if extra is None:
+                raise ValueError(f"policy {self.policy.name!r} has no probe to run over a buffer")
+            input_ids, positions, T = extra[0], extra[1], 0
+        elif extra is not None:
+            input_ids, positions = torch.cat([input_ids, extra[0]], dim=1), torch.cat([positions, extra[1]], dim=1)
         call = Call(
-            self.policy, layout.split(tables), layout, decoding, keep, 0 if probe is None else probe[0].shape[1], {}
+            self.policy, layout.split(tables), layout, decoding, keep, 0 if extra is None else extra[0].shape[1], {}
         )
         self.io.call = call
         try:
@@ -367,15 +378,19 @@ class Step(nn.Module):
         finally:
             self.io.call = None
         hidden = hidden[0] if isinstance(hidden, (tuple, list)) else hidden
-        hidden = hidden[:, :T] if probe is not None else hidden
+        hidden = hidden[:, :T] if extra is not None else hidden
         hidden = hidden[:, -rows:] if rows else hidden
         return hidden if self.head is None else self.head(hidden)
 
     def decode(self, input_ids: Tensor, positions: Tensor, *tables: Tensor, layout: Layout) -> Tensor:
         return self(input_ids, positions, *tables, layout=layout, mode=DECODE)
 
-    def prefill(self, input_ids, positions, *tables, layout: Layout, keep=None, rows: int = 1) -> Tensor:
-        return self(input_ids, positions, *tables, layout=layout, mode=PREFILL, keep=keep, rows=rows)
+    def prefill(
+        self, input_ids, positions, *tables, layout: Layout, keep=None, rows: int = 1, probe="chunk", after=None
+    ) -> Tensor:
+        return self(
+            input_ids, positions, *tables, layout=layout, mode=PREFILL, keep=keep, rows=rows, probe=probe, after=after
+        )
 
     def layout(self, capacity: dict[int, int]) -> Layout:
         """The layout of tables with ``capacity`` slots per layer (capped by a layer's sliding window)."""

@@ -170,6 +170,26 @@ def test_kvzip_keeps_what_reconstruction_reads_most():
     assert kept == pytest.approx({4: softmax([3, 0, 0])[0], 2: want[2]}, rel=1e-5)
 
 
+def test_kvzip_probe_of_a_buffer_scores_every_entry_over_the_whole_buffer():
+    # keys 1, 0, 2, -1 read into a buffer without their probe (they wait at score 0), then a probe
+    # of the buffer (queries +1, -1; keys 0) that sees all of it and itself, causally: every entry
+    # scores the most attention a probe query gives it, the softmax over the buffer and the probe,
+    # and the probe's last piece keeps the best two
+    layers = Layers(policies.get("kvzip", budget=2, sink_tokens=0), 1, 1, 1, 4)
+    keys = [1, 0, 2, -1]
+    layers(torch.full((1, 1, 4, 1), 0.3), torch.tensor(keys, dtype=torch.float32).view(1, 1, 4, 1),
+           torch.randn(1, 1, 4, 1), torch.arange(4)[None], 1.0)  # fmt: skip
+    assert layers.slots().score[0, 0].tolist() == [0.0] * 4
+    rows = [softmax([q * k for k in keys] + [0] * (i + 1)) for i, q in enumerate((1, -1))]
+    want = [max(r[j] for r in rows) for j in range(4)]
+    q, k = torch.tensor([1.0, -1.0]).view(1, 1, 2, 1), torch.zeros(1, 1, 2, 1)
+    layers(q, k, torch.randn(1, 1, 2, 1), torch.tensor([[10, 11]]), 1.0, keep=2, probe=2)
+    s = layers.slots()
+    kept = {int(p): float(x) for p, x, ok in zip(s.pos[0, 0], s.score[0, 0], s.valid[0, 0], strict=True) if ok}
+    best = sorted(range(4), key=lambda j: -want[j])[:2]
+    assert kept == pytest.approx({j: want[j] for j in best}, rel=1e-5)
+
+
 def test_kvzip_probe_sees_the_sinks_and_decoded_tokens_come_first():
     layers = Layers(policies.get("kvzip", budget=3, sink_tokens=1), 1, 1, 1, 3)
     kvzip_chunk(layers, [1, 0, 2, -1], [0.3] * 4, 0, [0, 0, 0], [1, 1, -1])
@@ -188,6 +208,8 @@ def test_kvzip_probe_follows_each_rows_positions():
     probe_ids, probe_pos = kvzip.probe(ids, pos)
     assert probe_ids.tolist() == [[1, 2, 0, 0, 5, 6], [1, 2, 7, 8, 9, 10]]
     assert probe_pos.tolist() == [[2, 3, -1, -1, 4, 5], [7, 8, 9, 10, 11, 12]]
+    _, after = kvzip.probe(ids, pos, after=torch.tensor([20, 30]))  # a piece of a buffer: after its end
+    assert after.tolist() == [[21, 22, -1, -1, 23, 24], [31, 32, 33, 34, 35, 36]]
     with pytest.raises(ValueError, match="repeat"):
         policies.get("kvzip", budget=8, repeat="Repeat!")
 
