@@ -4,7 +4,8 @@ It holds fixed-capacity slot tables (see :class:`kvpass.runtime.step.Layout`: pe
 values, true positions, scores and valid flags, ``[L, B, Hkv, C, ...]``), the number of tokens
 seen and each row's real length, and what the first input fixed: the budget and the capacity.
 While the first input (the prompt) is read, the tables are a reading buffer of up to ``reading``
-entries per layer and KV head (less the chunk in flight); once it is read they are compressed to
+entries per layer and KV head (less the chunk in flight, unless the policy probes the buffer
+after reading it whole); once it is read they are compressed to
 the budget and shrunk to the capacity, so the memory held afterwards is the budget's
 (:mod:`kvpass.runtime.plan` says when the buffer is compressed).
 What a step does with the tables -- attention, scoring, eviction, admission -- is
@@ -121,9 +122,9 @@ class EvictingCache:
 
     def settle(self, step: Step) -> None:
         """After the prompt: the reading buffer, compressed, shrinks to the capacity."""
-        final = step.layout(self._capacities(step))
-        if final != self.layout:
-            self._relayout(step, self._capacities(step))
+        capacity = self._capacities(step)
+        if step.layout(capacity) != self.layout:
+            self._relayout(step, capacity)
 
     def _fix_addresses(self) -> None:
         """On CUDA, mark the tables' addresses static: a CUDA graph replays over the same tables."""
