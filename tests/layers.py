@@ -11,12 +11,15 @@ from kvpass.runtime.step import Slots
 
 
 class Layers:
-    """Slot tables for ``layers`` layers of one group, ``[L, B, Hkv, C, ...]``, fed chunks or
-    decoded tokens."""
+    """Slot tables for ``layers`` layers of one group, ``[L, B, Hkv, C, ...]`` (``pooled``: one pool
+    per layer, ``[L, B, 1, Hkv * C, ...]``), fed chunks or decoded tokens."""
 
-    def __init__(self, policy, batch: int, kv_heads: int, head_dim: int, capacity: int, layers: int = 1) -> None:
+    def __init__(
+        self, policy, batch: int, kv_heads: int, head_dim: int, capacity: int, layers: int = 1, pooled=False
+    ) -> None:
         self.policy = policy
-        self.group = Slots.empty((layers, batch, kv_heads), capacity, head_dim)
+        heads, slots = (1, kv_heads * capacity) if pooled else (kv_heads, capacity)
+        self.group = Slots.empty((layers, batch, heads), slots, head_dim)
 
     def slots(self, layer: int = 0) -> Slots:
         return self.group.layer(layer)
@@ -45,6 +48,8 @@ class Layers:
         )
 
 
-def kept_positions(s: Slots) -> dict[tuple[int, int], list[int]]:
+def kept_positions(s: Slots, kv_heads: int | None = None) -> dict[tuple[int, int], list[int]]:
+    """Per (row, KV head), the positions it holds (of a pool shared by ``kv_heads``: those it owns)."""
+    s = step.per_head(s, kv_heads or s.pos.shape[1])
     B, Hkv = s.pos.shape[:2]
     return {(b, h): sorted(s.pos[b, h][s.valid[b, h]].tolist()) for b in range(B) for h in range(Hkv)}

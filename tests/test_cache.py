@@ -10,6 +10,7 @@ from kvpass import policies
 from kvpass.kernels import attend
 from kvpass.policies import gate_network as gates
 from kvpass.policies.base import Chunk
+from kvpass.runtime import step
 from kvpass.runtime.cache import EvictingCache
 from kvpass.runtime.plan import DECODE, PREFILL, cuts, plan
 from tests.conftest import tiny_llama
@@ -29,9 +30,11 @@ def feed(cache, g, B, Hkv, G, T, D, start, pad_rows=()):
     return q, k, v, pos
 
 
-def brute_force_keep(policy, s, q, k, v, pos, scale, target):
-    """Per (row, KV head): the positions of the top-``target`` candidates by (protected, score)."""
+def brute_force_keep(policy, s, q, k, v, pos, scale, target, pooled=False):
+    """Per (row, KV head): the positions of the top-``target`` candidates by (protected, score);
+    ``pooled``: the top ``target`` x KV heads of the row's candidates of every head."""
     p = policy
+    s = step.per_head(s, k.shape[1])
     options = (p.obs, p.mass_entropy_k, p.mass_by_value)
     _, mass = attend(q, k, v, s.keys, s.values, s.valid, s.pos, pos, scale, 0, 0.0, *options)
     score = p.score(Chunk(s.score.clone(), k, v, pos, mass, s.pos.clone()))
@@ -42,52 +45,70 @@ def brute_force_keep(policy, s, q, k, v, pos, scale, target):
     score = p.rank(score, cand_pos, torch.full((B,), newest))
     keep = {}
     for b in range(B):
+        pool = []
         for h in range(Hkv):
             entries = []
             for j in range(cand_pos.shape[-1]):
                 if cand_ok[b, h, j]:
                     p = int(cand_pos[b, h, j])
                     prot = p < policy.sink_tokens or p > newest - policy.window
-                    entries.append((prot, float(score[b, h, j]), p))
+                    entries.append((prot, float(score[b, h, j]), p, h))
             entries.sort(reverse=True)
-            keep[b, h] = sorted(p for _, _, p in entries[:target])
+            keep[b, h] = sorted(p for _, _, p, _ in entries[:target])
+            pool += entries
+        if pooled:
+            pool.sort(reverse=True)
+            for h in range(Hkv):
+                keep[b, h] = sorted(p for _, _, p, owner in pool[: target * Hkv] if owner == h)
     return keep, k, v
 
 
-@pytest.mark.parametrize("policy", ["h2o", "observed", "tova", "snapkv", "knorm", "aha"])
-def test_selection_matches_brute_force(policy):
+SELECTION = ["h2o", "observed", "tova", "snapkv", "knorm", "aha"]
+
+
+@pytest.mark.parametrize(
+    "policy, pooled", [(p, False) for p in SELECTION] + [(p, True) for p in SELECTION if p != "knorm"]
+)
+def test_selection_matches_brute_force(policy, pooled):
+    """Prefill chunks and decoded tokens keep the best candidates: per KV head, or (``pooled``) over
+    the layer's pool, each entry ranked by its own head's score."""
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     B, Hkv, G, D, C = 2, 3, 2, 4, 6
     knobs = {"snapkv": {"window": 2}, "aha": {"window": 1, "recent": 3, "k": 2}}.get(policy, {"window": 1})
-    pol = policies.get(policy, budget=C, **knobs)
-    layers = Layers(pol, B, Hkv, D, C)
+    pol = policies.get(policy, budget=C, share="layer" if pooled else "head", **knobs)
+    layers = Layers(pol, B, Hkv, D, C, pooled=pooled)
     ptr = None
     history = {}  # (row, head, pos) -> key, to check that stored keys belong to their positions
     start = 0
+    shares = set()
     for T in (4, 4, 3, 1, 1, 2, 1, 1):
         q, k, v, pos = feed(None, g, B, Hkv, G, T, D, start, pad_rows=(1,) if start == 0 else ())
         prefilling = start < 11
-        want, _, _ = brute_force_keep(pol, layers.slots(), q, k, v, pos, 0.5, C)
+        want, _, _ = brute_force_keep(pol, layers.slots(), q, k, v, pos, 0.5, C, pooled)
         layers(q, k, v, pos, 0.5, keep=C if prefilling else None)
         s = layers.slots()
         for b in range(B):
             for h in range(Hkv):
                 for t in range(T):
                     history[b, h, int(pos[b, t])] = k[b, h, t]
+        kept = kept_positions(s, Hkv)
         if start:
-            assert kept_positions(s) == want, f"seed {seed}, step at {start}"
+            assert kept == want, f"seed {seed}, step at {start}"
+        shares |= {len(p) for p in kept.values()}
         assert ptr is None or s.keys.data_ptr() == ptr, "slot tables must be updated in place"
         ptr = s.keys.data_ptr()
         assert not s.valid[s.pos < 0].any(), "padding must never occupy a slot"
-        for b, h in kept_positions(s):
-            for j in range(C):
-                if s.valid[b, h, j]:
-                    torch.testing.assert_close(s.keys[b, h, j], history[b, h, int(s.pos[b, h, j])])
+        heads = step.per_head(s, Hkv)
+        for b, h in kept:
+            for j in range(heads.capacity):
+                if heads.valid[b, h, j]:
+                    torch.testing.assert_close(heads.keys[b, h, j], history[b, h, int(heads.pos[b, h, j])])
         start += T
-    assert s.capacity == C and s.keys.shape[2] == C  # exactly the budget
-    kept = kept_positions(s)
+    assert s.keys.shape[1:3] == ((1, Hkv * C) if pooled else (Hkv, C))  # exactly the budget's slots
     assert len({tuple(p) for p in kept.values()}) > 1, f"heads should keep different tokens (seed {seed})"
+    if pooled:  # the heads' shares follow their scores (over 8 steps x 2 rows, never all equal)
+        assert shares != {C}, f"seed {seed}"
 
 
 def test_decode_fast_path_equals_general_path():

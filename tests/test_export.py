@@ -72,7 +72,8 @@ def test_the_pure_step_keeps_what_the_cache_keeps(name):
     for layer in layout.layers:
         kept = cache.slots[layer]
         g, i = layout.where[layer]
-        _, _, pos, score, valid = Slots(*tables[5 * g : 5 * g + 5]).layer(i)
+        n = len(Slots._fields)
+        _, _, pos, score, valid, _ = Slots(*tables[n * g : n * (g + 1)]).layer(i)
         for b in range(2):
             for h in range(pos.shape[1]):
                 want = kept.score[b, h][kept.valid[b, h]].sort()

@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 import kvpass
 from kvpass.runtime import hf
+from kvpass.runtime.step import per_head
 from tests.conftest import tiny_llama
 from tests.models import SDPAModel
 
@@ -29,10 +30,15 @@ def step_logits(model, ids, steps, cache):
     return torch.cat(logits, dim=1)
 
 
-@pytest.mark.parametrize("policy,chunk", [("h2o", 16), ("full", 7), ("tova", 512), ("kvzip", 16)])
-def test_full_budget_reproduces_logits(llama, policy, chunk):
+@pytest.mark.parametrize(
+    "policy,chunk,share",
+    [("h2o", 16, "head"), ("full", 7, "head"), ("tova", 512, "head"), ("kvzip", 16, "head"), ("tova", 16, "layer")],
+)
+def test_full_budget_reproduces_logits(llama, policy, chunk, share):
     ids = prompt(int(torch.randint(0, 2**31, ())), B=2)
     knobs = {"repeat": (5, 6, 7)} if policy == "kvzip" else {}  # its probe must leave the logits as they were
+    if policy != "full":
+        knobs["share"] = share
     small = kvpass.transform(llama, policy=policy, budget=None if policy == "full" else 200, chunk=chunk, **knobs)
     ref = step_logits(llama, ids, 32, DynamicCache(config=llama.config))
     got = step_logits(small, ids, 32, None)
@@ -69,6 +75,32 @@ def test_small_budget_stays_bounded(llama):
         assert layer.held == 2 * 2 * 24
         assert layer.evicted == 2 * 2 * (339 - 24)
     assert stats.kv_bytes == 2 * 2 * 24 * per_slot
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "kvzip"])
+def test_kv_heads_sharing_a_pool_hold_the_same_bytes_in_unequal_shares(policy):
+    """``share="layer"``: a layer's KV heads share one pool of budget x KV heads slots; each head's
+    share of the prompt follows its scores (unequal), the bytes held are the equal shares' exactly,
+    and a long generation stays within them."""
+    model = tiny_llama(seed=3, layers=2, heads=6, kv_heads=3)
+    ids = prompt(int(torch.randint(0, 2**31, ())), B=2, T=150)
+    knobs = {"window": 4} if policy == "snapkv" else {"repeat": (5, 6, 7)}
+    shares = []
+    for share in ("head", "layer"):
+        small = kvpass.transform(model, policy, 20, chunk=32, share=share, **knobs)
+        small.generate(ids, max_new_tokens=1)  # the prompt, compressed
+        for s in small.kvpass_cache.slots.values():
+            counts = per_head(s, 3).valid.sum(-1)  # [2, 3]: each KV head's entries
+            shares += counts.flatten().tolist() if share == "layer" else []
+            assert (counts >= 4 if policy == "snapkv" else counts > 0).all()  # the window's floor
+        small.generate(ids, max_new_tokens=60, do_sample=False, min_new_tokens=60)
+        for s in small.kvpass_cache.slots.values():
+            assert s.pos.shape == ((2, 1, 3 * 20) if share == "layer" else (2, 3, 20))
+            assert int(s.valid.sum()) == 2 * 3 * 20  # full, and no more
+        stats = kvpass.cache_stats(small)
+        assert stats.kv_bytes == 2 * (2 * 2 * 3 * 20 * 16 * 4)  # 2 layers, batch 2, K + V, fp32, head dim 16
+        assert stats.meta_bytes == 2 * 2 * 3 * 20 * (8 + 4 + 1 + 1)  # positions, scores, flags, owners
+    assert set(shares) != {20}, "the shares should follow the scores"
 
 
 def test_chunked_prefill_feeds_the_graph_chunk_by_chunk(llama):
@@ -168,6 +200,10 @@ def test_bad_inputs(llama):
         small(inputs_embeds=torch.zeros(1, 3, 64))
     with pytest.raises(ValueError, match="cache_stats"):
         kvpass.cache_stats(llama)
+    with pytest.raises(ValueError, match="share must be one of"):
+        kvpass.transform(llama, policy="tova", budget=8, share="model")
+    with pytest.raises(ValueError, match="not comparable across KV heads"):
+        kvpass.transform(llama, policy="knorm", budget=8, share="layer")
 
 
 def test_knobs_in_the_policy_name(llama):

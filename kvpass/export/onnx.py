@@ -19,7 +19,7 @@ from torch import nn
 
 from kvpass.runtime.step import Layout, PureStep
 
-TABLE_DTYPES = {"pos": "int64", "score": "float32", "valid": "bool"}  # keys/values: the model's dtype
+FORMAT = 2  # the metadata's version: 2 added the owner table and "pooled"
 
 
 def export_onnx(model: nn.Module, path: str | Path, *, capacity: int | None = None, check: bool = True) -> Path:
@@ -41,7 +41,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, capacity: int | None = No
         graphs["prefill"] = _to_onnx(step, min(chunk, 16), param, chunk)
     proto = _branch_on_length(graphs["decode"], graphs.get("prefill"))
     meta = {
-        "format": 1,
+        "format": FORMAT,
         "policy": policy.name,
         "chunk": chunk,
         "groups": [list(g) for g in step.layout.groups],
@@ -49,6 +49,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, capacity: int | None = No
         "head_dim": list(step.layout.head_dim),
         "value_dim": list(step.layout.value_dim),
         "capacity": list(step.layout.capacity),
+        "pooled": list(step.layout.pooled),
         "dtype": str(param.dtype).removeprefix("torch."),
         "evicts": policy.evicts,
     }
@@ -64,8 +65,13 @@ def export_onnx(model: nn.Module, path: str | Path, *, capacity: int | None = No
 
 def layout_of(meta: dict) -> Layout:
     """The table layout an exported model's ``kvpass`` metadata describes."""
+    if meta.get("format") != FORMAT:
+        raise ValueError(
+            f"this model was exported by another version of kvpass (format {meta.get('format')!r}, this one reads "
+            f"{FORMAT}): export it again"
+        )
     groups = tuple(tuple(g) for g in meta["groups"])
-    return Layout(groups, *(tuple(meta[k]) for k in ("capacity", "kv_heads", "head_dim", "value_dim")))
+    return Layout(groups, *(tuple(meta[k]) for k in ("capacity", "kv_heads", "head_dim", "value_dim", "pooled")))
 
 
 def _to_onnx(step: PureStep, T: int, param: torch.Tensor, chunk: int):

@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from kvpass.export.onnx import TABLE_DTYPES, layout_of
+from kvpass.export.onnx import layout_of
 from kvpass.runtime.plan import plan
 
 
@@ -57,21 +58,10 @@ class OnnxEngine:
 
     def new_cache(self, batch: int) -> list[np.ndarray]:
         """Empty tables for ``batch`` sequences, in the model's input order."""
-        tables = []
-        lo = self.layout
-        for layers, c, h, d, dv in zip(lo.groups, lo.capacity, lo.kv_heads, lo.head_dim, lo.value_dim, strict=True):
-            shape = (len(layers), batch, h, c)
-            tables += [
-                np.zeros((*shape, d), self.dtype),
-                np.zeros((*shape, dv), self.dtype),
-                np.full(shape, -1, TABLE_DTYPES["pos"]),
-                np.zeros(shape, TABLE_DTYPES["score"]),
-                np.zeros(shape, TABLE_DTYPES["valid"]),
-            ]
-        return tables
+        return [t.numpy() for t in self.layout.empty(batch, getattr(torch, self.meta["dtype"]))]
 
     def cache_bytes(self, batch: int = 1) -> int:
-        """Bytes of the tables for ``batch`` sequences (keys and values, positions, scores, flags)."""
+        """Bytes of the tables for ``batch`` sequences (keys and values, positions, scores, flags, owners)."""
         return sum(t.nbytes for t in self.new_cache(batch))
 
     def step(self, input_ids: np.ndarray, positions: np.ndarray, tables: list[np.ndarray]):

@@ -36,10 +36,9 @@ def input_shapes(layout: Layout, T: tuple[int, int, int], batch: tuple[int, int,
     """``(min, opt, max)`` shapes of the step's inputs -- ``input_ids``, ``positions``, then the tables
     in ``layout.names()`` order -- for chunk lengths ``T`` and batch sizes ``batch`` (each min, opt, max)."""
     shapes = [tuple((b, t) for b, t in zip(batch, T, strict=True))] * 2
-    lo = layout
-    for layers, c, h, d, dv in zip(lo.groups, lo.capacity, lo.kv_heads, lo.head_dim, lo.value_dim, strict=True):
-        table = tuple((len(layers), b, h, c) for b in batch)
-        shapes += [tuple((*s, d) for s in table), tuple((*s, dv) for s in table)] + [table] * 3
+    for g, (layers, d, dv) in enumerate(zip(layout.groups, layout.head_dim, layout.value_dim, strict=True)):
+        table = tuple((len(layers), b, *layout.storage(g)) for b in batch)
+        shapes += [tuple((*s, d) for s in table), tuple((*s, dv) for s in table)] + [table] * 4
     return shapes
 
 
@@ -61,9 +60,7 @@ def export_tensorrt(
         raise ValueError("move the model to a CUDA device before a TensorRT export (model.cuda())")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    dtypes = [torch.long, torch.long] + [
-        dtype for _ in step.layout.groups for dtype in (param.dtype, param.dtype, torch.long, torch.float32, torch.bool)
-    ]
+    dtypes = [torch.long, torch.long] + [t.dtype for t in step.layout.empty(1, param.dtype, "meta")]
     batch = (1, 1, max_batch)
     written = []
     for name, T in (("decode", (1, 1, 1)), ("prefill", (2, step.chunk, step.chunk))):

@@ -9,6 +9,8 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
+SHARES = ("head", "layer")  # how a layer's slots are shared by its KV heads (Policy.share)
+
 
 class Probe(NamedTuple):
     """Tokens a policy appended to a prefill chunk to score it (:meth:`Policy.probe`), as they
@@ -63,12 +65,20 @@ class Policy:
     (layer i keeps ``ceil(budget * allocation[i])`` slots per KV head, never more than the prompt
     for a fractional budget); None: every layer keeps the budget. :func:`kvpass.calibrate`
     measures one whose mean is 1, which moves memory to the layers where eviction hurts most.
+    ``share``: how a layer's slots are shared among its KV heads: ``"head"``, each KV head keeps
+    the budget; ``"layer"``, the KV heads share one pool of budget x KV heads slots, and each
+    entry's own head's score ranks it against the others' (as Ada-KV, Feng et al., arXiv
+    2407.11550, does within a layer; here the memory follows the shares). The scores must then be
+    comparable across the heads of a layer: attention a head's queries gave (each query's
+    probabilities sum to one in every head), a learned probability, a position; a policy whose
+    scores are not says so and refuses ``"layer"``.
     """
 
     budget: int | float = 512
     sink_tokens: int = 0
     window: int = 0
     allocation: tuple[float, ...] | None = None
+    share: str = "head"
 
     name: ClassVar[str] = ""
     obs: ClassVar[int] = 1 << 30  # how many of a chunk's last queries feed ``mass``
@@ -77,6 +87,7 @@ class Policy:
     mass_by_value: ClassVar[bool] = False  # ``mass`` weighted by each key's squared value norm
     gated: ClassVar[bool] = False  # computes keep probabilities before attention (``keep_prob``)
     probes: ClassVar[bool] = False  # appends a probe to prefill chunks (``probe``)
+    shares_heads: ClassVar[bool] = True  # its scores rank entries of different KV heads (``share="layer"``)
 
     def __post_init__(self) -> None:
         b = self.budget
@@ -90,6 +101,10 @@ class Policy:
             value = getattr(self, knob)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{knob} must be a non-negative int, got {value!r}")
+        if self.share not in SHARES:
+            raise ValueError(f"share must be one of {SHARES}, got {self.share!r}")
+        if self.share != "head" and not self.shares_heads:
+            raise ValueError(f"policy {self.name!r}: its scores are not comparable across KV heads; use share='head'")
         if self.allocation is not None:
             a = self.allocation
             if not isinstance(a, (list, tuple)) or not a or not all(_positive(x) for x in a):

@@ -180,7 +180,7 @@ class EvictingCache:
     def evicted(self, layer: int) -> int:
         """Entries (token x KV head x batch row) that entered ``layer`` and are no longer held."""
         s = self.slots[layer]
-        return int(self.lengths.sum()) * s.valid.shape[1] - int(s.valid.sum())
+        return int(self.lengths.sum()) * self.layout.kv_heads[self.layout.where[layer][0]] - int(s.valid.sum())
 
 
 def check_reading(reading) -> None:

@@ -10,9 +10,9 @@ from torch import nn
 @dataclass
 class LayerStats:
     layer: int
-    capacity: int  # slots per batch row and KV head
+    capacity: int  # slots per batch row and KV head (on average, where the KV heads share a pool)
     kv_bytes: int  # keys + values, as allocated
-    meta_bytes: int  # positions, scores, valid flags
+    meta_bytes: int  # positions, scores, valid flags, owners
     held: int  # valid entries (token x KV head x batch row)
     evicted: int  # entries evicted so far
 
@@ -55,7 +55,7 @@ def cache_stats(model: nn.Module) -> CacheStats:
     if cache is None:
         return CacheStats(model.kvpass_policy.name, 0, [])
     layers = [
-        LayerStats(i, s.capacity, s.kv_bytes, s.meta_bytes, int(s.valid.sum()), cache.evicted(i))
+        LayerStats(i, cache.layout.layer_capacity(i), s.kv_bytes, s.meta_bytes, int(s.valid.sum()), cache.evicted(i))
         for i, s in sorted(cache.slots.items())
     ]
     return CacheStats(model.kvpass_policy.name, cache.seen, layers)

@@ -36,15 +36,18 @@ from kvpass.runtime.plan import DECODE, PREFILL, mode_of
 
 
 class Slots(NamedTuple):
-    """Slot tables: keys and values (the model's dtype) ``[..., Hkv, C, D]``, true positions (int64,
-    -1 = empty), scores (fp32) and valid flags (bool) ``[..., Hkv, C]``. A group's tables lead with
-    ``[L, B]``, one layer's (a view) with ``[B]``."""
+    """Slot tables: keys and values (the model's dtype) ``[..., G, S, D]``, true positions (int64,
+    -1 = empty), scores (fp32), valid flags (bool) and the KV head that owns each slot (uint8)
+    ``[..., G, S]``. ``G`` is the layer's KV heads, each with its own ``S`` slots (equal shares),
+    or 1: one pool of ``S`` slots that the KV heads share (:class:`Layout`). A group's tables lead
+    with ``[L, B]``, one layer's (a view) with ``[B]``."""
 
     keys: Tensor
     values: Tensor
     pos: Tensor
     score: Tensor
     valid: Tensor
+    owner: Tensor
 
     @classmethod
     def empty(
@@ -57,6 +60,7 @@ class Slots(NamedTuple):
             pos=torch.full(shape, -1, dtype=torch.long, device=device),
             score=torch.zeros(shape, dtype=torch.float32, device=device),
             valid=torch.zeros(shape, dtype=torch.bool, device=device),
+            owner=torch.arange(lead[-1], dtype=torch.uint8, device=device)[:, None].expand(shape).clone(),
         )
 
     def layer(self, i: int) -> Slots:
@@ -73,39 +77,76 @@ class Slots(NamedTuple):
 
     @property
     def meta_bytes(self) -> int:
-        return self.pos.nbytes + self.score.nbytes + self.valid.nbytes
+        return self.pos.nbytes + self.score.nbytes + self.valid.nbytes + self.owner.nbytes
+
+
+def per_head(slots: Slots, kv_heads: int) -> Slots:
+    """One layer's slots as each of its KV heads sees them, ``[B, Hkv, S, ...]``: a pool's keys and
+    values are every head's (views, no copy); to the other heads, a slot is empty (invalid, at
+    position -1)."""
+    B, G = slots.pos.shape[:2]
+    if G == kv_heads:
+        return slots
+    mine = slots.owner.long() == torch.arange(kv_heads, device=slots.pos.device)[None, :, None]
+    wide = Slots(*(t.expand(B, kv_heads, *t.shape[2:]) for t in slots))
+    return wide._replace(valid=slots.valid & mine, pos=torch.where(mine, slots.pos, -1))
+
+
+def candidates(held: Tensor, new: Tensor) -> Tensor:
+    """A step's candidates as a layer's tables hold them, ``[B, G, S + Hkv / G * T, ...]``: the ``held``
+    slots ``[B, G, S, ...]``, then the new tokens' entries ``new [B, Hkv, T, ...]``, head by head."""
+    return torch.cat([held, new.reshape(*held.shape[:2], -1, *new.shape[3:])], dim=2)
+
+
+def pooled(x: Tensor, owner: Tensor) -> Tensor:
+    """Per-head candidates ``x [B, Hkv, S + T]`` (the slots, then the new tokens) as the tables of
+    ``owner [B, G, S]`` hold them (:func:`candidates`): a slot's entry is its owner's."""
+    G, S = owner.shape[1:]
+    held = x[:, :, :S] if G == x.shape[1] else x[:, :, :S].gather(1, owner.long())
+    return candidates(held, x[:, :, S:])
 
 
 @dataclass(frozen=True)
 class Layout:
     """How a step's tables are laid out: ``groups`` of layers, each with one ``capacity`` (slots per
-    layer and KV head), number of KV heads and head dim of keys and of values; five tables per group
-    (:class:`Slots`), ``[len(group), batch, kv_heads, capacity(, head_dim or value_dim)]``, in
-    group order."""
+    layer and KV head, on average), number of KV heads, head dim of keys and of values, and whether
+    its KV heads share one pool of slots (``pooled``: the policy's ``share="layer"``). Six tables
+    per group (:class:`Slots`), ``[len(group), batch, G, S(, head_dim or value_dim)]``, in group
+    order: ``G, S = kv_heads, capacity``, or pooled ``1, kv_heads * capacity`` -- the same bytes."""
 
     groups: tuple[tuple[int, ...], ...]
     capacity: tuple[int, ...]
     kv_heads: tuple[int, ...]
     head_dim: tuple[int, ...]
     value_dim: tuple[int, ...]
+    pooled: tuple[bool, ...]
     where: dict[int, tuple[int, int]] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if max(self.kv_heads, default=0) > 256:
+            raise ValueError(f"a slot's KV head is stored in a byte: at most 256 KV heads, got {self.kv_heads}")
         where = {layer: (g, i) for g, layers in enumerate(self.groups) for i, layer in enumerate(layers)}
         object.__setattr__(self, "where", where)
 
     def __hash__(self) -> int:
-        return hash((self.groups, self.capacity, self.kv_heads, self.head_dim, self.value_dim))
+        return hash((self.groups, self.capacity, self.kv_heads, self.head_dim, self.value_dim, self.pooled))
 
     @classmethod
-    def build(cls, capacity: dict[int, int], shape: dict[int, tuple[int, int, int]], keys: dict[int, tuple]) -> Layout:
+    def build(
+        cls, capacity: dict[int, int], shape: dict[int, tuple[int, int, int]], pooled: bool, keys: dict[int, tuple]
+    ) -> Layout:
         """Layers grouped by their capacity, ``shape`` (KV heads, head dim of keys, of values) and
-        ``keys`` (what else their admission shares)."""
+        ``keys`` (what else their admission shares); ``pooled``: their KV heads share their slots."""
         groups: dict[tuple, list[int]] = {}
         for layer in sorted(capacity):
             groups.setdefault((capacity[layer], *shape[layer], *keys[layer]), []).append(layer)
         sizes = (tuple(k[i] for k in groups) for i in range(4))
-        return cls(tuple(tuple(g) for g in groups.values()), *sizes)
+        return cls(tuple(tuple(g) for g in groups.values()), *sizes, (pooled,) * len(groups))
+
+    def storage(self, g: int) -> tuple[int, int]:
+        """Group ``g``'s tables' ``(G, S)``: storage heads and slots per storage head."""
+        h, c = self.kv_heads[g], self.capacity[g]
+        return (1, h * c) if self.pooled[g] else (h, c)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -118,13 +159,11 @@ class Layout:
         return [f"{prefix}{name}.{g}" for g in range(len(self.groups)) for name in Slots._fields]
 
     def empty(self, batch: int, dtype=torch.float32, device=None) -> list[Tensor]:
-        return [
-            t
-            for layers, c, h, d, dv in zip(
-                self.groups, self.capacity, self.kv_heads, self.head_dim, self.value_dim, strict=True
-            )
-            for t in Slots.empty((len(layers), batch, h), c, d, dtype, device, dv)
-        ]
+        tables = []
+        for g, (layers, d, dv) in enumerate(zip(self.groups, self.head_dim, self.value_dim, strict=True)):
+            heads, slots = self.storage(g)
+            tables += Slots.empty((len(layers), batch, heads), slots, d, dtype, device, dv)
+        return tables
 
     def split(self, tables) -> list[Slots]:
         """The flat list of tables as one :class:`Slots` per group."""
@@ -152,39 +191,46 @@ def prefill(
 ) -> Tensor:
     """Attend the chunk (``q [B, H, T, D]``, ``k, v [B, Hkv, T, D]``, ``pos [B, T]``, -1 = padding)
     over the layer's ``slots`` and itself (with ``sinks [H]``, each head's sink logit, if given);
-    the best ``keep`` (default: all ``C``) of the ``C + T`` candidates become its slots (written in
-    place). The last ``probe`` tokens are the policy's probe (:meth:`Policy.probe`): they attend
-    like the others and reach the policy's score, but are not candidates. Returns the attention output."""
+    the best ``keep`` per KV head (default: all the capacity) of the candidates -- the slots and the
+    chunk's entries -- become its slots (written in place): per KV head, or over the layer's pool
+    (each head's entries ranked by its own scores). The last ``probe`` tokens are the policy's probe
+    (:meth:`Policy.probe`): they attend like the others and reach the policy's score, but are not
+    candidates. Returns the attention output."""
     B, Hkv, _, D = k.shape
-    C = slots.capacity
+    G, S = slots.pos.shape[1:]
+    view = per_head(slots, Hkv)
     gate = chunk_keep = None
     if policy.gated:  # keep probabilities first: a token flagged out is hidden from the chunk's later queries
-        args = (k, v, slots.keys, slots.values, slots.valid, slots.pos, pos, scale, window, 0.0, 1)
+        args = (k, v, view.keys, view.values, view.valid, view.pos, pos, scale, window, 0.0, 1)
         gate = policy.keep_prob(layer, q, k, v, lambda a: attend_reference(a, *args)[0])
         chunk_keep = ~policy.drops(gate) | (pos < policy.sink_tokens)[:, None, :]
     out, mass = attend_attention(
-        q, k, v, slots.keys, slots.values, slots.valid, slots.pos, pos, scale, window, softcap, policy.obs,
+        q, k, v, view.keys, view.values, view.valid, view.pos, pos, scale, window, softcap, policy.obs,
         policy.mass_entropy_k, policy.mass_by_value, chunk_keep, policy.window, sinks,
     )  # fmt: skip
     seen = None
     if probe:
         T = k.shape[2] - probe
         seen = Probe(q[:, :, T:], k[:, :, T:], pos[:, T:], scale)
-        k, v, pos, mass = k[:, :, :T], v[:, :, :T], pos[:, :T], mass[..., : C + T]
-    chunk = Chunk(slots.score, k, v, pos, mass, slots.pos, gate, slots.keys, seen, slots.valid)
+        k, v, pos, mass = k[:, :, :T], v[:, :, :T], pos[:, :T], mass[..., : S + T]
+    chunk = Chunk(view.score, k, v, pos, mass, view.pos, gate, view.keys, seen, view.valid)
     score = policy.score(chunk)
-    cand_pos, cand_valid, rank = rank_candidates(policy, score, slots.pos, slots.valid, pos, window)
-    best = rank.topk(C, dim=-1).indices  # [B, Hkv, C], best first
+    cand_pos, cand_valid, rank = rank_candidates(policy, score, view.pos, view.valid, pos, window)
+    heads = torch.arange(Hkv, dtype=slots.owner.dtype, device=k.device)[None, :, None].expand(rank.shape)
+    rank, cand_pos, cand_valid, score, owner = (
+        pooled(t, slots.owner) for t in (rank, cand_pos, cand_valid, score, heads)
+    )  # [B, G, S + Hkv / G * T]
+    best = rank.topk(S, dim=-1).indices  # [B, G, S], best first
     kept = cand_valid.gather(-1, best)
-    if keep is not None and keep < C:
-        kept = kept & (torch.arange(C, device=k.device) < keep)
-    rows = best[..., None].expand(B, Hkv, C, D)
+    if keep is not None and keep * Hkv // G < S:
+        kept = kept & (torch.arange(S, device=k.device) < keep * Hkv // G)
     new = (
-        torch.cat([slots.keys, k], dim=2).gather(2, rows),
-        torch.cat([slots.values, v], dim=2).gather(2, best[..., None].expand(B, Hkv, C, v.shape[-1])),
+        candidates(slots.keys, k).gather(2, best[..., None].expand(B, G, S, D)),
+        candidates(slots.values, v).gather(2, best[..., None].expand(B, G, S, v.shape[-1])),
         cand_pos.gather(-1, best),
         score.gather(-1, best),
         kept,
+        owner.gather(-1, best),
     )
     for table, value in zip(slots, new, strict=True):
         table.copy_(value)
@@ -195,11 +241,13 @@ def decode(
     policy: Policy, q, k, v, pos, slots: Slots, scale: float, window=0, softcap=0.0, sinks: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """A decoded token (``q [B, H, 1, D]``, ``k, v [B, Hkv, 1, D]``, ``pos [B, 1]``) attends over the
-    layer's slots and its own key; returns ``(out, mass [B, Hkv, C + 1])``. The slots are only read:
-    :func:`admit` writes the token later."""
+    layer's slots and its own key; returns ``(out, mass [B, Hkv, S + 1])`` (per KV head: a pool's
+    slots are every head's, and a head's mass is zero on the slots it does not own). The slots are
+    only read: :func:`admit` writes the token later."""
+    s = per_head(slots, k.shape[1])
     return decode_attention(
-        q, slots.keys, slots.values, slots.valid, slots.pos, pos, scale, window, softcap, policy.mass_entropy_k,
-        policy.mass_by_value, k, v, sinks,
+        q, s.keys, s.values, s.valid, s.pos, pos, scale, window, softcap, policy.mass_entropy_k, policy.mass_by_value,
+        k, v, sinks,
     )  # fmt: skip
 
 
@@ -215,43 +263,51 @@ def admit(
     scale: float,
     window: int = 0,
 ) -> None:
-    """Admit the decoded tokens of ``layers`` into their tables, ``group`` (``[L, B, Hkv, C, ...]``,
+    """Admit the decoded tokens of ``layers`` into their tables, ``group`` (``[L, B, G, S, ...]``,
     written in place); ``q, k, v, pos, mass`` are those layers' rows one after the other (``L * B``).
 
-    Each token takes the place of its head's lowest-ranked slot (the first, on ties), unless it
-    ranks lowest itself or may not stay; slots that may not stay (dropped by the policy, or out of
-    the next query's window) leave. One batch for all the layers: a few operations per step, not
-    per layer, and a compiled step writes one slot per layer and KV head."""
-    L, B, Hkv, C = group.pos.shape
-    flat = Slots(*(t.flatten(0, 1) for t in group))  # [L * B, Hkv, C, ...]: views, only read
+    Each token takes the place of the lowest-ranked slot of its table (the first, on ties), unless
+    it ranks lowest itself or may not stay; slots that may not stay (dropped by the policy, or out
+    of the next query's window) leave. A pool shared by ``Hkv`` heads admits their tokens one head
+    after another, each by the same rule: the pool keeps the best of its slots and the ``Hkv``
+    tokens. One batch for all the layers: a few operations per step, not per layer, and a compiled
+    step writes one slot per layer and KV head."""
+    L, B, G, S = group.pos.shape
+    Hkv = k.shape[1]
+    flat = Slots(*(t.flatten(0, 1) for t in group))  # [L * B, G, S, ...]: views, only read
+    view = per_head(flat, Hkv)
     gate = None
     if policy.gated:  # the gate queries attend over what the token saw: the slots and itself
-        args = (flat.keys, flat.values, flat.valid, flat.pos, pos, scale, window, 0.0, 0, False, k, v)
+        args = (view.keys, view.values, view.valid, view.pos, pos, scale, window, 0.0, 0, False, k, v)
         gate = policy.keep_prob(layers, q, k, v, lambda a: decode_attention(a, *args)[0])
-    score = policy.score(Chunk(old=flat.score, keys=k, values=v, pos=pos, mass=mass, slot_pos=flat.pos, gate=gate))
-    cand_pos, cand_valid, rank = rank_candidates(policy, score, flat.pos, flat.valid, pos, window)
-    dest = rank.argmin(dim=-1)  # [L * B, Hkv]; C: the token itself
-    put = (dest < C).view(L, B, Hkv)
-    at = (
-        torch.arange(L, device=k.device)[:, None, None],
-        torch.arange(B, device=k.device)[None, :, None],
-        torch.arange(Hkv, device=k.device)[None, None, :],
-        dest.clamp(max=C - 1).view(L, B, Hkv),
-    )  # index the stacked tables themselves: a compiled step updates them in place
-    group.valid.copy_(cand_valid[..., :C].view(L, B, Hkv, C))
-    group.score.copy_(score[..., :C].view(L, B, Hkv, C))
-    new = (
-        k.view(L, B, Hkv, -1),
-        v.view(L, B, Hkv, -1),
-        cand_pos[..., C].view(L, B, Hkv),
-        score[..., C].view(L, B, Hkv),
-        cand_valid[..., C].view(L, B, Hkv),
-    )
-    for table, value in zip(group, new, strict=True):
-        hit = put if value.dim() == 3 else put[..., None]
-        old = table[at]
-        table[at] = (hit & value) | (~hit & old) if value.dtype == torch.bool else torch.where(hit, value, old)
-        # (onnxruntime has no Where on booleans)
+    score = policy.score(Chunk(old=view.score, keys=k, values=v, pos=pos, mass=mass, slot_pos=view.pos, gate=gate))
+    cand_pos, cand_valid, rank = rank_candidates(policy, score, view.pos, view.valid, pos, window)
+    heads = torch.arange(Hkv, dtype=flat.owner.dtype, device=k.device)[None, :, None].expand(rank.shape)
+    rank, cand_pos, cand_valid, score, owner = (
+        pooled(t, flat.owner).view(L, B, G, -1) for t in (rank, cand_pos, cand_valid, score, heads)
+    )  # [L, B, G, S + Hkv / G]: the slots, then the tokens
+    group.valid.copy_(cand_valid[..., :S])
+    group.score.copy_(score[..., :S])
+    new = (k.reshape(L, B, G, -1, k.shape[-1]), v.reshape(L, B, G, -1, v.shape[-1]), cand_pos, score, cand_valid, owner)
+    held = rank[..., :S]
+    for j in range(Hkv // G):  # each table's tokens, one at a time
+        dest = torch.cat([held, rank[..., S + j, None]], dim=-1).argmin(dim=-1)  # [L, B, G]; S: the token itself
+        put = dest < S
+        at = (
+            torch.arange(L, device=k.device)[:, None, None],
+            torch.arange(B, device=k.device)[None, :, None],
+            torch.arange(G, device=k.device)[None, None, :],
+            dest.clamp(max=S - 1),
+        )  # index the stacked tables themselves: a compiled step updates them in place
+        for table, value in zip(group, new, strict=True):
+            value = value[..., j, :] if value.dim() == 5 else value[..., S + j]
+            hit = put if value.dim() == 3 else put[..., None]
+            old = table[at]
+            table[at] = (hit & value) | (~hit & old) if value.dtype == torch.bool else torch.where(hit, value, old)
+            # (onnxruntime has no Where on booleans)
+        if j + 1 < Hkv // G:  # the next token competes with this one where it stayed
+            d = at[3][..., None]
+            held = held.scatter(-1, d, torch.where(put[..., None], rank[..., S + j, None], held.gather(-1, d)))
 
 
 def rank_candidates(
@@ -397,7 +453,8 @@ class Step(nn.Module):
         sites = self.sites
         cap = {i: min(c, sites[i].window) if sites[i].window else c for i, c in capacity.items()}
         shape = {i: (s.kv_heads, s.head_dim, s.value_dim) for i, s in sites.items()}
-        return Layout.build(cap, shape, {i: (s.window, s.scale) for i, s in sites.items()})
+        pooled = self.policy.evicts and self.policy.share == "layer"
+        return Layout.build(cap, shape, pooled, {i: (s.window, s.scale) for i, s in sites.items()})
 
 
 class PureStep(nn.Module):
