@@ -46,6 +46,23 @@ def test_one_decode_graph_for_whole_generations(llama):
     assert not counters["graph_break"]
 
 
+def test_kv_heads_sharing_a_pool_compile_to_one_decode_graph(llama):
+    """``share="layer"``: the compiled step (one decode graph, admitting each KV head's token in turn)
+    gives the eager tokens and keeps the same entries."""
+    torch._dynamo.reset()
+    ids = prompt(int(torch.randint(0, 2**31, ())), B=2, T=40)
+    eager = kvpass.transform(llama, policy="snapkv", budget=12, chunk=16, share="layer", window=4)
+    compiled = kvpass.transform(llama, policy="snapkv", budget=12, chunk=16, share="layer", window=4)
+    compiled.compile()
+    want = eager.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)
+    assert torch.equal(compiled.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16), want)
+    assert compiled_entries(Step.decode) == 1
+    for layer, s in eager.kvpass_cache.slots.items():
+        got = compiled.kvpass_cache.slots[layer]
+        assert s.pos.shape[1] == 1  # one pool
+        assert torch.equal((got.pos * 4 + got.owner).sort(-1).values, (s.pos * 4 + s.owner).sort(-1).values)
+
+
 def test_torch_compile_of_the_module(llama):
     ids = prompt(5, T=30)
     small = kvpass.transform(llama, policy="streaming", budget=16, sink_tokens=2)

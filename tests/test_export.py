@@ -14,7 +14,7 @@ from kvpass.export.tensorrt import input_shapes, missing
 from kvpass.policies import H2O
 from kvpass.policies import gate_network as gates
 from kvpass.runtime.plan import plan
-from kvpass.runtime.step import PureStep, Slots
+from kvpass.runtime.step import PureStep, Slots, per_head
 from kvpass.transform import sites_of
 from tests.conftest import tiny_llama
 
@@ -56,10 +56,12 @@ def greedy_with_step(step: PureStep, ids: torch.Tensor, new: int) -> tuple[torch
     return torch.cat(out, 1), tables
 
 
-@pytest.mark.parametrize("name", list(policy_cases(tiny_llama())))
-def test_the_pure_step_keeps_what_the_cache_keeps(name):
+@pytest.mark.parametrize(
+    "name,share", [(n, "head") for n in policy_cases(tiny_llama())] + [("tova", "layer"), ("gate", "layer")]
+)
+def test_the_pure_step_keeps_what_the_cache_keeps(name, share):
     model = tiny_llama(seed=1)
-    small = kvpass.transform(model, name, 24, chunk=CHUNK, **policy_cases(model)[name])
+    small = kvpass.transform(model, name, 24, chunk=CHUNK, share=share, **policy_cases(model)[name])
     torch.manual_seed(hash(name) % 1000)
     ids = torch.randint(3, 97, (2, 45))
     ref = small.generate(ids, max_new_tokens=10, do_sample=False)
@@ -73,7 +75,8 @@ def test_the_pure_step_keeps_what_the_cache_keeps(name):
         kept = cache.slots[layer]
         g, i = layout.where[layer]
         n = len(Slots._fields)
-        _, _, pos, score, valid, _ = Slots(*tables[n * g : n * (g + 1)]).layer(i)
+        _, _, pos, score, valid, _ = per_head(Slots(*tables[n * g : n * (g + 1)]).layer(i), 2)
+        kept = per_head(kept, 2)
         for b in range(2):
             for h in range(pos.shape[1]):
                 want = kept.score[b, h][kept.valid[b, h]].sort()
@@ -94,10 +97,12 @@ def test_a_full_capacity_step_reproduces_the_model():
 
 
 @pytest.mark.hf
-@pytest.mark.parametrize("name", ["h2o", "snapkv", "aha", "gate", "kvzip"])
-def test_onnx_round_trip_gives_the_torch_tokens(tmp_path, name):
+@pytest.mark.parametrize(
+    "name,share", [("h2o", "head"), ("snapkv", "head"), ("aha", "head"), ("gate", "head"), ("kvzip", "layer")]
+)
+def test_onnx_round_trip_gives_the_torch_tokens(tmp_path, name, share):
     model = tiny_llama(seed=4)
-    small = kvpass.transform(model, name, 24, chunk=CHUNK, **policy_cases(model)[name])
+    small = kvpass.transform(model, name, 24, chunk=CHUNK, share=share, **policy_cases(model)[name])
     path = kvpass.export_onnx(small, tmp_path / f"{name}.onnx")  # onnx.checker runs inside
     proto = onnx.load(path, load_external_data=False)
     assert [n.op_type for n in proto.graph.node][-1] == "If"

@@ -54,6 +54,34 @@ def test_matches_reference(G, dtype):
     close(mass, ref_mass, tol, tol, seed)
 
 
+@pytest.mark.parametrize("G", [1, 4])
+def test_a_pool_shared_by_the_kv_heads_is_read_through_views(G):
+    """A layer whose KV heads share one pool (``share="layer"``): the kernel reads its keys and values
+    through stride-0 views over the heads, each head seeing the slots it owns, as the reference
+    does on copies."""
+    from kvpass.runtime.step import Slots, per_head
+
+    seed = torch.randint(0, 2**31, ()).item()
+    gen = torch.Generator().manual_seed(seed)
+    B, Hkv, N, D = 2, 3, 70, 16
+    pool = Slots.empty((B, 1), N, D)
+    pool.keys.normal_(generator=gen), pool.values.normal_(generator=gen)
+    pool.pos.copy_(torch.stack([torch.randperm(N, generator=gen) for _ in range(B)])[:, None])
+    pool.valid.copy_(torch.rand(B, 1, N, generator=gen) < 0.9)
+    pool.owner.copy_(torch.randint(0, Hkv, (B, 1, N), generator=gen))
+    view = per_head(Slots(*(t.to(DEVICE) for t in pool)), Hkv)
+    assert view.keys.stride(1) == 0  # no copy
+    q = torch.randn(B, Hkv * G, 1, D, generator=gen).to(DEVICE)
+    pos = torch.full((B, 1), N, device=DEVICE)
+    args = (q, view.keys, view.values, view.valid, view.pos, pos, 0.3, 0, 0.0)
+    out, mass = decode_triton(*args, block_n=16, splits=2, poison=True)
+    copies = (q, *(t.contiguous() for t in (view.keys, view.values, view.valid, view.pos)), pos, 0.3, 0, 0.0)
+    ref_out, ref_mass = decode_reference(*copies)
+    close(out, ref_out, 1e-5, 1e-5, seed)
+    close(mass, ref_mass, 1e-5, 1e-5, seed)
+    assert (mass[~view.valid] == 0).all()  # a head gives nothing to the slots of the others
+
+
 @pytest.mark.parametrize("D", [16, 64])
 @pytest.mark.parametrize(("window", "softcap"), [(30, 0.0), (0, 1.5), (25, 2.0)])
 def test_window_and_softcap(D, window, softcap):
