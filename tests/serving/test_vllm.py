@@ -44,28 +44,31 @@ def engine(path, **kw):
     return vllm.LLM(model=str(path), skip_tokenizer_init=True, dtype="float32", enforce_eager=True, **settings)
 
 
-def as_kvpass_dir(src, dst, policy: str, budget: int, chunk: int):
+def as_kvpass_dir(src, dst, policy: str, budget: int, chunk: int, knobs=None):
     import shutil
 
     shutil.copytree(src, dst)
     config = json.loads((dst / "config.json").read_text())
     config["kvpass"] = {"architecture": config["architectures"][0], "policy": policy, "budget": budget, "chunk": chunk}
+    config["kvpass"]["knobs"] = knobs or {}
     config["architectures"] = ["KvpassForCausalLM"]
     (dst / "config.json").write_text(json.dumps(config))
     return dst
 
 
-@pytest.mark.parametrize("policy", ["tova", "streaming", "aha"])
-def test_vllm_greedy_tokens_equal_kvpass_generate(tmp_path, monkeypatch, policy):
+@pytest.mark.parametrize(
+    "policy,knobs", [("tova", {}), ("streaming", {}), ("aha", {}), ("h2o", {"share": "layer", "window": 3})]
+)
+def test_vllm_greedy_tokens_equal_kvpass_generate(tmp_path, monkeypatch, policy, knobs):
     import kvpass
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     model, src = tiny_dir(tmp_path, seed=len(policy))
-    small = kvpass.transform(model, policy, 12, chunk=8, evict_during_decode=True)
+    small = kvpass.transform(model, policy, 12, chunk=8, evict_during_decode=True, **knobs)
     want = [
         small.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False)[0, len(p) :].tolist() for p in PROMPTS
     ]
-    served = as_kvpass_dir(src, tmp_path / "kvpass", policy, 12, 8)
+    served = as_kvpass_dir(src, tmp_path / "kvpass", policy, 12, 8, knobs)
     llm = vllm.LLM(
         model=str(served), skip_tokenizer_init=True, dtype="float32", max_model_len=256, max_num_seqs=2,
         enforce_eager=True,
