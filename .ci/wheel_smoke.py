@@ -28,7 +28,8 @@ for module in pkgutil.walk_packages(kvpass.__path__, "kvpass."):  # every module
         assert e.name in ("vllm", "triton"), f"{module.name} needs {e.name}, which a plain install lacks"
 (sdist,) = dist.glob("kvpass-*.tar.gz")
 names = tarfile.open(sdist).getnames()
-for part in ("passes/find_attention.py", "kernels/decode_triton.py", "kvpass/serving/vllm.py", "pyproject.toml"):
+for part in ("passes/find_attention.py", "kernels/decode_triton.py", "kvpass/kernels/__init__.py",
+             "kvpass/serving/vllm.py", "pyproject.toml"):  # fmt: skip
     assert any(n.endswith(part) for n in names), f"{part} is missing from the sdist"
 
 torch.manual_seed(0)

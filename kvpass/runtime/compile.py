@@ -21,6 +21,7 @@ Inductor's (``torch._inductor.config`` patches), as for ``backend="inductor"``.
 from __future__ import annotations
 
 import functools
+import importlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,10 +101,10 @@ def compile_step(step, mode: str | None = None, options: dict | None = None) -> 
 
 def _ours(node: fx.Node) -> bool:
     """An attention call made by kvpass's kernels (they attend over the slots with SDPA)."""
-    from kvpass import kernels
-
+    # the kernels' folder: a module's, not the package's (from a clone its __init__ lies elsewhere: kvpass/kernels)
+    folder = Path(importlib.import_module("kvpass.kernels.attend").__file__).resolve().parent
     frames = re.findall(r'File "([^"]+)"', node.meta.get("stack_trace") or "")
-    return bool(frames) and Path(frames[-1]).resolve().parent == Path(kernels.__file__).resolve().parent
+    return bool(frames) and Path(frames[-1]).resolve().parent == folder
 
 
 def register() -> None:
