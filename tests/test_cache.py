@@ -1,6 +1,7 @@
 """Eviction (:mod:`kvpass.runtime.step`) checked against brute force on random inputs, and the cache's state."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -55,7 +56,8 @@ def brute_force_keep(policy, s, q, k, v, pos, scale, target, pooled=False):
                     entries.append((prot, float(score[b, h, j]), p, h))
             entries.sort(reverse=True)
             keep[b, h] = sorted(p for _, _, p, _ in entries[:target])
-            pool += entries
+            least = math.ceil(policy.floor * target)  # a head's best stay in a pool, whatever the others'
+            pool += [(prot or i < least, score, p, h) for i, (prot, score, p, h) in enumerate(entries)]
         if pooled:
             pool.sort(reverse=True)
             for h in range(Hkv):
@@ -76,7 +78,7 @@ def test_selection_matches_brute_force(policy, pooled):
     g = torch.Generator().manual_seed(seed)
     B, Hkv, G, D, C = 2, 3, 2, 4, 6
     knobs = {"snapkv": {"window": 2}, "aha": {"window": 1, "recent": 3, "k": 2}}.get(policy, {"window": 1})
-    pol = policies.get(policy, budget=C, share="layer" if pooled else "head", **knobs)
+    pol = policies.get(policy, budget=C, **({"share": "layer", "floor": 0.5} if pooled else {}), **knobs)
     layers = Layers(pol, B, Hkv, D, C, pooled=pooled)
     ptr = None
     history = {}  # (row, head, pos) -> key, to check that stored keys belong to their positions
@@ -84,6 +86,8 @@ def test_selection_matches_brute_force(policy, pooled):
     shares = set()
     for T in (4, 4, 3, 1, 1, 2, 1, 1):
         q, k, v, pos = feed(None, g, B, Hkv, G, T, D, start, pad_rows=(1,) if start == 0 else ())
+        if pooled:  # KV head 0 attends sharply: few high scores, the rest near 0 (the floor keeps its share)
+            q[:, :G] *= 8
         prefilling = start < 11
         want, _, _ = brute_force_keep(pol, layers.slots(), q, k, v, pos, 0.5, C, pooled)
         layers(q, k, v, pos, 0.5, keep=C if prefilling else None)

@@ -71,7 +71,10 @@ class Policy:
     2407.11550, does within a layer; here the memory follows the shares). The scores must then be
     comparable across the heads of a layer: attention a head's queries gave (each query's
     probabilities sum to one in every head), a learned probability, a position; a policy whose
-    scores are not says so and refuses ``"layer"``.
+    scores are not says so and refuses ``"layer"``. ``floor``: with ``"layer"``, each KV head keeps
+    at least this fraction of its equal share -- its best entries -- whatever the others' scores
+    (Ada-KV's safeguard; 0.2 there too): a head whose attention is sharp is not starved by one
+    whose attention is spread.
     """
 
     budget: int | float = 512
@@ -79,6 +82,7 @@ class Policy:
     window: int = 0
     allocation: tuple[float, ...] | None = None
     share: str = "head"
+    floor: float = 0.2
 
     name: ClassVar[str] = ""
     obs: ClassVar[int] = 1 << 30  # how many of a chunk's last queries feed ``mass``
@@ -103,6 +107,8 @@ class Policy:
                 raise ValueError(f"{knob} must be a non-negative int, got {value!r}")
         if self.share not in SHARES:
             raise ValueError(f"share must be one of {SHARES}, got {self.share!r}")
+        if isinstance(self.floor, bool) or not isinstance(self.floor, (int, float)) or not 0 <= self.floor <= 1:
+            raise ValueError(f"floor is a fraction of a KV head's equal share, in [0, 1]; got {self.floor!r}")
         if self.share != "head" and not self.shares_heads:
             raise ValueError(f"policy {self.name!r}: its scores are not comparable across KV heads; use share='head'")
         if self.allocation is not None:

@@ -22,6 +22,7 @@ travels in one :class:`Call` per step:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -216,6 +217,8 @@ def prefill(
     chunk = Chunk(view.score, k, v, pos, mass, view.pos, gate, view.keys, seen, view.valid)
     score = policy.score(chunk)
     cand_pos, cand_valid, rank = rank_candidates(policy, score, view.pos, view.valid, pos, window)
+    if G < Hkv:  # each head's best keep a floor of its share
+        rank = floored(rank, math.ceil(policy.floor * (S // Hkv if keep is None else min(keep, S // Hkv))))
     heads = torch.arange(Hkv, dtype=slots.owner.dtype, device=k.device)[None, :, None].expand(rank.shape)
     rank, cand_pos, cand_valid, score, owner = (
         pooled(t, slots.owner) for t in (rank, cand_pos, cand_valid, score, heads)
@@ -282,6 +285,8 @@ def admit(
         gate = policy.keep_prob(layers, q, k, v, lambda a: decode_attention(a, *args)[0])
     score = policy.score(Chunk(old=view.score, keys=k, values=v, pos=pos, mass=mass, slot_pos=view.pos, gate=gate))
     cand_pos, cand_valid, rank = rank_candidates(policy, score, view.pos, view.valid, pos, window)
+    if G < Hkv:
+        rank = floored(rank, math.ceil(policy.floor * (S // Hkv)))
     heads = torch.arange(Hkv, dtype=flat.owner.dtype, device=k.device)[None, :, None].expand(rank.shape)
     rank, cand_pos, cand_valid, score, owner = (
         pooled(t, flat.owner).view(L, B, G, -1) for t in (rank, cand_pos, cand_valid, score, heads)
@@ -308,6 +313,17 @@ def admit(
         if j + 1 < Hkv // G:  # the next token competes with this one where it stayed
             d = at[3][..., None]
             held = held.scatter(-1, d, torch.where(put[..., None], rank[..., S + j, None], held.gather(-1, d)))
+
+
+def floored(rank: Tensor, least: int) -> Tensor:
+    """Per-head ranks ``[..., Hkv, N]`` (-inf: may not stay) with each head's best ``least``
+    candidates ranked first (+inf, as protected ones): what a head keeps of a shared pool whatever
+    the other heads' scores (:attr:`Policy.floor`)."""
+    if least <= 0:
+        return rank
+    best = rank.topk(min(least, rank.shape[-1]), dim=-1).indices
+    floor = torch.zeros_like(rank, dtype=torch.bool).scatter(-1, best, True) & (rank > -torch.inf)
+    return torch.where(floor, torch.inf, rank)
 
 
 def rank_candidates(
