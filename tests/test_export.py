@@ -154,7 +154,9 @@ def test_engine_sampling_and_bad_input(tmp_path):
         engine.generate(ids[0], 4)
     with pytest.raises(ValueError, match="temperature"):
         engine.generate(ids, 4, do_sample=True, temperature=0)
-    assert engine.cache_bytes(1) == 2 * (2 * 2 * 20 * 16 * 4 + 2 * 20 * (8 + 4 + 1))
+    assert engine.cache_bytes(1) == 2 * (
+        2 * 2 * 20 * 16 * 4 + 2 * 20 * (8 + 4 + 1 + 1)
+    )  # K + V; positions, scores, flags, owners
 
 
 def test_export_refuses_what_it_cannot_export_safely(tmp_path):
