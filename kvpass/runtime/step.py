@@ -216,13 +216,9 @@ def prefill(
         k, v, pos, mass = k[:, :, :T], v[:, :, :T], pos[:, :T], mass[..., : S + T]
     chunk = Chunk(view.score, k, v, pos, mass, view.pos, gate, view.keys, seen, view.valid)
     score = policy.score(chunk)
-    cand_pos, cand_valid, rank = rank_candidates(policy, score, view.pos, view.valid, pos, window)
-    if G < Hkv:  # each head's best keep a floor of its share
-        rank = floored(rank, math.ceil(policy.floor * (S // Hkv if keep is None else min(keep, S // Hkv))))
-    heads = torch.arange(Hkv, dtype=slots.owner.dtype, device=k.device)[None, :, None].expand(rank.shape)
-    rank, cand_pos, cand_valid, score, owner = (
-        pooled(t, slots.owner) for t in (rank, cand_pos, cand_valid, score, heads)
-    )  # [B, G, S + Hkv / G * T]
+    ranked = rank_candidates(policy, score, view.pos, view.valid, pos, window)
+    share = S // Hkv if keep is None else min(keep, S // Hkv)
+    rank, cand_pos, cand_valid, score, owner = in_tables(policy, slots.owner, share, *ranked, score)
     best = rank.topk(S, dim=-1).indices  # [B, G, S], best first
     kept = cand_valid.gather(-1, best)
     if keep is not None and keep * Hkv // G < S:
@@ -284,12 +280,9 @@ def admit(
         args = (view.keys, view.values, view.valid, view.pos, pos, scale, window, 0.0, 0, False, k, v)
         gate = policy.keep_prob(layers, q, k, v, lambda a: decode_attention(a, *args)[0])
     score = policy.score(Chunk(old=view.score, keys=k, values=v, pos=pos, mass=mass, slot_pos=view.pos, gate=gate))
-    cand_pos, cand_valid, rank = rank_candidates(policy, score, view.pos, view.valid, pos, window)
-    if G < Hkv:
-        rank = floored(rank, math.ceil(policy.floor * (S // Hkv)))
-    heads = torch.arange(Hkv, dtype=flat.owner.dtype, device=k.device)[None, :, None].expand(rank.shape)
+    ranked = rank_candidates(policy, score, view.pos, view.valid, pos, window)
     rank, cand_pos, cand_valid, score, owner = (
-        pooled(t, flat.owner).view(L, B, G, -1) for t in (rank, cand_pos, cand_valid, score, heads)
+        t.view(L, B, G, -1) for t in in_tables(policy, flat.owner, S // Hkv, *ranked, score)
     )  # [L, B, G, S + Hkv / G]: the slots, then the tokens
     group.valid.copy_(cand_valid[..., :S])
     group.score.copy_(score[..., :S])
@@ -313,6 +306,20 @@ def admit(
         if j + 1 < Hkv // G:  # the next token competes with this one where it stayed
             d = at[3][..., None]
             held = held.scatter(-1, d, torch.where(put[..., None], rank[..., S + j, None], held.gather(-1, d)))
+
+
+def in_tables(
+    policy: Policy, owner: Tensor, share: int, cand_pos: Tensor, cand_valid: Tensor, rank: Tensor, score: Tensor
+) -> tuple[Tensor, ...]:
+    """A step's per-head candidates (:func:`rank_candidates`, and their scores) in the order of the
+    tables of ``owner [B, G, S]`` (:func:`pooled`): ``(rank, pos, valid, score, owner)``, each
+    ``[B, G, S + Hkv / G * T]``. In a pool the KV heads share, each head's best ``policy.floor`` of
+    its ``share`` (slots per head) rank first (:func:`floored`)."""
+    Hkv = rank.shape[1]
+    if owner.shape[1] < Hkv:
+        rank = floored(rank, math.ceil(policy.floor * share))
+    heads = torch.arange(Hkv, dtype=owner.dtype, device=owner.device)[None, :, None].expand(rank.shape)
+    return tuple(pooled(t, owner) for t in (rank, cand_pos, cand_valid, score, heads))
 
 
 def floored(rank: Tensor, least: int) -> Tensor:
