@@ -221,7 +221,7 @@ def prefill(
     rank, cand_pos, cand_valid, score, owner = in_tables(policy, slots.owner, share, *ranked, score)
     best = rank.topk(S, dim=-1).indices  # [B, G, S], best first
     kept = cand_valid.gather(-1, best)
-    if keep is not None and keep * Hkv // G < S:
+    if keep is not None and keep * Hkv // G < S:  # keep is per KV head; a pool keeps it for each
         kept = kept & (torch.arange(S, device=k.device) < keep * Hkv // G)
     new = (
         candidates(slots.keys, k).gather(2, best[..., None].expand(B, G, S, D)),
@@ -288,15 +288,15 @@ def admit(
     group.score.copy_(score[..., :S])
     new = (k.reshape(L, B, G, -1, k.shape[-1]), v.reshape(L, B, G, -1, v.shape[-1]), cand_pos, score, cand_valid, owner)
     held = rank[..., :S]
+    lead = (
+        torch.arange(L, device=k.device)[:, None, None],
+        torch.arange(B, device=k.device)[None, :, None],
+        torch.arange(G, device=k.device)[None, None, :],
+    )
     for j in range(Hkv // G):  # each table's tokens, one at a time
         dest = torch.cat([held, rank[..., S + j, None]], dim=-1).argmin(dim=-1)  # [L, B, G]; S: the token itself
         put = dest < S
-        at = (
-            torch.arange(L, device=k.device)[:, None, None],
-            torch.arange(B, device=k.device)[None, :, None],
-            torch.arange(G, device=k.device)[None, None, :],
-            dest.clamp(max=S - 1),
-        )  # index the stacked tables themselves: a compiled step updates them in place
+        at = (*lead, dest.clamp(max=S - 1))  # index the stacked tables themselves: a compiled step updates in place
         for table, value in zip(group, new, strict=True):
             value = value[..., j, :] if value.dim() == 5 else value[..., S + j]
             hit = put if value.dim() == 3 else put[..., None]
