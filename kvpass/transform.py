@@ -206,8 +206,8 @@ class KVPassMixin:
         step, compiled = self.kvpass_step, self._kvpass_compiled
         logits: list[Tensor] = []
         room = cache.room if prompt and self.kvpass_policy.evicts else None  # a prompt is read, then compressed
-        budget = max(cache.keep().values()) if room is not None else 0
-        probe_buffer = prompt and cache.probe_buffer
+        budget = cache.held_after_compression() if room is not None else 0
+        whole = prompt and cache.read_whole
         run = compiled.prefill if compiled else step.prefill
         read = 0  # where the tokens read since the last compression start
         for span in plan(T, cache.chunk, room=room, budget=budget):
@@ -217,10 +217,12 @@ class KVPassMixin:
             args = (input_ids[:, start:end], pos[:, start:end], *cache.tables)
             if span.mode == DECODE:
                 out = (compiled.decode if compiled else step.decode)(*args, layout=cache.layout)
-            elif probe_buffer:  # read whole; at a compression, the policy's probe repeats what was read
-                out = run(*args, layout=cache.layout, rows=max(rows, 1), probe="none")
+            elif whole:  # read whole; at a compression, the policy's probe repeats what was read, or all
+                out = run(*args, layout=cache.layout, rows=max(rows, 1), probe="none")  # layers rank together
                 if span.compress:
-                    self._kvpass_probe(input_ids[:, read:end], pos[:, read:end], pos[:, :end].amax(dim=1), cache)
+                    if self.kvpass_policy.probes:
+                        self._kvpass_probe(input_ids[:, read:end], pos[:, read:end], pos[:, :end].amax(dim=1), cache)
+                    cache.compress(step, last=end == T)
                     read = end
             else:
                 keep = cache.keep() if span.compress else None

@@ -46,20 +46,22 @@ def test_one_decode_graph_for_whole_generations(llama):
     assert not counters["graph_break"]
 
 
-def test_kv_heads_sharing_a_pool_compile_to_one_decode_graph(llama):
+@pytest.mark.parametrize("share", ["layer", "model"])
+def test_kv_heads_sharing_a_pool_compile_to_one_decode_graph(llama, share):
     """``share="layer"``: the compiled step (one decode graph, admitting each KV head's token in turn)
-    gives the eager tokens and keeps the same entries."""
+    gives the eager tokens and keeps the same entries; ``share="model"`` too (a prompt's layers' pool
+    sizes are its layout: one decode graph per prompt)."""
     torch._dynamo.reset()
     ids = prompt(int(torch.randint(0, 2**31, ())), B=2, T=40)
-    eager = kvpass.transform(llama, policy="snapkv", budget=12, chunk=16, share="layer", window=4)
-    compiled = kvpass.transform(llama, policy="snapkv", budget=12, chunk=16, share="layer", window=4)
+    eager = kvpass.transform(llama, policy="snapkv", budget=12, chunk=16, share=share, window=4)
+    compiled = kvpass.transform(llama, policy="snapkv", budget=12, chunk=16, share=share, window=4)
     compiled.compile()
     want = eager.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)
     assert torch.equal(compiled.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16), want)
     assert compiled_entries(Step.decode) == 1
     for layer, s in eager.kvpass_cache.slots.items():
         got = compiled.kvpass_cache.slots[layer]
-        assert s.pos.shape[1] == 1  # one pool
+        assert s.pos.shape[1] == 1 and got.pos.shape == s.pos.shape  # one pool, of the same size
         assert torch.equal((got.pos * 4 + got.owner).sort(-1).values, (s.pos * 4 + s.owner).sort(-1).values)
 
 
@@ -81,7 +83,7 @@ def test_a_probing_policy_compiles_with_its_probe(llama, reading):
     compiled.compile()
     want = eager.generate(ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(compiled.generate(ids, max_new_tokens=8, do_sample=False), want)
-    assert eager.kvpass_cache.probe_buffer == (reading is None)
+    assert eager.kvpass_cache.read_whole == (reading is None)
     for layer, s in eager.kvpass_cache.slots.items():
         got = compiled.kvpass_cache.slots[layer]
         assert torch.equal(got.pos.sort(-1).values, s.pos.sort(-1).values)

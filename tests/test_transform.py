@@ -32,7 +32,15 @@ def step_logits(model, ids, steps, cache):
 
 @pytest.mark.parametrize(
     "policy,chunk,share",
-    [("h2o", 16, "head"), ("full", 7, "head"), ("tova", 512, "head"), ("kvzip", 16, "head"), ("tova", 16, "layer")],
+    [
+        ("h2o", 16, "head"),
+        ("full", 7, "head"),
+        ("tova", 512, "head"),
+        ("kvzip", 16, "head"),
+        ("tova", 16, "layer"),
+        ("tova", 16, "model"),
+        ("kvzip", 16, "model"),
+    ],
 )
 def test_full_budget_reproduces_logits(llama, policy, chunk, share):
     ids = prompt(int(torch.randint(0, 2**31, ())), B=2)
@@ -201,7 +209,7 @@ def test_bad_inputs(llama):
     with pytest.raises(ValueError, match="cache_stats"):
         kvpass.cache_stats(llama)
     with pytest.raises(ValueError, match="share must be one of"):
-        kvpass.transform(llama, policy="tova", budget=8, share="model")
+        kvpass.transform(llama, policy="tova", budget=8, share="rows")
     with pytest.raises(ValueError, match="not comparable across KV heads"):
         kvpass.transform(llama, policy="knorm", budget=8, share="layer")
 

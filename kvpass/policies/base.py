@@ -9,7 +9,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-SHARES = ("head", "layer")  # how a layer's slots are shared by its KV heads (Policy.share)
+SHARES = ("head", "layer", "model")  # who shares a budget's slots: a KV head, a layer's, the model's (Policy.share)
 
 
 class Probe(NamedTuple):
@@ -74,7 +74,13 @@ class Policy:
     scores are not says so and refuses ``"layer"``. ``floor``: with ``"layer"``, each KV head keeps
     at least this fraction of its equal share -- its best entries -- whatever the others' scores
     (Ada-KV's safeguard; 0.2 there too): a head whose attention is sharp is not starved by one
-    whose attention is spread.
+    whose attention is spread. ``"model"``: every layer's pool shares one budget, budget x KV heads x
+    layers slots: when the reading buffer is compressed, all layers' entries are ranked together
+    (each head's floor first) and the best of them stay, so each layer's pool is sized by its scores
+    (KVzip's non-uniform budgets, Kim et al., arXiv 2505.23416; kvpress's default); a layer holds at
+    most its reading buffer. The scores must then be comparable across layers too: the policies
+    that share heads rank by attention probabilities, keep probabilities or positions, alike in
+    every layer. Decoding then admits within each layer's pool (:mod:`kvpass.runtime.shares`).
     """
 
     budget: int | float = 512
@@ -112,6 +118,8 @@ class Policy:
         if self.share != "head" and not self.shares_heads:
             raise ValueError(f"policy {self.name!r}: its scores are not comparable across KV heads; use share='head'")
         if self.allocation is not None:
+            if self.share == "model":
+                raise ValueError("share='model' sizes each layer's pool from the scores; it takes no allocation")
             a = self.allocation
             if not isinstance(a, (list, tuple)) or not a or not all(_positive(x) for x in a):
                 raise ValueError(f"allocation must be a non-empty sequence of positive numbers (per layer), got {a!r}")

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from kvpass.policies.base import Policy
+from kvpass.runtime import shares
 from kvpass.runtime.step import Layout, Slots, Step
 
 READING: int | None = 0  # the default reading buffer, in tokens (0: evict after every chunk; None: the whole prompt)
@@ -63,7 +64,8 @@ class EvictingCache:
         self.capacity = 0  # slots per layer and KV head: the budget (scaled per layer by an allocation), + any reserve
         self.prompt_len = 0
         self.room = 0  # entries per layer and KV head the tables hold while the prompt is read
-        self.probe_buffer = False  # the policy's probe runs over the buffer before it is compressed
+        self.read_whole = False  # the buffer holds the chunk in flight too; it is compressed after the step
+        self.kept: dict[int, Tensor] = {}  # share="model": each layer's entries at the last compression, per row
         self.lengths: Tensor | None = None  # real (non-padding) tokens seen, per batch row
         self.peak_bytes = 0  # the most bytes of tables held at once since begin()
 
@@ -74,7 +76,7 @@ class EvictingCache:
     def reset(self) -> None:
         self.layout, self.tables = None, []
         self.seen = self.budget = self.capacity = self.room = self.peak_bytes = 0
-        self.lengths = None
+        self.lengths, self.kept = None, {}
 
     def begin(self, batch: int, prompt_len: int, step: Step, dtype: torch.dtype, device: torch.device) -> None:
         """Start new sequences of the model whose step is ``step``: the capacity is fixed by the first
@@ -89,10 +91,12 @@ class EvictingCache:
         reading = prompt_len + self.chunk if self.reading is None else self.reading
         buffer = min(prompt_len, reading - self.chunk)  # what the tables hold between chunks while reading
         self.room = min(max(buffer, self.layer_budget(i)) for i in step.sites)  # in every layer
-        # a policy that probes reads its buffer whole, chunk in flight included, then probes it (plan.py)
-        self.probe_buffer = p.evicts and p.probes and self.room > max(self.layer_budget(i) for i in step.sites)
-        if self.probe_buffer:
-            buffer = min(prompt_len, buffer + self.chunk)
+        # a policy that probes reads its buffer whole, chunk in flight included, then probes it (plan.py);
+        # so does a budget the layers share: all layers' entries are ranked after the step (shares.py)
+        biggest = max(self.layer_budget(i) for i in step.sites)
+        self.read_whole = p.evicts and ((p.probes and self.room > biggest) or p.share == "model")
+        if self.read_whole:
+            buffer = min(prompt_len, self.room + self.chunk)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.layout = step.layout(self._capacities(step, buffer))
         self.tables = self.layout.empty(batch, dtype, device)
@@ -121,10 +125,31 @@ class EvictingCache:
         self._fix_addresses()
 
     def settle(self, step: Step) -> None:
-        """After the prompt: the reading buffer, compressed, shrinks to the capacity."""
+        """After the prompt: the reading buffer, compressed, shrinks to the capacity (with
+        ``share="model"``, each layer's share of it: :func:`shares.capacities`)."""
         capacity = self._capacities(step)
+        if self.kept:
+            heads = {i: step.sites[i].kv_heads for i in self.kept}
+            share = shares.capacities(self.kept, heads, {i: self.layer_budget(i) for i in self.kept})
+            capacity.update({i: c + self.capacity - self.budget for i, c in share.items()})
         if step.layout(capacity) != self.layout:
             self._relayout(step, capacity)
+
+    def held_after_compression(self) -> int:
+        """The most entries per KV head a layer holds after a compression, while the prompt is read:
+        its budget, or with ``share="model"`` its reading buffer."""
+        return self.room if self.policy.share == "model" else max(self.keep().values())
+
+    def compress(self, step: Step, last: bool) -> None:
+        """``share="model"``: after a compressing step, the best entries of all the layers together
+        stay (:func:`shares.compress`); a layer keeps at most its reading buffer unless the prompt
+        is all read (``last``)."""
+        if self.policy.share != "model":
+            return
+        slots, sites = self.slots, step.sites
+        pools = {i: (slots[i], sites[i].kv_heads, self.layer_budget(i)) for i in slots if not sites[i].window}
+        if pools:
+            self.kept = shares.compress(self.policy, pools, None if last else self.room)
 
     def _fix_addresses(self) -> None:
         """On CUDA, mark the tables' addresses static: a CUDA graph replays over the same tables."""
@@ -139,8 +164,11 @@ class EvictingCache:
             return self.budget
         return p.layer_slots(self.budget, layer, self.prompt_len if isinstance(p.budget, float) else None)
 
-    def keep(self) -> dict[int, int]:
-        """Per layer, the slots a prompt's prefill keeps (the rest of the capacity is reserve)."""
+    def keep(self) -> dict[int, int] | None:
+        """Per layer, the slots a prompt's compressing prefill keeps (the rest of the capacity is
+        reserve); None with ``share="model"``: everything, then :meth:`compress`."""
+        if self.policy.share == "model":
+            return None
         return {i: min(self.layer_budget(i), self.layout.layer_capacity(i)) for i in self.layout.layers}
 
     def make_room(self, tokens: int, step: Step) -> None:

@@ -476,7 +476,7 @@ class Step(nn.Module):
         sites = self.sites
         cap = {i: min(c, sites[i].window) if sites[i].window else c for i, c in capacity.items()}
         shape = {i: (s.kv_heads, s.head_dim, s.value_dim) for i, s in sites.items()}
-        pooled = self.policy.evicts and self.policy.share == "layer"
+        pooled = self.policy.evicts and self.policy.share != "head"
         return Layout.build(cap, shape, pooled, {i: (s.window, s.scale) for i, s in sites.items()})
 
 
@@ -511,6 +511,11 @@ def export_capacity(model: nn.Module, capacity: int | None) -> int:
         raise ValueError(
             "an exported engine evicts at every step (its shapes are fixed); transform the model with "
             "evict_during_decode=True"
+        )
+    if policy.evicts and policy.share == "model":
+        raise ValueError(
+            "share='model' sizes each layer's pool per prompt, and an engine's shapes are fixed: "
+            "transform the model to export with share='layer' (the KV heads of a layer share its slots)"
         )
     if capacity is None:
         if not policy.evicts or isinstance(policy.budget, float):
