@@ -119,20 +119,20 @@ def test_one_budget_for_the_model_holds_the_equal_shares_bytes(policy):
 
 
 def test_a_bounded_reading_buffer_holds_at_most_the_buffer_per_layer():
-    """Between two compressions a layer keeps at most its reading buffer: its tables never hold
-    more than the buffer and the chunk in flight."""
+    """Between two compressions a layer keeps at most its reading buffer (here the budget:
+    ``reading=0``), so its tables never hold more than the buffer and the chunk in flight."""
     model = tiny_llama(seed=5, layers=3, heads=4, kv_heads=2)
     ids = torch.randint(3, 97, (1, 300), generator=torch.Generator().manual_seed(fresh_seed()))
-    small = kvpass.transform(model, "tova", 16, chunk=32, reading=80, share="model")
+    small = kvpass.transform(model, "tova", 16, chunk=32, reading=0, share="model")
     seen, cache = [], small.kvpass_new_cache()
     hook = small.kvpass_graph.register_forward_pre_hook(
         lambda m, a: seen.append([int(s.valid.sum()) for s in cache.slots.values()])
     )
     small.kvpass_forward(ids, cache)
     hook.remove()
-    assert max(max(n) for n in seen) <= 2 * (80 - 32)  # the buffer (KV heads x (reading - chunk)) before each chunk
+    assert len(seen) == 10 and max(max(n) for n in seen) <= 2 * 16  # before each chunk: KV heads x the budget
     assert sum(s.pos.shape[-1] for s in cache.slots.values()) == 3 * 2 * 16
-    assert cache.peak_bytes <= 3 * 2 * 80 * (2 * 16 * 4 + 14)  # the buffer and a chunk, per layer and KV head
+    assert cache.peak_bytes <= 3 * 2 * (16 + 32) * (2 * 16 * 4 + 14)  # the buffer and a chunk, per layer and KV head
 
 
 def test_engines_refuse_a_budget_shared_by_the_model(llama):
