@@ -139,5 +139,3 @@ def test_engines_refuse_a_budget_shared_by_the_model(llama):
     small = kvpass.transform(llama, "tova", 16, share="model")
     with pytest.raises(ValueError, match="share='layer'"):
         export_capacity(small, None)
-    with pytest.raises(ValueError, match="takes no allocation"):
-        kvpass.transform(llama, "tova", 0.25, share="model", allocation=(1.0, 1.0))

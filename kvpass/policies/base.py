@@ -80,7 +80,9 @@ class Policy:
     (KVzip's non-uniform budgets, Kim et al., arXiv 2505.23416; kvpress's default); a layer holds at
     most its reading buffer. The scores must then be comparable across layers too: the policies
     that share heads rank by attention probabilities, keep probabilities or positions, alike in
-    every layer. Decoding then admits within each layer's pool (:mod:`kvpass.runtime.shares`).
+    every layer. Decoding then admits within each layer's pool (:mod:`kvpass.runtime.shares`). An
+    ``allocation`` then sets only each layer's equal share, hence its floor (a shipped gate carries
+    the allocation it was trained with).
     """
 
     budget: int | float = 512
@@ -118,8 +120,6 @@ class Policy:
         if self.share != "head" and not self.shares_heads:
             raise ValueError(f"policy {self.name!r}: its scores are not comparable across KV heads; use share='head'")
         if self.allocation is not None:
-            if self.share == "model":
-                raise ValueError("share='model' sizes each layer's pool from the scores; it takes no allocation")
             a = self.allocation
             if not isinstance(a, (list, tuple)) or not a or not all(_positive(x) for x in a):
                 raise ValueError(f"allocation must be a non-empty sequence of positive numbers (per layer), got {a!r}")
