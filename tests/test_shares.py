@@ -12,10 +12,7 @@ from kvpass.runtime import shares
 from kvpass.runtime.step import Slots, export_capacity
 from tests.conftest import tiny_llama
 from tests.layers import kept_positions
-
-
-def fresh_seed() -> int:
-    return int(torch.randint(0, 2**31, ()))
+from tests.test_cache import fresh_seed
 
 
 def pool(g, B, Hkv, S, D, filled):

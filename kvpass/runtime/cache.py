@@ -102,10 +102,11 @@ class EvictingCache:
         self.tables = self.layout.empty(batch, dtype, device)
         self._held()
 
-    def _capacities(self, step: Step, least: int = 0) -> dict[int, int]:
-        """Per layer, its slots: its budget plus the reserve, at least ``least`` (the reading buffer)."""
-        reserve = self.capacity - self.budget
-        return {i: max(least, reserve + self.layer_budget(i)) for i in step.sites}
+    def _capacities(self, step: Step, least: int = 0, share: dict[int, int] | None = None) -> dict[int, int]:
+        """Per layer, its slots: its budget (or its ``share``, where given) plus the reserve, at least
+        ``least`` (the reading buffer)."""
+        reserve, share = self.capacity - self.budget, share or {}
+        return {i: max(least, reserve + share.get(i, self.layer_budget(i))) for i in step.sites}
 
     def _relayout(self, step: Step, capacity: dict[int, int]) -> None:
         """Move the tables to a layout of ``capacity`` slots per layer: each layer keeps its first
@@ -127,11 +128,11 @@ class EvictingCache:
     def settle(self, step: Step) -> None:
         """After the prompt: the reading buffer, compressed, shrinks to the capacity (with
         ``share="model"``, each layer's share of it: :func:`shares.capacities`)."""
-        capacity = self._capacities(step)
+        share = None
         if self.kept:
             heads = {i: step.sites[i].kv_heads for i in self.kept}
             share = shares.capacities(self.kept, heads, {i: self.layer_budget(i) for i in self.kept})
-            capacity.update({i: c + self.capacity - self.budget for i, c in share.items()})
+        capacity = self._capacities(step, share=share)
         if step.layout(capacity) != self.layout:
             self._relayout(step, capacity)
 
