@@ -205,7 +205,7 @@ def train_gates(args: argparse.Namespace) -> None:
         model, tok, args.out, target=args.target, steps=args.steps, seq_len=args.seq_len, lr=args.lr,
         rate_weight=args.rate_weight, window=args.window, answer_weight=args.answer_weight, seed=args.seed,
         hindsight_weight=args.hindsight_weight, retrieval=tuple(args.retrieval), resume=not args.restart,
-        allocation=alloc, teacher=args.teacher, teacher_weight=args.teacher_weight,
+        allocation=alloc, teacher=args.teacher, teacher_weight=args.teacher_weight, share=args.share,
     )  # fmt: skip
     print(f"wrote {args.out} (loss curves: {Path(args.out).with_suffix('.png')})")
 
@@ -439,6 +439,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--teacher", help="a policy whose keep set the gate learns to predict (e.g. kvzip)")
     t.add_argument("--teacher-weight", type=float, default=1.0, help="weight of the teacher's term")
+    t.add_argument(
+        "--share", choices=["head", "model"], default="head", help="train for one budget per KV head or for the model"
+    )
     t.add_argument("--retrieval", nargs="+", default=["lockers"], choices=RETRIEVAL, help="retrieval chats trained on")
     t.add_argument("--seed", type=int, default=0, help="seed of the gates and the training text")
     t.add_argument("--restart", action="store_true", help="start over instead of resuming --out")

@@ -37,7 +37,8 @@ class AttentionGate(Policy):
 
     ``checkpoint``: a gate file from ``kvpass train-gates``; default: the gate shipped for the
     default model whose keep target (``target``; default the budget if it is a fraction, else 0.5)
-    is nearest. ``gates``: a :class:`kvpass.policies.gate_network.Gates` object instead of a file.
+    is nearest. ``share`` defaults to the one the gate was trained for (``--share``: ``"model"``
+    when it learned one budget for the whole model, else ``"head"``). ``gates``: a :class:`kvpass.policies.gate_network.Gates` object instead of a file.
 
     From the paper: a learned per-layer gate before attention, per-token per-head flags, in-context
     eviction, training on a frozen model with a keep-rate penalty. Ours: the gate reads the
@@ -49,6 +50,7 @@ class AttentionGate(Policy):
     """
 
     window: int | None = None  # type: ignore[assignment]
+    share: str | None = None  # type: ignore[assignment]
     threshold: float = 0.5
     checkpoint: str | None = None
     target: float | None = None
@@ -62,6 +64,8 @@ class AttentionGate(Policy):
     def __post_init__(self) -> None:
         self._window_given = self.window is not None
         self.window = self.window or 0
+        self._share_given = self.share is not None
+        self.share = self.share or "head"
         super().__post_init__()
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"gate: threshold must be in (0, 1), got {self.threshold!r}")
@@ -98,6 +102,8 @@ class AttentionGate(Policy):
             net, info, _ = gates.load(self.checkpoint, base)
         if self.allocation is None and info.get("allocation"):  # the per-layer budgets it was trained for
             self.allocation = tuple(info["allocation"])
+        if not self._share_given:  # the budget it was trained for: each KV head's, or the model's
+            self.share = info.get("share", "head")
         if not self._window_given:  # the window the gate was trained with
             self.window = info.get("window", 0)
             if isinstance(self.budget, int):

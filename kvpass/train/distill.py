@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,12 +142,14 @@ def hindsight_loss(probs: list[Tensor], weights: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def teacher_targets(scorer: nn.Module, ids: Tensor, rates: float | Tensor) -> Tensor:
+def teacher_targets(scorer: nn.Module, ids: Tensor, rates: float | Tensor, share: str = "head") -> Tensor:
     """A teacher's keep set for ``ids [1, T]``, ``[layers, kv_heads, T]`` (0/1): per layer and KV
-    head, the ``rates`` share (one, or one per layer) of the tokens the ``scorer`` scores highest.
-    ``scorer``: a transformed model that keeps every token (budget 1.0), so its slots hold the
-    policy's score of each (e.g. KVzip's, from reconstructing the sequence); its first
-    ``sink_tokens`` are kept."""
+    head, the ``rates`` share (one, or one per layer) of the tokens the ``scorer`` scores highest;
+    ``share="model"``: the ``rates`` share of all layers' and KV heads' entries together, ranked
+    as one (the policy's ``share="model"``; the scores must be comparable across layers, as
+    KVzip's attention probabilities are). ``scorer``: a transformed model that keeps every token
+    (budget 1.0), so its slots hold the policy's score of each (e.g. KVzip's, from reconstructing
+    the sequence); its first ``sink_tokens`` are kept."""
     cache = scorer.kvpass_new_cache(decode_reserve=0)
     scorer.kvpass_forward(ids, cache, logits_to_keep=1)
     T = ids.shape[1]
@@ -156,6 +159,10 @@ def teacher_targets(scorer: nn.Module, ids: Tensor, rates: float | Tensor) -> Te
         scores.append(s.score[0].gather(-1, order))
     score = torch.stack(scores).float()  # [L, Hkv, T]
     score[..., : scorer.kvpass_policy.sink_tokens] = torch.inf
+    if share == "model":
+        flat = score.flatten()
+        keep = min(flat.numel(), math.ceil(float(rates) * flat.numel()))
+        return torch.zeros_like(flat).scatter_(0, flat.topk(keep).indices, 1.0).view_as(score)
     rates = torch.as_tensor(rates, dtype=torch.float32, device=score.device).expand(score.shape[0])
     keep = (rates * T).ceil().long().clamp(1, T)  # [L]
     rank = score.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 = highest
@@ -182,11 +189,13 @@ def train_step(
     weight: Tensor | None = None,
     hindsight: tuple[float, int] | None = None,
     keep: tuple[float, Tensor] | None = None,
+    share: str = "head",
 ) -> dict:
     """One optimisation step on ``ids [B, T]`` (``weight [B, T]``: of each position's KL; ``target``:
     the keep rate, or one per layer; ``hindsight``: (its weight, the rows it is read from), B = 1;
     ``keep``: (its weight, a teacher's keep set from :func:`teacher_targets`), B = 1); returns
-    the losses and the mean keep rate."""
+    the losses and the mean keep rate. ``share="model"``: the rate penalty is on the mean over
+    layers only, so layers keep what the teacher's model-wide keep set asks of each."""
     with torch.no_grad():
         if hindsight is None:
             teacher = model(ids, use_cache=False).logits
@@ -196,7 +205,7 @@ def train_step(
         student = model(ids, use_cache=False).logits
         kl = distill_loss(student, teacher, weight)
         rate = torch.stack(rates)
-        penalty = (rate - target).square().mean()
+        penalty = (rate - target).square().mean() if share == "head" else (rate.mean() - target).square()
         loss = kl + rate_weight * penalty
         if hindsight is not None:
             seen = hindsight_loss(_ACTIVE.probs, weights)
@@ -231,6 +240,7 @@ def train_gates(
     retrieval: tuple[str, ...] = ("lockers",),
     seed: int = 0,
     allocation: tuple[float, ...] | list[float] | None = None,
+    share: str = "head",
     save_every: int = 25,
     resume: bool = True,
     progress: bool = True,
@@ -247,6 +257,9 @@ def train_gates(
     query-agnostic scorer that reads the context twice would keep. ``allocation``:
     per-layer multiples of the budget (:mod:`kvpass.runtime.allocation`): layer i is trained to keep
     ``min(1, target * allocation[i])``, and the policy then gives each layer that share of the budget.
+    ``share="model"``: trained for one budget over the whole model (the policy's ``share="model"``,
+    which the checkpoint then sets by default): the keep rate is held to ``target`` over all layers
+    together and the teacher's keep set is its best ``target`` share model-wide.
 
     An existing ``out`` from an earlier run is resumed (``resume=False``: start over). Beside it:
     ``<out>.optim.safetensors`` (optimizer state), ``<out>.log.json`` (every step) and ``<out>.png``
@@ -259,6 +272,10 @@ def train_gates(
     out = Path(out)
     model.eval().requires_grad_(False)
     base = gates.BaseModel.of(model, sites_of(model)[1])
+    if share not in ("head", "model"):
+        raise ValueError(f"share must be 'head' or 'model' for training, got {share!r}")
+    if share == "model" and allocation is not None:
+        raise ValueError("share='model' learns each layer's share itself; train it without an allocation")
     if allocation is not None and len(allocation) != base.layers:
         raise ValueError(f"allocation has {len(allocation)} multipliers, this model has {base.layers} attention layers")
     g = gates.Gates(base.layers, base.heads, base.kv_heads, base.head_dim, seed=seed)
@@ -273,6 +290,8 @@ def train_gates(
         info["retrieval"] = list(retrieval)
     if allocation is not None:
         info["allocation"] = [float(a) for a in allocation]
+    if share != "head":
+        info["share"] = share
     log: list[dict] = []
     spent = 0.0
     if resume and out.is_file():
@@ -308,8 +327,8 @@ def train_gates(
         if answer:  # the positions that predict the answer's tokens
             weight[0, -answer - 1 : -1] = answer_weight
         hindsight = (hindsight_weight, answer + 1) if hindsight_weight and answer else None
-        taught = (teacher_weight, teacher_targets(scorer, ids, targets)) if scorer is not None else None
-        row = train_step(model, g, opt, ids, targets, rate_weight, threshold, window, weight, hindsight, taught)
+        taught = (teacher_weight, teacher_targets(scorer, ids, targets, share)) if scorer is not None else None
+        row = train_step(model, g, opt, ids, targets, rate_weight, threshold, window, weight, hindsight, taught, share)
         log.append({"step": step + 1, **row})
         bar.set_postfix(kl=f"{row['kl']:.3f}", keep=f"{row['keep']:.2f}")
         if (step + 1) % save_every == 0 or step + 1 == steps:

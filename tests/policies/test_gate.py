@@ -385,6 +385,21 @@ def test_teacher_targets_are_each_heads_best_share():
             assert set(keep[layer, h].nonzero().flatten().tolist()) == set(score.topk(n).indices.tolist())
 
 
+def test_teacher_targets_for_the_models_budget_are_its_best_share_over_all_layers_and_heads():
+    model = tiny_llama(seed=11)
+    scorer = kvpass.transform(model, "knorm", 1.0, chunk=64, sink_tokens=2, evict_during_decode=False)
+    ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()))))
+    keep = train.teacher_targets(scorer, ids, 0.3, share="model")
+    score = torch.full((2, 2, 40), float("nan"))
+    for layer, s in scorer.kvpass_cache.slots.items():
+        for h in range(2):
+            score[layer, h, s.pos[0, h]] = s.score[0, h]
+    score[..., :2] = torch.inf
+    n = math.ceil(0.3 * 160)
+    assert int(keep.sum()) == n
+    assert set(keep.flatten().nonzero().flatten().tolist()) == set(score.flatten().topk(n).indices.tolist())
+
+
 def test_the_teacher_term_pulls_the_gate_toward_the_teachers_keep_set():
     model = tiny_llama(seed=8)
     ids = torch.randint(3, 97, (1, 48), generator=torch.Generator().manual_seed(3))
@@ -415,6 +430,31 @@ def test_training_with_a_kvzip_teacher_runs_and_records_it(tmp_path):
     assert info["teacher"] == "kvzip" and info["teacher_weight"] == 2.0
     log = __import__("json").loads(path.with_suffix(".log.json").read_text())
     assert all(r["teacher"] > 0 for r in log)
+
+
+def test_a_gate_trained_for_the_models_budget_holds_the_mean_rate_and_sets_its_share(tmp_path):
+    model, tok = tiny_llama(seed=5), _CharTokenizer()
+    torch.manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    net = gates.Gates(2, 4, 2, 16)
+    ids = torch.randint(3, 97, (1, 48))
+    for share in ("head", "model"):
+        with torch.no_grad(), train.gated(model, net, 0.5) as rates:
+            model(ids, use_cache=False)
+        r = torch.stack(rates)
+        row = train.train_step(model, net, torch.optim.SGD(net.parameters(), lr=0.0), ids, 0.3, 10.0, 0.5, share=share)
+        penalty = (r - 0.3).square().mean() if share == "head" else (r.mean() - 0.3).square()
+        assert math.isclose(row["loss"] - row["kl"], 10.0 * float(penalty), rel_tol=1e-4, abs_tol=1e-6)
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(ValueError, match="without an allocation"):
+        train.train_gates(model, tok, path, steps=1, seq_len=48, share="model", allocation=[1.0, 1.0], progress=False)
+    with pytest.raises(ValueError, match="share must be"):
+        train.train_gates(model, tok, path, steps=1, seq_len=48, share="layer", progress=False)
+    train.train_gates(model, tok, path, steps=2, seq_len=48, teacher="kvzip", share="model", progress=False)
+    assert gates.load(path)[1]["share"] == "model"
+    assert kvpass.transform(model, "gate", 0.4, checkpoint=path).kvpass_policy.share == "model"
+    assert kvpass.transform(model, "gate", 0.4, checkpoint=path, share="head").kvpass_policy.share == "head"
+    assert kvpass.transform(model, "gate", 0.4, checkpoint=path, share="layer").kvpass_policy.share == "layer"
+    assert all("share" not in gates.load(gates.shipped(t))[1] for t in (0.25, 0.5))  # shipped: per KV head
 
 
 def test_importing_kvpass_changes_nothing_in_transformers():
