@@ -37,8 +37,9 @@ class AttentionGate(Policy):
 
     ``checkpoint``: a gate file from ``kvpass train-gates``; default: the gate shipped for the
     default model whose keep target (``target``; default the budget if it is a fraction, else 0.5)
-    is nearest. ``share`` defaults to the one the gate was trained for (``--share``: ``"model"``
-    when it learned one budget for the whole model, else ``"head"``). ``gates``: a :class:`kvpass.policies.gate_network.Gates` object instead of a file.
+    is nearest. ``gates``: a :class:`kvpass.policies.gate_network.Gates` object instead of a file.
+    ``share`` defaults to the one the gate was trained for (``--share``: ``"model"`` when it
+    learned one budget for the whole model, else ``"head"``).
 
     From the paper: a learned per-layer gate before attention, per-token per-head flags, in-context
     eviction, training on a frozen model with a keep-rate penalty. Ours: the gate reads the
