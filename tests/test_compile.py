@@ -72,18 +72,19 @@ def test_torch_compile_of_the_module(llama):
     torch.testing.assert_close(torch.compile(small, backend="kvpass")(ids).logits, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("reading", [0, None])
-def test_a_probing_policy_compiles_with_its_probe(llama, reading):
-    # kvzip's probe is appended inside the step (reading=0), or run over the whole buffer after it is
-    # read (reading=None): the compiled prefill runs it and keeps the same slots
+@pytest.mark.parametrize("reading,share", [(0, "head"), (None, "head"), (0, "model")])
+def test_a_probing_policy_compiles_with_its_probe(llama, reading, share):
+    # kvzip's probe is appended inside the step (reading=0, each head its budget), or run over the whole
+    # buffer after it is read (reading=None, or one budget for the model: then after every chunk):
+    # the compiled prefill runs it and keeps the same slots
     torch._dynamo.reset()  # (the prefill's graphs of earlier tests count towards dynamo's recompile limit)
     ids = prompt(int(torch.randint(0, 2**31, ())), B=2, T=33)  # (a lone first token joins a chunk)
-    eager = kvpass.transform(llama, policy="kvzip", budget=12, chunk=16, reading=reading, repeat=(4, 5))
-    compiled = kvpass.transform(llama, policy="kvzip", budget=12, chunk=16, reading=reading, repeat=(4, 5))
+    kw = dict(policy="kvzip", budget=12, chunk=16, reading=reading, repeat=(4, 5), share=share)
+    eager, compiled = kvpass.transform(llama, **kw), kvpass.transform(llama, **kw)
     compiled.compile()
     want = eager.generate(ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(compiled.generate(ids, max_new_tokens=8, do_sample=False), want)
-    assert eager.kvpass_cache.read_whole == (reading is None)
+    assert eager.kvpass_cache.read_whole == (reading is None or share == "model")
     for layer, s in eager.kvpass_cache.slots.items():
         got = compiled.kvpass_cache.slots[layer]
         assert torch.equal(got.pos.sort(-1).values, s.pos.sort(-1).values)

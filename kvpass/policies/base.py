@@ -82,7 +82,8 @@ class Policy:
     that share heads rank by attention probabilities, keep probabilities or positions, alike in
     every layer. Decoding then admits within each layer's pool (:mod:`kvpass.runtime.shares`). An
     ``allocation`` then sets only each layer's equal share, hence its floor (a shipped gate carries
-    the allocation it was trained with).
+    the allocation it was trained with). The default is ``"head"``, except where a policy's scores
+    were measured to share well (``kvzip``: ``"model"``; a gate: what it was trained for).
     """
 
     budget: int | float = 512

@@ -34,6 +34,11 @@ class KVzip(Policy):
     piece attends over the whole buffer and itself, and every entry of the buffer scores the most
     attention a probe query gives it, the softmax over the whole buffer and the probe -- the paper's
     scoring of the whole context, with chunk-sized activations.
+    By default one budget serves the whole model (``share="model"``, as in the paper's non-uniform
+    head budgets and kvpress's default): the entries of all layers and KV heads are ranked together
+    by these probabilities, so the budget goes where reconstruction reads most; the reading buffer
+    (budget + chunk per layer and KV head) is held while the prompt is read. ``share="head"``: each
+    KV head keeps the budget (what a fixed-shape engine needs: ``"layer"`` or ``"head"``).
     The probe costs a second pass over the context while it is prefilled; scoring holds one
     ``[B, H, P, C + T + P]`` probability matrix per layer at a time (P the probe's length).
     A decoded token is not scored (the paper compresses the context only): it enters with the
@@ -47,6 +52,7 @@ class KVzip(Policy):
 
     sink_tokens: int = 4
     repeat: tuple[int, ...] = ()
+    share: str = "model"
     name = "kvzip"
     obs = 1  # the attention mass is not used
     probes = True
