@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 
 # kvpass policy name -> the kvpress class with the same score (KVzipPress, as kvpress sets it
-# by default, shares the budget across layers and heads; kvpass's kvzip keeps it per head); the last two have no kvpass
-# counterpart yet. (kvpress has no H2O as in its paper -- raw sum plus a protected recent window.)
+# by default, shares the budget across layers and heads, as kvpass's kvzip does by default); the last two have no
+# kvpass counterpart yet. (kvpress has no H2O as in its paper -- raw sum plus a protected recent window.)
 PRESSES = {
     "streaming": "StreamingLLMPress",
     "observed": "ObservedAttentionPress",
