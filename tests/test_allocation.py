@@ -161,13 +161,14 @@ def test_cli_calibrates_kvzip_with_its_probe(tmp_path, monkeypatch):
     made, real = [], sensitivity.transform
 
     def spy(model, policy, budget, **kw):
-        made.append(kw.get("repeat"))
+        made.append((kw.get("repeat"), kw.get("share")))
         return real(model, policy, budget, **kw)
 
     monkeypatch.setattr(sensitivity, "transform", spy)
     argv = ["calibrate", "--policy", "kvzip", "--budget", "0.5", "--samples", "1", "--tokens", "120", "--chunk", "32"]
     main([*argv, "--out", str(tmp_path / "kvzip.json")])
-    assert made == [KVzip.instruction(tok)] and len(made[0]) > 0  # the same probe as eval and demo use
+    # the same probe as eval and demo use; each layer its own budget (kvzip's default shares the model's)
+    assert made == [(KVzip.instruction(tok), "head")] and len(made[0][0]) > 0
 
 
 def test_bad_calibrations_are_clear_errors(tmp_path):

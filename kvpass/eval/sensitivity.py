@@ -63,7 +63,8 @@ def sensitivity(
     check_fraction(budget)
     if n_samples <= 0:
         raise ValueError(f"n_samples must be positive, got {n_samples}")
-    knobs = {**policies.text_knobs(policy, tokenizer), **knobs}  # kvzip's probe, say, as eval builds it
+    # kvzip's probe, say, as eval builds it; each layer its own budget (what an allocation scales)
+    knobs = {"share": "head", **policies.text_knobs(policy, tokenizer), **knobs}
     device = next(model.parameters()).device
     data = [(p.to(device), a.to(device)) for p, a in samples(tokenizer, n_samples, tokens)]
     small = transform(model, policy, budget, chunk=chunk, evict_during_decode=False, **knobs)

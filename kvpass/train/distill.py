@@ -314,7 +314,8 @@ def train_gates(
         from kvpass.transform import transform
 
         knobs = policies.text_knobs(teacher, tokenizer)
-        scorer = transform(model, teacher, 1.0, chunk=seq_len, evict_during_decode=False, **knobs)
+        # each KV head its own table of every token's score (the teacher's keep set is ranked here)
+        scorer = transform(model, teacher, 1.0, chunk=seq_len, evict_during_decode=False, share="head", **knobs)
     data = corpus.samples(tokenizer, seq_len, seed, tuple(retrieval))
     for _ in range(len(log)):  # the samples already seen
         next(data)
