@@ -514,9 +514,9 @@ def export_capacity(model: nn.Module, capacity: int | None) -> int:
         )
     if policy.evicts and policy.share == "model":
         raise ValueError(
-            f"policy {policy.name!r} with share='model' (kvzip's default) sizes each layer's pool per prompt, and "
-            "an engine's shapes are fixed: transform the model to export with share='layer' (the KV heads of a "
-            "layer share its slots) or share='head'"
+            f"policy {policy.name!r} with share='model' (kvzip's default, and a gate's trained for it) sizes "
+            "each layer's pool per prompt, and an engine's shapes are fixed: transform the model to export with "
+            "share='layer' (the KV heads of a layer share its slots) or share='head'"
         )
     if capacity is None:
         if not policy.evicts or isinstance(policy.budget, float):
