@@ -38,6 +38,7 @@ def attend(
     chunk_keep: Tensor | None = None,
     keep_window: int = 0,
     sinks: Tensor | None = None,
+    alibi: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attend ``q`` over the kept slots and the chunk; return ``(out, mass)``.
 
@@ -58,10 +59,12 @@ def attend(
     kept is seen only by itself and the queries at most ``keep_window`` positions after it.
     ``sinks [H]`` (optional): each query head's sink logit, which joins every row's softmax and whose
     probability is dropped (GPT-OSS); the mass is of the keys only.
+    ``alibi [H]`` (optional): each query head's ALiBi slope ``m_h``, which adds ``m_h x`` the key's
+    true position to its logits (BLOOM, MPT: their bias, less what is constant along a query's row).
     """
     return attend_attention(
         q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k, value_weighted,
-        chunk_keep, keep_window, sinks,
+        chunk_keep, keep_window, sinks, alibi,
     )  # fmt: skip
 
 
@@ -106,17 +109,19 @@ def attend_reference(
     chunk_keep=None,
     keep_window=0,
     sinks=None,
+    alibi=None,
 ):
     """The op's torch implementation, callable without the dispatcher's per-call cost (eager runtime)."""
     T = q.shape[2]
     mask = visible(slot_valid, slot_pos, pos, window, chunk_keep, keep_window)
+    bias = None if alibi is None else alibi_bias(alibi, slot_pos, pos)
     if isinstance(T, torch.SymInt):  # traced for any chunk length (an exported prefill): no branch on T
         return _attend_any_length(
-            q, k, v, slot_k, slot_v, mask, scale, softcap, obs, entropy_k, value_weighted, sinks
+            q, k, v, slot_k, slot_v, mask, scale, softcap, obs, entropy_k, value_weighted, sinks, bias
         )  # fmt: skip
     obs = min(obs, T)
-    if T == 1 or obs == T or softcap or sinks is not None:
-        probs = _probs(q, (slot_k, k), mask, scale, softcap, sinks)
+    if T == 1 or obs == T or softcap or sinks is not None or bias is not None:
+        probs = _probs(q, (slot_k, k), mask, scale, softcap, sinks, bias)
         C = slot_k.shape[2]
         pg = probs.flatten(2, 3)  # [B, Hkv, G*T, C+T]
         out = (pg[..., :C] @ slot_v.float() + pg[..., C:] @ v.float()).view(*q.shape[:-1], -1).to(q.dtype)
@@ -128,22 +133,24 @@ def attend_reference(
     if probs is None or entropy_k:
         m = mask[:, :, T - obs :]
         lam = mass_scale(m.sum(dim=-1), q.shape[-1], scale, entropy_k)[:, :, None, :, None] if entropy_k else scale
-        probs = _probs(q[:, :, T - obs :], (slot_k, k), m, lam, 0.0 if entropy_k else softcap, sinks)
+        probs = _probs(q[:, :, T - obs :], (slot_k, k), m, lam, 0.0 if entropy_k else softcap, sinks, bias)
     mass = probs.sum(dim=(2, 3))
     return out, mass * value_weights(torch.cat([slot_v, v], dim=2)) if value_weighted else mass
 
 
-def _attend_any_length(q, k, v, slot_k, slot_v, mask, scale, softcap, obs, entropy_k, value_weighted, sinks=None):
+def _attend_any_length(
+    q, k, v, slot_k, slot_v, mask, scale, softcap, obs, entropy_k, value_weighted, sinks=None, bias=None
+):  # fmt: skip
     """``attend_reference`` without a Python branch on the chunk length: every query's probabilities,
     the last ``obs`` queries' summed by a mask (a branch would hold for some lengths only)."""
     B, H, T, D = q.shape
     C = slot_k.shape[2]
-    probs = _probs(q, (slot_k, k), mask, scale, softcap, sinks)
+    probs = _probs(q, (slot_k, k), mask, scale, softcap, sinks, bias)
     pg = probs.flatten(2, 3)
     out = (pg[..., :C] @ slot_v.float() + pg[..., C:] @ v.float()).view(B, H, T, slot_v.shape[-1]).to(q.dtype)
     if entropy_k:
         lam = mass_scale(mask.sum(dim=-1), D, scale, entropy_k)[:, :, None, :, None]
-        probs = _probs(q, (slot_k, k), mask, lam, 0.0, sinks)
+        probs = _probs(q, (slot_k, k), mask, lam, 0.0, sinks, bias)
     observed = torch.arange(T, device=q.device) >= T - obs
     mass = (probs * observed[:, None]).sum(dim=(2, 3))
     return out, mass * value_weights(torch.cat([slot_v, v], dim=2)) if value_weighted else mass
@@ -151,17 +158,18 @@ def _attend_any_length(q, k, v, slot_k, slot_v, mask, scale, softcap, obs, entro
 
 def attend_attention(
     q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k=0,
-    value_weighted=False, chunk_keep=None, keep_window=0, sinks=None,
+    value_weighted=False, chunk_keep=None, keep_window=0, sinks=None, alibi=None,
 ):  # fmt: skip
     """``kvpass::attend`` without the dispatcher. Where :func:`backend.use_triton` says so (CUDA, by
-    default) and there is no soft-capping or sink (which SDPA lacks): the output from fused SDPA and
-    the mass from the Triton chunk-scoring kernel, so no probability matrix is built. Else the reference."""
-    fused = not softcap and sinks is None  # what SDPA computes
+    default) and there is no soft-capping, sink or ALiBi (which the kernel lacks): the output from
+    fused SDPA and the mass from the Triton chunk-scoring kernel, so no probability matrix is built.
+    Else the reference."""
+    fused = not softcap and sinks is None and alibi is None  # what SDPA and the kernel compute
     if backend.use_triton(q, slot_v) and fused and not torch.compiler.is_exporting():  # an engine: torch ops only
         if torch.compiler.is_compiling():  # a compiled step sees the op, opaque
             return attend(
                 q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k,
-                value_weighted, chunk_keep, keep_window, sinks,
+                value_weighted, chunk_keep, keep_window, sinks, alibi,
             )  # fmt: skip
         from .mass_triton import chunk_mass_triton
 
@@ -173,8 +181,16 @@ def attend_attention(
         return _sdpa(q, k, v, slot_k, slot_v, mask, scale), mass
     return attend_reference(
         q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k, value_weighted,
-        chunk_keep, keep_window, sinks,
+        chunk_keep, keep_window, sinks, alibi,
     )  # fmt: skip
+
+
+def alibi_bias(alibi: Tensor, slot_pos: Tensor, pos: Tensor) -> Tensor:
+    """ALiBi's bias ``[B, Hkv, G, 1, C + T]`` (fp32) for ``_probs``: query head ``h``'s slope times
+    each key's true position, the slots' (``slot_pos [B, Hkv, C]``) then the chunk's (``pos [B, T]``)."""
+    B, Hkv, _ = slot_pos.shape
+    keys = torch.cat([slot_pos, pos[:, None, :].expand(B, Hkv, pos.shape[1])], dim=-1).float()
+    return alibi.float().view(1, Hkv, -1, 1, 1) * keys[:, :, None, None, :]
 
 
 def _sdpa(q, k, v, slot_k, slot_v, mask, scale):
@@ -204,10 +220,13 @@ def value_weights(values: Tensor) -> Tensor:
     return values.float().square().sum(dim=-1)
 
 
-def _probs(q: Tensor, keys: tuple[Tensor, ...], mask: Tensor, scale, softcap: float = 0.0, sinks=None) -> Tensor:
+def _probs(
+    q: Tensor, keys: tuple[Tensor, ...], mask: Tensor, scale, softcap: float = 0.0, sinks=None, bias=None
+) -> Tensor:
     """Softmax probabilities ``[B, Hkv, G, T, N]`` (fp32) of ``q`` over the concatenated ``keys``
     (``scale``: a number, or per query ``[B, Hkv, 1, T, 1]``; ``sinks [H]``: a logit per query
-    head that joins the softmax, its probability dropped)."""
+    head that joins the softmax, its probability dropped; ``bias``: added to the logits, ALiBi's
+    from :func:`alibi_bias`)."""
     B, H, T, D = q.shape
     Hkv = keys[0].shape[1]
     G = H // Hkv
@@ -217,6 +236,8 @@ def _probs(q: Tensor, keys: tuple[Tensor, ...], mask: Tensor, scale, softcap: fl
     logits = logits.view(B, Hkv, G, T, -1) * scale
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
+    if bias is not None:
+        logits = logits + bias
     logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
     if sinks is None:
         return logits.softmax(dim=-1)

@@ -34,6 +34,7 @@ def decode(
     k_new: Tensor | None = None,
     v_new: Tensor | None = None,
     sinks: Tensor | None = None,
+    alibi: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attend ``q [B, H, 1, D]`` over the valid slots ``slot_k, slot_v [B, Hkv, N, D]`` and, if
     given, the token's own ``k_new, v_new [B, Hkv, 1, D]`` (seen unless ``pos`` is -1: padding).
@@ -45,35 +46,37 @@ def decode(
     dtype) and ``mass [B, Hkv, N (+ 1)]`` (fp32): each key's probability (the slots', then the new
     token's), summed over the query heads that share its KV head. A row that sees no key gets NaN.
     ``entropy_k`` and ``value_weighted`` change only the mass, as in ``kvpass::attend``; so does
-    ``sinks [H]`` (each query head's sink logit, its probability dropped), as there.
+    ``sinks [H]`` (each query head's sink logit, its probability dropped), as there, and
+    ``alibi [H]`` (each query head's ALiBi slope, times the key's position added to its logits).
     """
     return decode_attention(
         q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, entropy_k, value_weighted, k_new, v_new,
-        sinks,
+        sinks, alibi,
     )  # fmt: skip
 
 
 def decode_attention(
     q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window=0, softcap=0.0, entropy_k=0, value_weighted=False,
-    k_new=None, v_new=None, sinks=None,
+    k_new=None, v_new=None, sinks=None, alibi=None,
 ):  # fmt: skip
     """``kvpass::decode`` without the dispatcher: the Triton kernel (:mod:`.decode_triton`) for CUDA
     tensors where Triton is installed and the head dim is a power of two >= 16 (inside a compiled
     step, as the opaque op), else the torch reference, which Inductor compiles with the rest of the
     step. Returns ``(out, mass)``. ``backend.BACKEND`` overrides the choice."""
     args = (q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, entropy_k, value_weighted)
-    if backend.use_triton(q, slot_v) and sinks is None and not torch.compiler.is_exporting():  # engines: torch ops
+    plain = sinks is None and alibi is None  # what the kernel computes
+    if backend.use_triton(q, slot_v) and plain and not torch.compiler.is_exporting():  # engines: torch ops
         if torch.compiler.is_compiling():
             return decode(*args, k_new, v_new)
         from .decode_triton import decode_triton
 
         return decode_triton(*args, k_new=k_new, v_new=v_new)
-    return decode_reference(*args, k_new, v_new, sinks)
+    return decode_reference(*args, k_new, v_new, sinks, alibi)
 
 
 @decode.register_fake
 def _(q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, entropy_k=0, value_weighted=False,
-      k_new=None, v_new=None, sinks=None):  # fmt: skip
+      k_new=None, v_new=None, sinks=None, alibi=None):  # fmt: skip
     B, Hkv, N = slot_valid.shape
     out = q.new_empty((*q.shape[:-1], slot_v.shape[-1]))
     return out, q.new_empty((B, Hkv, N + int(k_new is not None)), dtype=torch.float32)
@@ -81,7 +84,7 @@ def _(q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, entr
 
 def decode_reference(
     q, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, entropy_k=0, value_weighted=False,
-    k_new=None, v_new=None, sinks=None,
+    k_new=None, v_new=None, sinks=None, alibi=None,
 ):  # fmt: skip
     """The op's torch implementation, callable without the dispatcher's per-call cost (eager runtime)."""
     B, H, _, D = q.shape
@@ -98,6 +101,10 @@ def decode_reference(
     logits = raw * scale
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
+    if alibi is not None:  # each query head's slope times the key's position
+        keys = slot_pos if k_new is None else torch.cat([slot_pos, pos[:, :, None].expand(B, Hkv, 1)], dim=-1)
+        bias = alibi.float().view(1, Hkv, G, 1) * keys[:, :, None, :].float()
+        logits = logits + bias
     logits = torch.where(seen[:, :, None], logits, float("-inf"))
     if sinks is None:
         probs = logits.softmax(dim=-1)
@@ -110,7 +117,8 @@ def decode_reference(
         out = out + probs[..., N:].reshape(rows, G, 1) * v_new.reshape(rows, 1, Dv).float()
     if entropy_k:  # the raw products q.k at the adaptive scale (soft-capping is left out of scoring)
         lam = mass_scale(seen.sum(dim=-1), D, scale, entropy_k)[:, :, None, None]
-        probs = torch.where(seen[:, :, None], raw * lam, float("-inf")).softmax(dim=-1)
+        scored = raw * lam if alibi is None else raw * lam + bias
+        probs = torch.where(seen[:, :, None], scored, float("-inf")).softmax(dim=-1)
     mass = probs.sum(dim=2)
     if value_weighted:
         weights = value_weights(slot_v)

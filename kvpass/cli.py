@@ -76,6 +76,8 @@ def inspect(args: argparse.Namespace) -> None:
             mask += f", soft-cap {s.softcap:g}"
         if s.sinks is not None:
             mask += ", sinks"
+        if s.alibi:
+            mask += ", ALiBi"
         kv = f"{s.kv_heads}" + (" (measured)" if s.kv_stride > 1 else "")
         action = s.action if not s.reason else f"{s.action}: {s.reason}"
         row = [str(s.layer), s.module, str(s.heads), kv, str(s.head_dim), f"{s.scale:.4g}", mask, action]

@@ -106,7 +106,7 @@ def transform(
             f"no attention found in {type(model).__name__}: kvpass looked for scaled_dot_product_attention calls "
             "and eager attention (q @ k^T, scale, mask, softmax, @ v) in its exported forward"
             + (
-                f"; it has {n} softmax call(s) in no form kvpass knows (ALiBi, a bias on the scores, is not supported)"
+                f"; it has {n} softmax call(s) in no form kvpass knows"
                 if (
                     n := sum(
                         node.target in (torch.ops.aten.softmax.int, torch.ops.aten._softmax.default)

@@ -63,8 +63,7 @@ def capture(model: nn.Module, vocab_size: int = 2) -> torch.fx.GraphModule:
             f"{type(model).__name__}.forward takes no token positions (an argument named one of "
             f"{', '.join(POSITION_NAMES)}) and makes none by arange over its input: kvpass runs a model a chunk "
             "or a token at a time, and each call must be told where its tokens are. Add such an argument (used "
-            "where the model makes positions, e.g. torch.arange(T)). Models that add a positional bias to their "
-            "attention scores from the attention mask (ALiBi: BLOOM, MPT) are not supported."
+            "where the model makes positions, e.g. torch.arange(T))."
         )
     return gm
 

@@ -5,18 +5,22 @@ Recognised (every piece optional unless said):
 - scores (required): ``matmul(q, k.transpose(-2, -1))`` (or ``k.permute(0, 1, 3, 2)``), an
   ``einsum`` of two 4-D operands in any layout and with any letters (``"bhqd,bhkd->bhqk"``,
   ``"bqhd,bkhd->bhqk"``, ``"ntjd,nsjd->njts"``...: two letters shared by both operands and the
-  result, one summed, one of each operand's own), or ``bmm`` / ``baddbmm(zeros, ...)`` of
-  ``[B*H, T, D]`` reshapes of ``[B, H, T, D]`` tensors;
+  result, one summed, one of each operand's own), or ``bmm`` / ``baddbmm(bias, ...)`` of
+  ``[B*H, T, D]`` reshapes of ``[B, H, T, D]`` tensors (BLOOM's ALiBi is ``baddbmm``'s bias: it
+  joins the additive mask);
 - a scale by a constant (``mul`` or ``div`` by a number or a 0-dim constant tensor, in place or
   not; ``baddbmm``'s ``alpha``);
 - logit soft-capping ``c * tanh(x / c)`` (Gemma 2);
 - attention sinks (GPT-OSS): a per-head logit concatenated to the scores before the softmax,
   whose column is sliced off after it;
-- an additive mask (``add``), a boolean fill (``masked_fill(cond, -inf)``) or a selection
-  (``where(cond, scores, most negative)``, GPT-Neo), or the last under the first;
-- ``softmax(-1)`` (required; also computed in fp32 and cast back), ``dropout`` in eval mode;
+- additive masks or biases (``add``), boolean fills (``masked_fill(cond, -inf or most negative)``)
+  and selections (``where(cond, scores, most negative)``, GPT-Neo), in any order: they become one
+  mask, the sum of the additive terms where every condition lets a key be seen, ``-inf`` elsewhere
+  (a bias in it is measured later: :mod:`.find_attention`);
+- ``softmax(-1)`` (required; also computed in fp32, or on scores cast to it, and cast back),
+  ``dropout`` in eval mode;
 - the product with ``v`` (required), by the same kind of op as the scores (an einsum's letters
-  need not match the scores' ones).
+  need not match the scores' ones; ``bmm`` scores viewed as ``[B, H, T, T]`` may be viewed back).
 
 Operands in another layout are permuted to ``[B, H, T, D]`` around the attention node.
 
@@ -54,7 +58,7 @@ class Match:
     q: fx.Node
     k: fx.Node
     v: fx.Node
-    mask: fx.Node | tuple | None
+    mask: tuple  # (additive terms, conditions): each condition a node and whether a key is seen where it holds
     scale: float
     softcap: float
     out: fx.Node
@@ -98,31 +102,35 @@ def _unbatch(n: fx.Node) -> fx.Node | None:
 
 
 def _scores(x: fx.Node):
-    """``(q, k, kind, scale)`` if ``x`` is the ``q @ k^T`` of an attention."""
+    """``(q, k, kind, scale, bias)`` if ``x`` is the ``q @ k^T`` of an attention; ``bias``:
+    ``baddbmm``'s input times its ``beta`` (``[B*H, T or 1, S]``, or None)."""
     if _call(x, aten.matmul.default) and _call(x.args[1], aten.transpose.int):
         kt = x.args[1]
         if _rank(x) == 4 and sorted(d % 4 for d in kt.args[1:]) == [2, 3]:
-            return x.args[0], kt.args[0], "matmul", 1.0
+            return x.args[0], kt.args[0], "matmul", 1.0, None
     if _call(x, aten.matmul.default) and _call(x.args[1], aten.permute.default) and _rank(x) == 4:
         if [d % 4 for d in x.args[1].args[1]] == [0, 1, 3, 2]:
-            return x.args[0], x.args[1].args[0], "matmul", 1.0
+            return x.args[0], x.args[1].args[0], "matmul", 1.0, None
     if _call(x, aten.einsum.default) and len(x.args[1]) == 2 and _score_roles(x):
-        return *x.args[1], "einsum", 1.0
+        return *x.args[1], "einsum", 1.0, None
     bmm = _call(x, aten.bmm.default)
-    zeros = _call(x, aten.baddbmm.default) and _call(x.args[0], aten.zeros.default) and x.kwargs.get("beta", 1) != 0
-    if bmm or zeros:
-        q, kt = x.args[1:3] if zeros else x.args
+    added = _call(x, aten.baddbmm.default) and _const(x.kwargs.get("beta", 1))
+    if bmm or added:
+        q, kt = x.args[1:3] if added else x.args
+        bias, beta = (x.args[0], x.kwargs.get("beta", 1)) if added else (None, 0)
+        if _call(bias, aten.zeros.default) or beta == 0:
+            bias = None
         if (
             _call(kt, aten.transpose.int)
             and sorted(d % 3 for d in kt.args[1:]) == [1, 2]
             and (q4 := _unbatch(q))
             and (k4 := _unbatch(kt.args[0]))
         ):
-            return q4, k4, "bmm", float(x.kwargs.get("alpha", 1.0))
+            return q4, k4, "bmm", float(x.kwargs.get("alpha", 1.0)), None if bias is None else (bias, float(beta))
     if _call(x, *_RESHAPE) and _rank(x) == 4 and _rank(x.args[0]) == 3:  # bmm scores viewed as [B, H, T, T]
         found = _scores(x.args[0])
         if found is not None and found[2] == "bmm":
-            return *found[:2], "matmul", found[3]  # softmax and the product with v then in 4-D
+            return *found[:2], "bmm4", *found[3:]  # softmax (and maybe the product with v) then in 4-D
     return None
 
 
@@ -175,11 +183,11 @@ def _einsum_perms(scores: fx.Node, out: fx.Node) -> tuple | None:
 
 
 def _values(out: fx.Node, probs: fx.Node, kind: str) -> fx.Node | None:
-    if kind == "matmul" and _call(out, aten.matmul.default) and out.args[0] is probs:
+    if kind in ("matmul", "bmm4") and _call(out, aten.matmul.default) and out.args[0] is probs:
         return out.args[1]
     if kind == "einsum" and _call(out, aten.einsum.default) and out.args[1][0] is probs:
         return out.args[1][1]
-    if kind == "bmm" and _call(out, aten.bmm.default) and out.args[0] is probs:
+    if kind in ("bmm", "bmm4") and _call(out, aten.bmm.default) and out.args[0] is probs:
         return _unbatch(out.args[1])
     return None
 
@@ -224,6 +232,25 @@ def _fill_value(gm: fx.GraphModule, n) -> float | None:
     return _scalar(n)
 
 
+def _mask_terms(x: fx.Node, gm: fx.GraphModule | None) -> tuple[fx.Node, list, list]:
+    """Peel what is added to or masks the scores off ``x``: ``(scores, additive terms, conditions)``,
+    each condition ``(node, seen)``: a key is seen where the node equals ``seen``."""
+    adds, conds = [], []
+    while True:
+        x = _floored(x)
+        if _call(x, aten.add.Tensor) and isinstance(x.args[1], fx.Node):
+            adds.append(x.args[1])
+            x = x.args[0]
+        elif _call(x, aten.masked_fill.Scalar) and _const(x.args[2]) and x.args[2] <= -1e30:
+            conds.append((x.args[1], False))
+            x = x.args[0]
+        elif _call(x, aten.where.self) and gm is not None and ((_fill_value(gm, x.args[2]) or 0.0) <= -1e4):
+            conds.append((x.args[0], True))  # where(cond, scores, most negative): GPT-Neo's own mask
+            x = x.args[1]
+        else:
+            return x, adds, conds
+
+
 def _match(softmax: fx.Node, gm: fx.GraphModule | None = None) -> Match | None:
     if _rank(softmax) not in (3, 4):
         return None
@@ -232,22 +259,19 @@ def _match(softmax: fx.Node, gm: fx.GraphModule | None = None) -> Match | None:
         x, sinks = x.args[0][0], _sink_source(x.args[0][1])
         if sinks is None:
             return None
-    x, mask, scale, softcap, mask4 = _floored(x), None, 1.0, 0.0, False
+    while _call(x, aten.to.dtype, aten._to_copy.default):  # scores cast (to fp32) for the softmax
+        x = x.args[0]
+    scale, softcap, mask4 = 1.0, 0.0, False
+    x = _floored(x)
     inner = _floored(x.args[0]) if _call(x, *_RESHAPE) else None
     if _rank(x) == 3 and _call(inner, aten.add.Tensor) and _rank(inner) == 4:
         # [B*H, T, T] scores viewed as [B, H, T, T] to add the mask, and back
         if _call(inner.args[0], *_RESHAPE) and _rank(inner.args[0].args[0]) == 3 and isinstance(inner.args[1], fx.Node):
-            x, mask, mask4 = inner.args[0].args[0], inner.args[1], True
-    elif _call(x, aten.add.Tensor) and isinstance(x.args[1], fx.Node):
-        x, mask = x.args[0], x.args[1]
-    elif _call(x, aten.masked_fill.Scalar) and x.args[2] == -math.inf:
-        x, mask = x.args[0], ("not", x.args[1])
-    # where(causal, scores, most negative): GPT-Neo's own mask, under the additive one
-    if _call(x, aten.where.self) and gm is not None and ((_fill_value(gm, x.args[2]) or 0.0) <= -1e4):
-        cond, x = x.args[0], x.args[1]
-        if isinstance(mask, tuple):
+            x, adds, conds, mask4 = inner.args[0].args[0], [inner.args[1]], [], True
+        else:
             return None
-        mask = ("where", cond, mask)
+    else:
+        x, adds, conds = _mask_terms(x, gm)
     # c * tanh(x / c)
     if _call(x, *_MUL) and _const(x.args[1]) and _call(x.args[0], aten.tanh.default):
         inner = x.args[0].args[0]
@@ -260,11 +284,13 @@ def _match(softmax: fx.Node, gm: fx.GraphModule | None = None) -> Match | None:
     found = _scores(x)
     if found is None:
         return None
-    q, k, kind, alpha = found
+    q, k, kind, alpha, bias = found
+    if bias is not None and (softcap or not isinstance(_shape(q)[1], int)):
+        return None  # a bias under the soft-cap, or heads of unknown number: not one mask
     key_dim = _score_roles(x)["z"].index(_score_roles(x)["k"]) if kind == "einsum" else _rank(softmax) - 1
     if softmax.args[1] % _rank(softmax) != key_dim:
         return None
-    if kind == "bmm" and isinstance(mask, fx.Node) and _rank(mask) > 2 and not mask4:
+    if kind == "bmm" and any(_rank(a) > 2 for a in adds) and not mask4:
         return None  # a per-(batch x head) mask: not expressible on [B, H, T, T] without its sizes
     probs = softmax
     while (user := _only_user(probs)) is not None and (
@@ -272,7 +298,10 @@ def _match(softmax: fx.Node, gm: fx.GraphModule | None = None) -> Match | None:
         or (_call(user, aten.dropout.default) and not user.args[2])
     ):
         probs = user
-    if not _same(_shape(probs), _shape(softmax)):  # reshapes that come back to the probabilities' shape only
+    batched = kind == "bmm"
+    if kind == "bmm4" and _rank(probs) == 3 and _rank(softmax) == 4:  # viewed back to [B*H, T, S] for a bmm
+        batched = True
+    elif not _same(_shape(probs), _shape(softmax)):  # reshapes that come back to the probabilities' shape only
         return None
     if sinks is not None:  # the sink's column sliced off
         user = _only_user(probs)
@@ -290,7 +319,9 @@ def _match(softmax: fx.Node, gm: fx.GraphModule | None = None) -> Match | None:
     v = _values(out, probs, kind) if out is not None else None
     if v is None:
         return None
-    match = Match(q, k, v, mask, scale * alpha, softcap, out, kind == "bmm", sinks)
+    if bias is not None:
+        adds = [*adds, ("bias", *bias, _shape(q)[1])]
+    match = Match(q, k, v, (adds, conds), scale * alpha, softcap, out, batched, sinks)
     if kind == "einsum":
         perms = _einsum_perms(x, out)
         if perms is None:
@@ -315,6 +346,35 @@ def _to_rank4(g: fx.Graph, x: fx.Node) -> fx.Node:
     return x
 
 
+def _node(g: fx.Graph, target, args: tuple) -> fx.Node:
+    """A new node of ``g``, its fake value computed from its arguments' (shapes stay symbolic)."""
+    node = g.call_function(target, args)
+    fake = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
+    node.meta = {"val": target(*fake)}
+    return node
+
+
+def _one_mask(g: fx.Graph, adds: list, conds: list) -> fx.Node | None:
+    """One mask for SDPA: the additive terms summed (a ``baddbmm`` bias ``[B*H, ., S]`` viewed as
+    ``[B, H, ., S]`` and scaled by its ``beta``) where every condition lets a key be seen, ``-inf``
+    elsewhere; a boolean mask if there is no additive term."""
+    total = None
+    for a in adds:
+        if isinstance(a, tuple):  # ("bias", node, beta, heads)
+            _, bias, beta, heads = a
+            a = _node(g, aten.unflatten.int, (bias, 0, [-1, heads]))
+            if beta != 1:
+                a = _node(g, aten.mul.Tensor, (a, beta))
+        total = a if total is None else _node(g, aten.add.Tensor, (total, a))
+    seen = None
+    for cond, when in conds:
+        c = cond if when else _node(g, aten.logical_not.default, (cond,))
+        seen = c if seen is None else _node(g, aten.logical_and.default, (seen, c))
+    if seen is None or total is None:
+        return seen if total is None else total
+    return _node(g, aten.where.ScalarOther, (seen, total, -math.inf))
+
+
 def eager_to_sdpa(gm: fx.GraphModule) -> int:
     """Rewrite every recognised eager attention of ``gm`` into one attention node; return how many."""
     found = 0
@@ -325,19 +385,7 @@ def eager_to_sdpa(gm: fx.GraphModule) -> int:
         g = gm.graph
         qp, kp, sp, vp, op = m.perms
         with g.inserting_before(m.out):
-            mask = m.mask
-            if isinstance(mask, tuple) and mask[0] == "not":  # masked_fill(cond, -inf): attend where not cond
-                mask = g.call_function(aten.logical_not.default, (m.mask[1],))
-                mask.meta = dict(m.mask[1].meta)
-            elif isinstance(mask, tuple):  # where(cond, scores, -big) (+ an additive mask): one mask
-                _, cond, added = mask
-                if added is None:
-                    mask = cond
-                else:
-                    mask = g.call_function(aten.where.ScalarOther, (cond, added, -math.inf))
-                    mask.meta = dict(added.meta)
-                    shape = torch.broadcast_shapes(cond.meta["val"].shape, added.meta["val"].shape)
-                    mask.meta["val"] = added.meta["val"].new_empty(shape)
+            mask = _one_mask(g, *m.mask)
             q, k, v = _permute(g, m.q, qp), _permute(g, m.k, kp), _permute(g, m.v, vp)
             if isinstance(mask, fx.Node) and sp != _CANON:
                 mask = _permute(g, _to_rank4(g, mask), sp)

@@ -9,7 +9,11 @@ What the graph's structure does not say plainly is measured: the graph is run on
 probe, and
 
 - every site's effective mask is classified as causal, causal with a sliding window, or
-  something else (skipped) -- mask construction differs between models and versions;
+  something else (skipped) -- mask construction differs between models and versions; an additive
+  mask's finite entries are a bias on the scores, taken only where it is ALiBi's (BLOOM, MPT):
+  ``m_h * j`` plus anything constant along a query's row (``j`` the key's position, ``m_h`` a slope
+  per query head), which kvpass adds from the positions it keeps per slot; any other bias is
+  skipped (dropping it would be silently wrong);
 - a single KV head that attention broadcasts to every query head (Falcon's multi-query) is
   taken as it is;
 - where no repetition was found, heads whose keys *and* values are identical on the probe are
@@ -49,6 +53,7 @@ class Site:
     sliding_window: int | None
     softcap: float = 0.0  # attention logits capped to (-c, c) by c * tanh(x / c); 0 = none
     value_dim: int = 0  # head dim of the values (0: head_dim; multi-head latent attention differs)
+    alibi: tuple[float, ...] = ()  # ALiBi: per query head, the slope m_h of the bias m_h x key position; () none
     kv_stride: int = 1  # the site's k/v repeat each KV head this many times (read every kv_stride-th head)
     action: str = "rewrite"  # or "skip"
     reason: str = ""
@@ -77,7 +82,7 @@ def find_attention(gm: fx.GraphModule, probe: tuple | None = None) -> list[Site]
             site.k, site.v, site.kv_heads = node.args[1], node.args[2], H  # keys and values grouped differently
         site.value_dim = int(_shape(v)[-1])
         if node in measured:
-            kind, group = measured[node]
+            kind, group, site.alibi = measured[node]
             site.causal = kind is not None
             site.sliding_window = kind or None
             if kind is None and site.action == "rewrite":
@@ -173,12 +178,17 @@ class _Probe(fx.Interpreter):
             a = _attn_args(n)
             q, k, v = (self.env[x] for x in n.args[:3])
             mask = self.env[a["mask"]] if isinstance(a["mask"], fx.Node) else None
-            self.found[n] = (_classify(mask, a["causal"], q.shape[2], k.shape[2]), _head_group(k, v))
+            slopes = ()
+            if mask is not None and mask.dtype != torch.bool:
+                mask, slopes = _alibi(mask, q.shape[1])
+            found = _classify(mask, a["causal"], q.shape[2], k.shape[2])
+            self.found[n] = (found, _head_group(k, v), slopes if found is not None else ())
         return out
 
 
 def _measure(gm: fx.GraphModule, nodes: list[fx.Node], probe: tuple) -> dict:
-    """For every attention node: (mask kind, see :func:`_classify`; head group size, see :func:`_head_group`)."""
+    """For every attention node: (mask kind, see :func:`_classify`; head group size, see
+    :func:`_head_group`; ALiBi slopes, see :func:`_alibi`)."""
     interp = _Probe(gm, nodes)
     try:
         with torch.no_grad():
@@ -226,6 +236,38 @@ def _head_group(k: torch.Tensor, v: torch.Tensor) -> int:
         if H % G == 0 and all(bool((g == g[:, :, :1]).all()) for g in (t.unflatten(1, (H // G, G)) for t in (k, v))):
             return G
     return 1
+
+
+def _alibi(mask: torch.Tensor, heads: int) -> tuple[torch.Tensor, tuple[float, ...]]:
+    """An additive mask ``[..., T, S]`` measured on the probe (keys at positions ``0 .. S-1``) without
+    its bias, and the bias's ALiBi slopes: where its finite entries are ``m_h * j + c`` (``c``
+    constant along each query's row, which the softmax ignores), ``m_h`` per query head, the mask
+    comes back as 0 / -inf and the slopes as a tuple; else the mask as it was and ``()``."""
+    seen = mask > -1e4  # what masks is very negative; a bias is not
+    finite = mask.double().masked_fill(~seen, 0.0)
+    if not bool(finite.any()) or mask.dim() < 2:
+        return mask, ()
+    S = mask.shape[-1]
+    bias = finite.reshape(-1, *mask.shape[-2:]) if mask.dim() < 4 else finite
+    bias = bias.reshape(-1, bias.shape[-3], *mask.shape[-2:])  # [B, H or 1, T, S]
+    see = seen.reshape(bias.shape) if seen.numel() == bias.numel() else seen.expand(*mask.shape).reshape(bias.shape)
+    if bias.shape[1] not in (1, heads):
+        return mask, ()
+    last = see[:, :, -1]  # the last query sees the most keys (causal)
+    j = torch.arange(S, dtype=torch.float64)
+    first = torch.where(last, j, float(S)).amin(dim=-1).long()
+    end = torch.where(last, j, -1.0).amax(dim=-1).long()
+    if bool((end <= first).any()):
+        return mask, ()
+    rows = bias[:, :, -1]
+    slope = (rows.gather(-1, end[..., None]) - rows.gather(-1, first[..., None]))[..., 0] / (end - first)  # [B, H']
+    rest = torch.where(see, bias - slope[..., None, None] * j, torch.nan)
+    row = rest.nanmean(dim=-1, keepdim=True)
+    tol = 1e-4 * (1.0 + float(bias.abs().max()))
+    if not bool(((rest - row).abs() <= tol).logical_or_(~see).all()) or float((slope - slope[:1]).abs().max()) > tol:
+        return mask, ()
+    plain = torch.zeros_like(mask).masked_fill(~seen, -torch.inf)
+    return plain, tuple(float(m) for m in slope[0].expand(heads))
 
 
 def _classify(mask, is_causal: bool, Tq: int, Tk: int) -> int | None:

@@ -53,6 +53,14 @@ ARCHITECTURES = {
         },
         "eager",
     ),
+    # ALiBi: a slope per head times the key's position, added to the scores (BLOOM: baddbmm's bias)
+    "bloom": (T.BloomConfig, T.BloomForCausalLM, {"hidden_size": 64, "n_layer": 2, "n_head": 4}, "eager"),
+    "mpt": (
+        T.MptConfig,
+        T.MptForCausalLM,
+        {"d_model": 64, "n_heads": 4, "n_layers": 2, "expansion_ratio": 2, "max_seq_len": 256},
+        "eager",
+    ),
 }
 
 

@@ -46,6 +46,11 @@ class SDPAModel(nn.Module):
                 bias = -0.5 * (i[:, None] - i[None, :]).float()
                 mask = bias.masked_fill(i[:, None] < i[None, :], float("-inf"))
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            elif self.form == "distance_bias":  # a bias on the scores that is not ALiBi's (quadratic in distance)
+                i = torch.arange(T, device=x.device)
+                bias = -0.1 * (i[:, None] - i[None, :]).float().square()
+                mask = bias.masked_fill(i[:, None] < i[None, :], float("-inf"))
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             elif self.form == "bidirectional":
                 y = F.scaled_dot_product_attention(q, k, v)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))

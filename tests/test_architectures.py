@@ -1,6 +1,7 @@
 """The architecture matrix: for every model, full budget reproduces the original logits through
 chunked prefill and decoding, and a small budget runs with its cache bounded."""
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -25,7 +26,10 @@ EXPECTED = {
     "gpt_neox": (4, [None, None], 0.0),
     "opt": (4, [None, None], 0.0),
     "falcon": (2, [None, None], 0.0),  # K/V repeated before RoPE: found by measuring
+    "bloom": (4, [None, None], 0.0),  # ALiBi
+    "mpt": (4, [None, None], 0.0),  # ALiBi
 }
+ALIBI = {"bloom", "mpt"}
 
 
 OLD_TRANSFORMERS = tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (5, 3)
@@ -46,6 +50,7 @@ def test_sites_are_described(arch):
     assert [s.kv_heads for s in sites] == [kv_heads] * 2
     assert [s.sliding_window for s in sites] == windows
     assert [s.softcap for s in sites] == [softcap] * 2
+    assert all(bool(s.alibi) == (name in ALIBI) for s in sites)
 
 
 def test_full_budget_reproduces_logits(arch):
@@ -156,3 +161,25 @@ def test_gpt_neo_local_window_is_read_from_its_mask_buffer():
     exact = kvpass.transform(model, policy="full", chunk=16)
     ref = step_logits(model, ids, 8, DynamicCache(config=model.config))
     assert (step_logits(exact, ids, 8, None) - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(ALIBI))
+def test_alibi_left_padded_compiled_and_exported(name, tmp_path):
+    """ALiBi's bias comes from the positions kvpass keeps per slot: a left-padded batch gets the
+    original's tokens at full budget; at a small budget, the compiled step and the ONNX engine give
+    the eager tokens. (MPT's config says ``use_cache=False``: generate() would feed the whole
+    sequence each step, a fresh prompt; the comparison is of decoding on the cache.)"""
+    model = build(name)
+    ids = prompt(int(torch.randint(0, 2**31, ())), B=2, T=40)
+    mask = torch.ones_like(ids)
+    ids[0, :9], mask[0, :9] = 0, 0
+    exact = kvpass.transform(model, policy="full", chunk=16)
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    torch.testing.assert_close(exact.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False), want)
+    small = kvpass.transform(model, policy="tova", budget=12, chunk=16)
+    want = small.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True)
+    compiled = kvpass.transform(model, policy="tova", budget=12, chunk=16)
+    compiled.compile()
+    assert torch.equal(compiled.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True), want)
+    engine = kvpass.OnnxEngine(kvpass.export_onnx(small, tmp_path / f"{name}.onnx"))
+    assert np.array_equal(engine.generate(ids.numpy(), 8), want.numpy())

@@ -189,9 +189,11 @@ def prefill(
     keep: int | None = None,
     sinks: Tensor | None = None,
     probe: int = 0,
+    alibi: Tensor | None = None,
 ) -> Tensor:
     """Attend the chunk (``q [B, H, T, D]``, ``k, v [B, Hkv, T, D]``, ``pos [B, T]``, -1 = padding)
-    over the layer's ``slots`` and itself (with ``sinks [H]``, each head's sink logit, if given);
+    over the layer's ``slots`` and itself (with ``sinks [H]``, each head's sink logit, and
+    ``alibi [H]``, each head's ALiBi slope, if given);
     the best ``keep`` per KV head (default: all the capacity) of the candidates -- the slots and the
     chunk's entries -- become its slots (written in place): per KV head, or over the layer's pool
     (each head's entries ranked by its own scores). The last ``probe`` tokens are the policy's probe
@@ -207,7 +209,7 @@ def prefill(
         chunk_keep = ~policy.drops(gate) | (pos < policy.sink_tokens)[:, None, :]
     out, mass = attend_attention(
         q, k, v, view.keys, view.values, view.valid, view.pos, pos, scale, window, softcap, policy.obs,
-        policy.mass_entropy_k, policy.mass_by_value, chunk_keep, policy.window, sinks,
+        policy.mass_entropy_k, policy.mass_by_value, chunk_keep, policy.window, sinks, alibi,
     )  # fmt: skip
     seen = None
     if probe:
@@ -237,16 +239,17 @@ def prefill(
 
 
 def decode(
-    policy: Policy, q, k, v, pos, slots: Slots, scale: float, window=0, softcap=0.0, sinks: Tensor | None = None
+    policy: Policy, q, k, v, pos, slots: Slots, scale: float, window=0, softcap=0.0, sinks=None, alibi=None
 ) -> tuple[Tensor, Tensor]:
     """A decoded token (``q [B, H, 1, D]``, ``k, v [B, Hkv, 1, D]``, ``pos [B, 1]``) attends over the
-    layer's slots and its own key; returns ``(out, mass [B, Hkv, S + 1])`` (per KV head: a pool's
-    slots are every head's, and a head's mass is zero on the slots it does not own). The slots are
-    only read: :func:`admit` writes the token later."""
+    layer's slots and its own key (``sinks``, ``alibi``: as :func:`prefill`'s); returns
+    ``(out, mass [B, Hkv, S + 1])`` (per KV head: a pool's slots are every head's, and a head's mass
+    is zero on the slots it does not own). The slots are only read: :func:`admit` writes the token
+    later."""
     s = per_head(slots, k.shape[1])
     return decode_attention(
         q, s.keys, s.values, s.valid, s.pos, pos, scale, window, softcap, policy.mass_entropy_k, policy.mass_by_value,
-        k, v, sinks,
+        k, v, sinks, alibi,
     )  # fmt: skip
 
 
@@ -387,13 +390,16 @@ class Exchange:
         g, i = call.layout.where[layer]
         slots = call.groups[g].layer(i)
         if call.decoding:
-            out, mass = decode(call.policy, q, k, v, pos, slots, site.scale, site.window, site.softcap, sinks)
+            out, mass = decode(
+                call.policy, q, k, v, pos, slots, site.scale, site.window, site.softcap, sinks, site.alibi
+            )  # fmt: skip
             call.pending[layer] = (q, k, v, pos, mass)
             return out
         keep = None if call.keep is None else call.keep[layer]
         return prefill(
-            call.policy, layer, q, k, v, pos, slots, site.scale, site.window, site.softcap, keep, sinks, call.probe
-        )
+            call.policy, layer, q, k, v, pos, slots, site.scale, site.window, site.softcap, keep, sinks, call.probe,
+            site.alibi,
+        )  # fmt: skip
 
 
 class Step(nn.Module):

@@ -10,11 +10,12 @@ from kvpass.kernels import attend
 
 def dense_reference(
     q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k=0, value_weighted=False,
-    sinks=None,
+    sinks=None, alibi=None,
 ):  # fmt: skip
     """Loop over every (row, head, query): gather what it may see, softmax, sum. The mass options
     as AhaKV states them: scale sqrt(2 ln(n / k) / d), never below ``scale``; weights ||v||^2.
-    ``sinks [H]``: one more logit per head in the softmax, its probability dropped."""
+    ``sinks [H]``: one more logit per head in the softmax, its probability dropped. ``alibi [H]``:
+    ALiBi as BLOOM writes it, ``m_h (j - i)`` added for key position ``j`` and query position ``i``."""
     B, H, T, _ = q.shape
     Hkv, C = slot_k.shape[1], slot_k.shape[2]
     G = H // Hkv
@@ -25,6 +26,7 @@ def dense_reference(
             kv = h // G
             keys = torch.cat([slot_k[b, kv], k[b, kv]]).double()
             vals = torch.cat([slot_v[b, kv], v[b, kv]]).double()
+            where = torch.cat([slot_pos[b, kv], pos[b]]).double()
             for t in range(T):
                 qp = pos[b, t].item()
                 ok = []
@@ -39,7 +41,8 @@ def dense_reference(
                 logits = (keys @ q[b, h, t].double()) * scale
                 if softcap:
                     logits = softcap * torch.tanh(logits / softcap)
-                logits = torch.where(ok, logits, -math.inf)
+                bias = 0.0 if alibi is None else alibi[h].double() * (where - qp)
+                logits = torch.where(ok, logits + bias, -math.inf)
                 if sinks is not None:
                     p = torch.cat([logits, sinks[h : h + 1].double()]).softmax(0)[:-1]
                 else:
@@ -48,7 +51,7 @@ def dense_reference(
                 if entropy_k:
                     n = int(ok.sum())
                     lam = max(scale, math.sqrt(max(0.0, 2 * math.log(n / entropy_k) / q.shape[-1])))
-                    p = torch.where(ok, (keys @ q[b, h, t].double()) * lam, -math.inf)
+                    p = torch.where(ok, (keys @ q[b, h, t].double()) * lam + bias, -math.inf)
                     p = torch.cat([p, sinks[h : h + 1].double()]).softmax(0)[:-1] if sinks is not None else p.softmax(0)
                 if value_weighted:
                     p = p * (vals * vals).sum(-1)
@@ -142,3 +145,18 @@ def test_sinks_match_dense_reference(obs):
     torch.testing.assert_close(mass, ref_mass, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
     plain, _ = attend(*case, 0.3, 0, 0.0, obs)
     assert not torch.allclose(out, plain)  # the sinks take probability away from the keys
+
+
+@pytest.mark.parametrize("T,obs,entropy_k", [(1, 1, 0), (7, 2, 0), (7, 7, 0), (7, 3, 2)])
+def test_alibi_matches_dense_reference(T, obs, entropy_k):
+    """ALiBi (BLOOM, MPT): each head's slope times the key's position joins its logits; the slots'
+    positions are their true ones, in no order."""
+    seed = torch.randint(0, 2**31, ()).item()
+    case = random_case(seed, B=2, Hkv=2, G=2, C=6, T=T, D=8, dtype=torch.float32, window=0, pad=T > 1)
+    alibi = torch.rand(4, generator=torch.Generator().manual_seed(seed)) * 0.5
+    out, mass = attend(*case, 0.3, 0, 0.0, obs, entropy_k, alibi=alibi)
+    ref_out, ref_mass = dense_reference(*case, 0.3, 0, 0.0, obs, entropy_k, alibi=alibi)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+    torch.testing.assert_close(mass, ref_mass, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+    plain, _ = attend(*case, 0.3, 0, 0.0, obs)
+    assert not torch.allclose(out, plain)  # the bias moved the probabilities

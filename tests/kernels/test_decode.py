@@ -91,3 +91,16 @@ def test_sinks_match_dense_reference():
     ref_out, ref_mass = dense_reference(*case, 0.3, 0, 0.0, 1, sinks=sinks)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
     torch.testing.assert_close(mass, ref_mass, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+
+
+def test_alibi_matches_dense_reference():
+    seed = torch.randint(0, 2**31, ()).item()
+    case = random_case(seed, B=2, Hkv=2, G=3, C=9, T=1, D=8, dtype=torch.float32, window=0)
+    alibi = torch.rand(6, generator=torch.Generator().manual_seed(seed)) * 0.5
+    q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos = case
+    for entropy_k in (0, 2):
+        slots = (slot_k, slot_v, slot_valid, slot_pos)
+        out, mass = decode(q, *slots, pos, 0.3, 0, 0.0, entropy_k, False, k, v, alibi=alibi)
+        ref_out, ref_mass = dense_reference(*case, 0.3, 0, 0.0, 1, entropy_k, alibi=alibi)
+        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+        torch.testing.assert_close(mass, ref_mass, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")

@@ -38,10 +38,22 @@ def test_bidirectional_is_skipped_and_refused():
         kvpass.transform(model, policy="tova", budget=8)
 
 
-def test_a_bias_in_the_mask_is_not_taken_for_a_causal_mask():
-    """An additive mask with nonzero finite entries is a bias on the scores (ALiBi): dropping it would
-    be silently wrong, so the site is skipped and the model refused."""
+def test_alibi_is_measured_and_kept():
+    """A bias of a slope times the distance under the causal mask (ALiBi) is found on the probe;
+    kvpass adds it from the slots' positions, so the model is exact at full budget."""
     model = SDPAModel(form="alibi").eval()
+    (site,) = kvpass.find_attention(model)
+    assert site.action == "rewrite" and site.causal and site.alibi == (0.5,) * 4
+    ids = torch.randint(0, 50, (2, 45))
+    exact = kvpass.transform(model, policy="full", chunk=16)
+    torch.testing.assert_close(exact(ids).logits, model(ids, torch.arange(45).expand(2, 45)), rtol=1e-5, atol=1e-5)
+
+
+def test_a_bias_in_the_mask_is_not_taken_for_a_causal_mask():
+    """An additive mask with nonzero finite entries that are not ALiBi's is a bias kvpass cannot
+    compute from positions it keeps: dropping it would be silently wrong, so the site is skipped and
+    the model refused."""
+    model = SDPAModel(form="distance_bias").eval()
     (site,) = kvpass.find_attention(model)
     assert site.action == "skip" and "causal" in site.reason
     with pytest.raises(ValueError, match="can be rewritten"):
