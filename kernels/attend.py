@@ -3,8 +3,8 @@ each key received (what accumulated-attention policies score with).
 
 The keys a query may see are the *kept* slots of the cache (all older than the chunk, in no
 particular order) and the chunk's own tokens up to and including itself. Slot order carries no
-meaning, so the cache is a set: the mask comes from ``slot_valid`` and, for sliding-window layers,
-from true token positions.
+meaning, so the cache is a set: the mask comes from ``slot_valid`` and, for sliding-window and
+chunked-attention layers, from true token positions.
 
 This file is the torch reference and the dispatch (``attend_attention``: on CUDA, fused SDPA for the
 output and the Triton chunk-scoring kernel of :mod:`.mass_triton` for the mass).
@@ -39,6 +39,7 @@ def attend(
     keep_window: int = 0,
     sinks: Tensor | None = None,
     alibi: Tensor | None = None,
+    chunked: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Attend ``q`` over the kept slots and the chunk; return ``(out, mass)``.
 
@@ -61,10 +62,12 @@ def attend(
     probability is dropped (GPT-OSS); the mass is of the keys only.
     ``alibi [H]`` (optional): each query head's ALiBi slope ``m_h``, which adds ``m_h x`` the key's
     true position to its logits (BLOOM, MPT: their bias, less what is constant along a query's row).
+    ``chunked > 0``: chunked attention (Llama 4's local layers): a query sees only the keys of its
+    own block of ``chunked`` positions (``position // chunked`` equal).
     """
     return attend_attention(
         q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k, value_weighted,
-        chunk_keep, keep_window, sinks, alibi,
+        chunk_keep, keep_window, sinks, alibi, chunked,
     )  # fmt: skip
 
 
@@ -74,7 +77,7 @@ def _(q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap
     return q.new_empty((*q.shape[:-1], slot_v.shape[-1])), q.new_empty((B, Hkv, C + k.shape[2]), dtype=torch.float32)
 
 
-def visible(slot_valid, slot_pos, pos, window: int, chunk_keep=None, keep_window: int = 0) -> Tensor:
+def visible(slot_valid, slot_pos, pos, window: int, chunk_keep=None, keep_window: int = 0, chunked: int = 0) -> Tensor:
     """Boolean ``[B, Hkv, T, C + T]``: which key each query of the chunk may see."""
     B, Hkv, C = slot_valid.shape
     T = pos.shape[1]
@@ -85,6 +88,10 @@ def visible(slot_valid, slot_pos, pos, window: int, chunk_keep=None, keep_window
     if window > 0:
         old = old & (qpos - slot_pos[:, :, None, :] < window)
         new = new & (qpos - pos[:, None, None, :] < window)
+    if chunked > 0:
+        block = qpos.div(chunked, rounding_mode="floor")
+        old = old & (slot_pos[:, :, None, :].div(chunked, rounding_mode="floor") == block)
+        new = new & (pos[:, None, None, :].div(chunked, rounding_mode="floor") == block)
     if chunk_keep is not None:
         new = new & (chunk_keep[:, :, None, :] | (qpos - pos[:, None, None, :] <= keep_window))
     new = new | torch.eye(T, dtype=torch.bool, device=pos.device)  # a query always sees itself
@@ -110,10 +117,11 @@ def attend_reference(
     keep_window=0,
     sinks=None,
     alibi=None,
+    chunked=0,
 ):
     """The op's torch implementation, callable without the dispatcher's per-call cost (eager runtime)."""
     T = q.shape[2]
-    mask = visible(slot_valid, slot_pos, pos, window, chunk_keep, keep_window)
+    mask = visible(slot_valid, slot_pos, pos, window, chunk_keep, keep_window, chunked)
     bias = None if alibi is None else alibi_bias(alibi, slot_pos, pos)
     if isinstance(T, torch.SymInt):  # traced for any chunk length (an exported prefill): no branch on T
         return _attend_any_length(
@@ -158,18 +166,18 @@ def _attend_any_length(
 
 def attend_attention(
     q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k=0,
-    value_weighted=False, chunk_keep=None, keep_window=0, sinks=None, alibi=None,
+    value_weighted=False, chunk_keep=None, keep_window=0, sinks=None, alibi=None, chunked=0,
 ):  # fmt: skip
     """``kvpass::attend`` without the dispatcher. Where :func:`backend.use_triton` says so (CUDA, by
-    default) and there is no soft-capping, sink or ALiBi (which the kernel lacks): the output from
+    default) and there is no soft-capping, sink, ALiBi or chunked attention (which the kernel lacks): the output from
     fused SDPA and the mass from the Triton chunk-scoring kernel, so no probability matrix is built.
     Else the reference."""
-    fused = not softcap and sinks is None and alibi is None  # what SDPA and the kernel compute
+    fused = not softcap and sinks is None and alibi is None and not chunked  # what SDPA and the kernel compute
     if backend.use_triton(q, slot_v) and fused and not torch.compiler.is_exporting():  # an engine: torch ops only
         if torch.compiler.is_compiling():  # a compiled step sees the op, opaque
             return attend(
                 q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k,
-                value_weighted, chunk_keep, keep_window, sinks, alibi,
+                value_weighted, chunk_keep, keep_window, sinks, alibi, chunked,
             )  # fmt: skip
         from .mass_triton import chunk_mass_triton
 
@@ -181,7 +189,7 @@ def attend_attention(
         return _sdpa(q, k, v, slot_k, slot_v, mask, scale), mass
     return attend_reference(
         q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k, value_weighted,
-        chunk_keep, keep_window, sinks, alibi,
+        chunk_keep, keep_window, sinks, alibi, chunked,
     )  # fmt: skip
 
 

@@ -8,8 +8,9 @@ to the per-KV-head tensors that a cache would store.
 What the graph's structure does not say plainly is measured: the graph is run once on a short
 probe, and
 
-- every site's effective mask is classified as causal, causal with a sliding window, or
-  something else (skipped) -- mask construction differs between models and versions; an additive
+- every site's effective mask is classified as causal, causal with a sliding window, causal
+  within blocks (chunked attention, Llama 4's local layers), or something else (skipped) -- mask
+  construction differs between models and versions; an additive
   mask's finite entries are a bias on the scores, taken only where it is ALiBi's (BLOOM, MPT):
   ``m_h * j`` plus anything constant along a query's row (``j`` the key's position, ``m_h`` a slope
   per query head), which kvpass adds from the positions it keeps per slot; any other bias is
@@ -54,6 +55,7 @@ class Site:
     softcap: float = 0.0  # attention logits capped to (-c, c) by c * tanh(x / c); 0 = none
     value_dim: int = 0  # head dim of the values (0: head_dim; multi-head latent attention differs)
     alibi: tuple[float, ...] = ()  # ALiBi: per query head, the slope m_h of the bias m_h x key position; () none
+    chunked: int = 0  # chunked attention: a query sees only keys of its block of this many positions (0: none)
     kv_stride: int = 1  # the site's k/v repeat each KV head this many times (read every kv_stride-th head)
     action: str = "rewrite"  # or "skip"
     reason: str = ""
@@ -84,17 +86,17 @@ def find_attention(gm: fx.GraphModule, probe: tuple | None = None) -> list[Site]
         if node in measured:
             kind, group, site.alibi = measured[node]
             site.causal = kind is not None
-            site.sliding_window = kind or None
+            site.sliding_window, site.chunked = (kind[0] or None, kind[1]) if kind else (None, 0)
             if kind is None and site.action == "rewrite":
                 site.action = "skip"
                 site.reason = (
-                    "not causal self-attention (bidirectional, a bias on the scores such as ALiBi, "
+                    "not causal self-attention (bidirectional, a bias on the scores other than ALiBi's, "
                     "or an unrecognised mask)"
                 )
             if site.kv_heads == H and group > 1:
                 site.kv_heads, site.kv_stride = H // group, group
         band = _buffer_window(gm, a["mask"])
-        if site.causal and not site.sliding_window and band:
+        if site.causal and not site.sliding_window and not site.chunked and band:
             site.sliding_window = band
         sites.append(site)
     return sites
@@ -270,17 +272,19 @@ def _alibi(mask: torch.Tensor, heads: int) -> tuple[torch.Tensor, tuple[float, .
     return plain, tuple(float(m) for m in slope[0].expand(heads))
 
 
-def _classify(mask, is_causal: bool, Tq: int, Tk: int) -> int | None:
-    """0 for causal, w for causal with a window of w positions, None for anything else."""
+def _classify(mask, is_causal: bool, Tq: int, Tk: int) -> tuple[int, int] | None:
+    """``(window, chunk)``: ``(0, 0)`` for causal, ``(w, 0)`` for causal with a window of ``w``
+    positions, ``(0, c)`` for causal within blocks of ``c`` positions (chunked attention); None
+    for anything else."""
     if Tq != Tk:
         return None
     tril = torch.ones(Tq, Tk, dtype=torch.bool).tril()
     if mask is None:
-        return 0 if is_causal else None
+        return (0, 0) if is_causal else None
     if mask.dtype != torch.bool:  # additive: 0 where seen, very negative where not; anything else is a bias
         seen = mask > -1e4
         if bool((mask[seen.expand_as(mask)] != 0).any()):
-            return None  # a bias on the scores (ALiBi, relative positions): not plain causal attention
+            return None  # a bias on the scores (relative positions) that is not ALiBi's: not plain causal attention
     else:
         seen = mask
     seen = seen.expand(*seen.shape[:-2], Tq, Tk).reshape(-1, Tq, Tk).cpu()
@@ -288,8 +292,11 @@ def _classify(mask, is_causal: bool, Tq: int, Tk: int) -> int | None:
         return None
     seen = seen[0] & tril if is_causal else seen[0]
     if torch.equal(seen, tril):
-        return 0
+        return (0, 0)
+    i = torch.arange(Tq)
     for w in range(1, Tq):
         if torch.equal(seen, tril & ~torch.ones(Tq, Tk, dtype=torch.bool).tril(-w)):
-            return w
+            return (w, 0)
+        if torch.equal(seen, tril & (i[:, None] // w == i[None, :] // w)):
+            return (0, w)
     return None

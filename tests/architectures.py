@@ -53,6 +53,20 @@ ARCHITECTURES = {
         },
         "eager",
     ),
+    # chunked attention: layer 0 sees blocks of 8 positions (RoPE), layer 1 everything (no RoPE)
+    "llama4": (
+        T.Llama4TextConfig,
+        T.Llama4ForCausalLM,
+        {
+            **_LLAMA_LIKE,
+            "intermediate_size_mlp": 96,
+            "head_dim": 16,
+            "num_local_experts": 2,
+            "attention_chunk_size": 8,
+            "no_rope_layer_interval": 2,
+        },
+        "sdpa",
+    ),
     # ALiBi: a slope per head times the key's position, added to the scores (BLOOM: baddbmm's bias)
     "bloom": (T.BloomConfig, T.BloomForCausalLM, {"hidden_size": 64, "n_layer": 2, "n_head": 4}, "eager"),
     "mpt": (

@@ -28,8 +28,10 @@ EXPECTED = {
     "falcon": (2, [None, None], 0.0),  # K/V repeated before RoPE: found by measuring
     "bloom": (4, [None, None], 0.0),  # ALiBi
     "mpt": (4, [None, None], 0.0),  # ALiBi
+    "llama4": (2, [None, None], 0.0),  # chunked attention in layer 0
 }
 ALIBI = {"bloom", "mpt"}
+CHUNKED = {"llama4": [8, 0]}  # attention chunk per site (chunked attention), where not all 0
 
 
 OLD_TRANSFORMERS = tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (5, 3)
@@ -51,6 +53,7 @@ def test_sites_are_described(arch):
     assert [s.sliding_window for s in sites] == windows
     assert [s.softcap for s in sites] == [softcap] * 2
     assert all(bool(s.alibi) == (name in ALIBI) for s in sites)
+    assert [s.chunked for s in sites] == CHUNKED.get(name, [0, 0])
 
 
 def test_full_budget_reproduces_logits(arch):
@@ -62,8 +65,9 @@ def test_full_budget_reproduces_logits(arch):
     assert (got - ref).abs().max() <= 1e-4, name
     windows = EXPECTED[name][1]
     stats = kvpass.cache_stats(exact)
-    for layer, window in zip(stats.layers, windows, strict=True):
-        assert layer.capacity == window if window else layer.capacity >= 40 + 12  # a window layer holds its window
+    for layer, window, block in zip(stats.layers, windows, CHUNKED.get(name, [0, 0]), strict=True):
+        local = window or block  # a window layer holds its window, a chunked one its block
+        assert layer.capacity == local if local else layer.capacity >= 40 + 12
 
 
 def test_full_budget_generates_the_same_tokens(arch):
@@ -85,8 +89,8 @@ def test_small_budget_runs_bounded(arch):
     assert out.shape == (2, 70)
     kv_heads, windows, _ = EXPECTED[name]
     stats = kvpass.cache_stats(small)
-    for layer, window in zip(stats.layers, windows, strict=True):
-        cap = min(12, window or 12)
+    for layer, window, block in zip(stats.layers, windows, CHUNKED.get(name, [0, 0]), strict=True):
+        cap = min(12, window or 12, block or 12)
         assert layer.capacity == cap and 0 < layer.held <= 2 * kv_heads * cap
 
 
@@ -135,40 +139,40 @@ def test_windows_longer_than_the_probe_are_read_from_the_model(name):
     assert (step_logits(exact, ids, 8, None) - ref).abs().max() <= 1e-4
 
 
-def test_chunked_attention_is_refused():
-    config = transformers.Llama4TextConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=96, intermediate_size_mlp=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=2, attention_chunk_size=64,
-    )  # fmt: skip
-    model = transformers.Llama4ForCausalLM(config).eval()
-    sites = kvpass.find_attention(model)
-    assert sites[0].action == "skip" and "chunked attention" in sites[0].reason
-    with pytest.raises(ValueError, match="chunked attention"):
-        kvpass.transform(model, policy="full")
-
-
-def test_gpt_neo_local_window_is_read_from_its_mask_buffer():
-    """GPT-Neo's local layers keep their 24-token window in a boolean buffer, sliced per call: the
-    probe sees its corner, the whole buffer says the window; 70 tokens at full budget are exact."""
-    config = transformers.GPTNeoConfig(
-        vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
-        window_size=24, max_position_embeddings=128,
-    )  # fmt: skip
+def test_chunked_attention_longer_than_the_probe_is_declared():
+    """Llama 4's attention chunk of 64 positions: longer than the probe that measures masks, so it
+    comes from the config's layer types; at full budget, a 150-token prompt (blocks crossed while
+    prefilling and while decoding) is still the original, and a small budget holds at most the block."""
+    config_cls, model_cls, kwargs, impl = ARCHITECTURES["llama4"]
     torch.manual_seed(0)
-    model = transformers.GPTNeoForCausalLM(config).eval()
-    assert [s.sliding_window for s in kvpass.find_attention(model)] == [None, 24]
-    ids = prompt(int(torch.randint(0, 2**31, ())), B=2, T=70)
+    kwargs = {**kwargs, "attention_chunk_size": 64}
+    config = config_cls(vocab_size=97, pad_token_id=0, **kwargs, attn_implementation=impl)
+    model = model_cls(config).eval()
+    assert [s.chunked for s in kvpass.find_attention(model)] == [64, 0]
+    ids = prompt(int(torch.randint(0, 2**31, ())), B=2, T=150)
     exact = kvpass.transform(model, policy="full", chunk=16)
     ref = step_logits(model, ids, 8, DynamicCache(config=model.config))
     assert (step_logits(exact, ids, 8, None) - ref).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("name", sorted(ALIBI))
-def test_alibi_left_padded_compiled_and_exported(name, tmp_path):
-    """ALiBi's bias comes from the positions kvpass keeps per slot: a left-padded batch gets the
-    original's tokens at full budget; at a small budget, the compiled step and the ONNX engine give
-    the eager tokens. (MPT's config says ``use_cache=False``: generate() would feed the whole
-    sequence each step, a fresh prompt; the comparison is of decoding on the cache.)"""
+def test_a_declared_chunk_the_probe_contradicts_is_refused():
+    """A site whose measured blocks are not the ones its config declares is skipped, not guessed."""
+    from kvpass.passes import PROBE_LEN
+    from kvpass.runtime.hf import declare_windows
+
+    model = build("llama4")
+    sites = kvpass.find_attention(model)
+    assert sites[0].chunked == 8
+    sites[0].chunked = 4  # as if the probe had measured blocks of 4
+    declare_windows(model, sites, PROBE_LEN)
+    assert sites[0].action == "skip" and "chunked attention declared" in sites[0].reason
+    assert sites[1].action == "rewrite"
+
+
+@pytest.mark.parametrize("name", [*sorted(ALIBI), *CHUNKED])
+def test_position_rules_with_left_padding(name):
+    """ALiBi's bias and chunked attention's blocks come from the positions kvpass keeps per slot: a
+    left-padded batch gets the original's tokens at full budget."""
     model = build(name)
     ids = prompt(int(torch.randint(0, 2**31, ())), B=2, T=40)
     mask = torch.ones_like(ids)
@@ -176,10 +180,25 @@ def test_alibi_left_padded_compiled_and_exported(name, tmp_path):
     exact = kvpass.transform(model, policy="full", chunk=16)
     want = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     torch.testing.assert_close(exact.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False), want)
+
+
+@pytest.mark.parametrize("name", [*sorted(ALIBI), *CHUNKED])
+def test_position_rules_compile_and_export(name, tmp_path):
+    """ALiBi and chunked attention, decided from slot positions, at a small budget: the compiled step
+    and the ONNX engine give the eager tokens (Llama 4's rotary embedding is complex-valued, which
+    torch's ONNX exporter lacks: refused with the reason). (MPT's config says ``use_cache=False``:
+    generate() would feed the whole sequence each step, a fresh prompt; the comparison is of
+    decoding on the cache.)"""
+    model = build(name)
+    ids = prompt(int(torch.randint(0, 2**31, ())), B=2, T=40)
     small = kvpass.transform(model, policy="tova", budget=12, chunk=16)
     want = small.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True)
     compiled = kvpass.transform(model, policy="tova", budget=12, chunk=16)
     compiled.compile()
     assert torch.equal(compiled.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True), want)
+    if name == "llama4":
+        with pytest.raises(ValueError, match="complex numbers"):
+            kvpass.export_onnx(small, tmp_path / f"{name}.onnx")
+        return
     engine = kvpass.OnnxEngine(kvpass.export_onnx(small, tmp_path / f"{name}.onnx"))
     assert np.array_equal(engine.generate(ids.numpy(), 8), want.numpy())

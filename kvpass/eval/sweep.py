@@ -243,7 +243,7 @@ def _check(model_type: str, row: Row) -> None:
     rewritten = [s for s in exact.kvpass_sites if s.action == "rewrite"]
     row.sites = len(rewritten)
     row.heads = ", ".join(sorted({_heads(s) for s in rewritten}))
-    row.windows = ", ".join(str(s.sliding_window or "-") for s in sites)
+    row.windows = ", ".join(_mask(s) for s in sites)
     row.softcap = max(s.softcap for s in sites)
     with torch.no_grad():
         got = exact.generate(ids, max_new_tokens=STEPS, do_sample=False, min_new_tokens=STEPS)
@@ -259,6 +259,13 @@ def _check(model_type: str, row: Row) -> None:
         row.reason = (
             f"max |logit diff| {row.max_diff:.2e}, same tokens {row.same_tokens}, small budget bounded {row.bounded}"
         )
+
+
+def _mask(site) -> str:
+    """A site's mask in the table: its sliding window, ``chunk c`` (chunked attention) or ``-``,
+    and ``ALiBi`` where a bias is added."""
+    mask = str(site.sliding_window) if site.sliding_window else f"chunk {site.chunked}" if site.chunked else "-"
+    return f"{mask} ALiBi" if site.alibi else mask
 
 
 def _heads(site) -> str:
@@ -357,8 +364,9 @@ def render(rows: list[Row], command: str, machine: str) -> str:
         "or not a decoder of text alone).",
         "",
         "Columns: *sites* is the number of attention layers rewritten, *heads* query heads / KV heads x head "
-        "dim, *windows* each layer's sliding window (- for none), *max diff* the largest logit difference at "
-        "full budget.",
+        "dim, *windows* each layer's sliding window (- for none; *chunk c*: chunked attention in blocks of c "
+        "positions; *ALiBi*: the scores take ALiBi's bias), *max diff* the largest logit difference at full "
+        "budget.",
         "",
         "| model type | class | outcome | sites | heads | windows | soft-cap | max diff | reason |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -87,11 +87,26 @@ def _to_onnx(step: PureStep, T: int, param: torch.Tensor, chunk: int):
     with torch.no_grad():
         program = torch.export.export(step, (ids, pos, *tables), dynamic_shapes=dims, strict=False)
     _check_guards(program, step.layout, chunk)
+    _check_real(program)
     names = ["input_ids", "positions", *step.layout.names()]
     onnx_program = torch.onnx.export(
         program, input_names=names, output_names=["logits", *step.layout.names("new.")], dynamo=True, verbose=False
     )
     return onnx_program.model_proto
+
+
+def _check_real(program) -> None:
+    """Refuse a graph that computes with complex numbers: torch's ONNX exporter has no complex
+    tensors (it fails deep inside with an unhelpful message)."""
+    for node in program.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.is_complex():
+            where = (node.meta.get("nn_module_stack") or {}).values()
+            module = str(list(where)[-1][0]) if where else "the model"
+            raise ValueError(
+                f"the model computes with complex numbers (node {node.name!r}, in {module}; e.g. Llama 4's rotary "
+                "embedding), which torch's ONNX exporter does not support: run it eager or with torch.compile"
+            )
 
 
 def _check_guards(program, layout: Layout, chunk: int) -> None:

@@ -1,8 +1,9 @@
 """A rewritten attention site: the module the rewrite pass puts where the model attended.
 
-It holds what the site's attention needs (layer, scale, sliding window, soft-cap, ALiBi slopes) and hands the
-rest to the step it runs in (:class:`kvpass.runtime.step.Exchange`), which gives it its layer's cache
-tables. Nothing here is opaque to ``torch.compile``: a compiled step traces through it.
+It holds what the site's attention needs (layer, scale, sliding window or attention chunk,
+soft-cap, ALiBi slopes) and hands the rest to the step it runs in
+(:class:`kvpass.runtime.step.Exchange`), which gives it its layer's cache tables. Nothing here is
+opaque to ``torch.compile``: a compiled step traces through it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class KVAttention(nn.Module):
         self.layer, self.scale, self.softcap = site.layer, site.scale, site.softcap
         self.kv_heads, self.head_dim, self.value_dim = site.kv_heads, site.head_dim, site.value_dim or site.head_dim
         self.window = site.sliding_window or 0
+        self.chunked = site.chunked  # chunked attention: a query sees its block of this many positions (0: none)
         self.io = io
         self.alibi: Tensor | None  # [H]: each query head's ALiBi slope (a buffer: it follows the model's device)
         self.register_buffer("alibi", torch.tensor(site.alibi) if site.alibi else None, persistent=False)
@@ -29,5 +31,5 @@ class KVAttention(nn.Module):
         return self.io.attend(self, q, k, v, pos, sinks)
 
     def extra_repr(self) -> str:
-        alibi = ", alibi" if self.alibi is not None else ""
-        return f"layer={self.layer}, scale={self.scale:.4g}, window={self.window}, softcap={self.softcap}{alibi}"
+        extra = (", alibi" if self.alibi is not None else "") + (f", chunked={self.chunked}" if self.chunked else "")
+        return f"layer={self.layer}, scale={self.scale:.4g}, window={self.window}, softcap={self.softcap}{extra}"

@@ -148,7 +148,8 @@ class EvictingCache:
         if self.policy.share != "model":
             return
         slots, sites = self.slots, step.sites
-        pools = {i: (slots[i], sites[i].kv_heads, self.layer_budget(i)) for i in slots if not sites[i].window}
+        local = {i for i in slots if sites[i].window or sites[i].chunked}  # they keep their own window or block
+        pools = {i: (slots[i], sites[i].kv_heads, self.layer_budget(i)) for i in slots if i not in local}
         if pools:
             self.kept = shares.compress(self.policy, pools, None if last else self.room)
 

@@ -70,16 +70,18 @@ def text_config(config):
 
 
 def declare_windows(model: nn.Module, sites: list, probe_len: int) -> None:
-    """Give each site the sliding window its model declares where the probe was too short to
-    measure it, and refuse chunked attention.
+    """Give each site the sliding window or attention chunk its model declares where the probe was
+    too short to measure it.
 
     kvpass measures each site's mask on a ``probe_len``-token probe, which shows a window shorter
     than the probe only. A transformers attention module declares its window (``sliding_window``,
     or its layer's entry in ``config.layer_types`` with ``config.sliding_window``; Mistral's
     config alone): a site the probe found plainly causal takes a declared window of at least
     ``probe_len`` (a shorter one the probe would have seen: then the declaration is not what the
-    model does, and is ignored). Llama 4's chunked attention (each token sees its own block of
-    ``attention_chunk_size`` tokens) is no sliding window: such a site is skipped, with the reason.
+    model does, and is ignored). Llama 4's chunked attention (a layer of ``chunked_attention`` in
+    ``config.layer_types``: each token sees its own block of ``attention_chunk_size`` positions)
+    likewise, checked against what the probe measured: a site whose mask says otherwise is skipped,
+    with the reason.
     """
     for site in sites:
         try:
@@ -89,11 +91,15 @@ def declare_windows(model: nn.Module, sites: list, probe_len: int) -> None:
         config = getattr(module, "config", None) or getattr(model, "config", None)
         types, idx = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
         kind = types[idx] if isinstance(types, list) and isinstance(idx, int) and idx < len(types) else None
-        if kind == "chunked_attention":
+        if kind == "chunked_attention":  # Llama 4's local layers: each query sees its block of positions
+            chunk = getattr(config, "attention_chunk_size", None)
+            if site.causal and not site.sliding_window and isinstance(chunk, int) and chunk > 0:
+                if site.chunked in (0, chunk) and (site.chunked or chunk >= probe_len):
+                    site.chunked = chunk
+                    continue
             site.action = "skip"
-            site.reason = (
-                f"chunked attention (each token sees its block of {getattr(config, 'attention_chunk_size', '?')} "
-                "tokens, as Llama 4's local layers): no sliding window kvpass can evict for"
+            site.reason = f"chunked attention declared (blocks of {chunk} tokens), but the probe measured " + (
+                "another mask" if site.causal else "no causal mask"
             )
             continue
         if hasattr(module, "sliding_window"):

@@ -9,7 +9,7 @@ prompt has been read the tables shrink to each layer's share (:func:`capacities`
 each pool's first slots. A layer keeps at most ``most`` entries (its reading buffer) between two
 compressions. Batch rows rank apart; the layout's per-layer sizes are their mean shares.
 
-Sliding-window layers keep their window's slots and take no part.
+Sliding-window and chunked-attention layers keep their window's (block's) slots and take no part.
 """
 
 from __future__ import annotations

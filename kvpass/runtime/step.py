@@ -190,10 +190,11 @@ def prefill(
     sinks: Tensor | None = None,
     probe: int = 0,
     alibi: Tensor | None = None,
+    chunked: int = 0,
 ) -> Tensor:
     """Attend the chunk (``q [B, H, T, D]``, ``k, v [B, Hkv, T, D]``, ``pos [B, T]``, -1 = padding)
     over the layer's ``slots`` and itself (with ``sinks [H]``, each head's sink logit, and
-    ``alibi [H]``, each head's ALiBi slope, if given);
+    ``alibi [H]``, each head's ALiBi slope, if given; ``chunked``: the block a query sees, if any);
     the best ``keep`` per KV head (default: all the capacity) of the candidates -- the slots and the
     chunk's entries -- become its slots (written in place): per KV head, or over the layer's pool
     (each head's entries ranked by its own scores). The last ``probe`` tokens are the policy's probe
@@ -205,11 +206,11 @@ def prefill(
     gate = chunk_keep = None
     if policy.gated:  # keep probabilities first: a token flagged out is hidden from the chunk's later queries
         args = (k, v, view.keys, view.values, view.valid, view.pos, pos, scale, window, 0.0, 1)
-        gate = policy.keep_prob(layer, q, k, v, lambda a: attend_reference(a, *args)[0])
+        gate = policy.keep_prob(layer, q, k, v, lambda a: attend_reference(a, *args, chunked=chunked)[0])
         chunk_keep = ~policy.drops(gate) | (pos < policy.sink_tokens)[:, None, :]
     out, mass = attend_attention(
         q, k, v, view.keys, view.values, view.valid, view.pos, pos, scale, window, softcap, policy.obs,
-        policy.mass_entropy_k, policy.mass_by_value, chunk_keep, policy.window, sinks, alibi,
+        policy.mass_entropy_k, policy.mass_by_value, chunk_keep, policy.window, sinks, alibi, chunked,
     )  # fmt: skip
     seen = None
     if probe:
@@ -218,7 +219,7 @@ def prefill(
         k, v, pos, mass = k[:, :, :T], v[:, :, :T], pos[:, :T], mass[..., : S + T]
     chunk = Chunk(view.score, k, v, pos, mass, view.pos, gate, view.keys, seen, view.valid)
     score = policy.score(chunk)
-    ranked = rank_candidates(policy, score, view.pos, view.valid, pos, window)
+    ranked = rank_candidates(policy, score, view.pos, view.valid, pos, window, chunked)
     share = S // Hkv if keep is None else min(keep, S // Hkv)
     rank, cand_pos, cand_valid, score, owner = in_tables(policy, slots.owner, share, *ranked, score)
     best = rank.topk(S, dim=-1).indices  # [B, G, S], best first
@@ -245,7 +246,7 @@ def decode(
     layer's slots and its own key (``sinks``, ``alibi``: as :func:`prefill`'s); returns
     ``(out, mass [B, Hkv, S + 1])`` (per KV head: a pool's slots are every head's, and a head's mass
     is zero on the slots it does not own). The slots are only read: :func:`admit` writes the token
-    later."""
+    later. Chunked attention needs no mask here: admission leaves only the next query's block."""
     s = per_head(slots, k.shape[1])
     return decode_attention(
         q, s.keys, s.values, s.valid, s.pos, pos, scale, window, softcap, policy.mass_entropy_k, policy.mass_by_value,
@@ -264,13 +265,14 @@ def admit(
     mass: Tensor,
     scale: float,
     window: int = 0,
+    chunked: int = 0,
 ) -> None:
     """Admit the decoded tokens of ``layers`` into their tables, ``group`` (``[L, B, G, S, ...]``,
     written in place); ``q, k, v, pos, mass`` are those layers' rows one after the other (``L * B``).
 
     Each token takes the place of the lowest-ranked slot of its table (the first, on ties), unless
     it ranks lowest itself or may not stay; slots that may not stay (dropped by the policy, or out
-    of the next query's window) leave. A pool shared by ``Hkv`` heads admits their tokens one head
+    of the next query's window or block) leave. A pool shared by ``Hkv`` heads admits their tokens one head
     after another, each by the same rule: the pool keeps the best of its slots and the ``Hkv``
     tokens. One batch for all the layers: a few operations per step, not per layer, and a compiled
     step writes one slot per layer and KV head."""
@@ -283,7 +285,7 @@ def admit(
         args = (view.keys, view.values, view.valid, view.pos, pos, scale, window, 0.0, 0, False, k, v)
         gate = policy.keep_prob(layers, q, k, v, lambda a: decode_attention(a, *args)[0])
     score = policy.score(Chunk(old=view.score, keys=k, values=v, pos=pos, mass=mass, slot_pos=view.pos, gate=gate))
-    ranked = rank_candidates(policy, score, view.pos, view.valid, pos, window)
+    ranked = rank_candidates(policy, score, view.pos, view.valid, pos, window, chunked)
     rank, cand_pos, cand_valid, score, owner = (
         t.view(L, B, G, -1) for t in in_tables(policy, flat.owner, S // Hkv, *ranked, score)
     )  # [L, B, G, S + Hkv / G]: the slots, then the tokens
@@ -337,7 +339,7 @@ def floored(rank: Tensor, least: int) -> Tensor:
 
 
 def rank_candidates(
-    policy: Policy, score: Tensor, slot_pos: Tensor, slot_valid: Tensor, pos: Tensor, window: int = 0
+    policy: Policy, score: Tensor, slot_pos: Tensor, slot_valid: Tensor, pos: Tensor, window: int = 0, chunked: int = 0
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A step's candidates -- the slots, then the new tokens (``pos [B, T]``) -- as ``[B, Hkv, C + T]``:
     their positions, which of them may stay (valid, visible to the next query, not dropped by the
@@ -350,6 +352,9 @@ def rank_candidates(
     newest = cand_pos.amax(dim=(1, 2))  # [B]
     if window:  # the next query (newest + 1) sees positions > newest + 1 - window; the rest is dead
         cand_valid = cand_valid & (cand_pos > newest[:, None, None] + 1 - window)
+    if chunked:  # chunked attention: the next query sees its own block only, so a decoded token never
+        block = (newest[:, None, None] + 1).div(chunked, rounding_mode="floor")  # meets an older one
+        cand_valid = cand_valid & (cand_pos.div(chunked, rounding_mode="floor") == block)
     drop = policy.drops(score)
     if drop is not None:  # in-context eviction: dropped at once, unless protected
         cand_valid = cand_valid & ~(drop & ~policy.protected(cand_pos, newest))
@@ -398,7 +403,7 @@ class Exchange:
         keep = None if call.keep is None else call.keep[layer]
         return prefill(
             call.policy, layer, q, k, v, pos, slots, site.scale, site.window, site.softcap, keep, sinks, call.probe,
-            site.alibi,
+            site.alibi, site.chunked,
         )  # fmt: skip
 
 
@@ -459,7 +464,7 @@ class Step(nn.Module):
                 for group, layers in zip(call.groups, layout.groups, strict=True):
                     q, k, v, pos, mass = (torch.cat(t) for t in zip(*(call.pending[i] for i in layers), strict=True))
                     site = self.sites[layers[0]]
-                    admit(self.policy, layers, group, q, k, v, pos, mass, site.scale, site.window)
+                    admit(self.policy, layers, group, q, k, v, pos, mass, site.scale, site.window, site.chunked)
         finally:
             self.io.call = None
         hidden = hidden[0] if isinstance(hidden, (tuple, list)) else hidden
@@ -478,12 +483,13 @@ class Step(nn.Module):
         )
 
     def layout(self, capacity: dict[int, int]) -> Layout:
-        """The layout of tables with ``capacity`` slots per layer (capped by a layer's sliding window)."""
+        """The layout of tables with ``capacity`` slots per layer (capped by a layer's sliding window,
+        or the block of chunked attention)."""
         sites = self.sites
-        cap = {i: min(c, sites[i].window) if sites[i].window else c for i, c in capacity.items()}
+        cap = {i: min(c, sites[i].window or c, sites[i].chunked or c) for i, c in capacity.items()}
         shape = {i: (s.kv_heads, s.head_dim, s.value_dim) for i, s in sites.items()}
         pooled = self.policy.evicts and self.policy.share != "head"
-        return Layout.build(cap, shape, pooled, {i: (s.window, s.scale) for i, s in sites.items()})
+        return Layout.build(cap, shape, pooled, {i: (s.window, s.chunked, s.scale) for i, s in sites.items()})
 
 
 class PureStep(nn.Module):

@@ -10,12 +10,13 @@ from kvpass.kernels import attend
 
 def dense_reference(
     q, k, v, slot_k, slot_v, slot_valid, slot_pos, pos, scale, window, softcap, obs, entropy_k=0, value_weighted=False,
-    sinks=None, alibi=None,
+    sinks=None, alibi=None, chunked=0,
 ):  # fmt: skip
     """Loop over every (row, head, query): gather what it may see, softmax, sum. The mass options
     as AhaKV states them: scale sqrt(2 ln(n / k) / d), never below ``scale``; weights ||v||^2.
     ``sinks [H]``: one more logit per head in the softmax, its probability dropped. ``alibi [H]``:
-    ALiBi as BLOOM writes it, ``m_h (j - i)`` added for key position ``j`` and query position ``i``."""
+    ALiBi as BLOOM writes it, ``m_h (j - i)`` added for key position ``j`` and query position ``i``.
+    ``chunked``: a query sees keys whose position is in its block (``// chunked`` equal)."""
     B, H, T, _ = q.shape
     Hkv, C = slot_k.shape[1], slot_k.shape[2]
     G = H // Hkv
@@ -36,6 +37,8 @@ def dense_reference(
                     else:
                         i = j - C
                         see = i == t or (i < t and pos[b, i] >= 0 and (window == 0 or qp - pos[b, i].item() < window))
+                    if chunked:
+                        see = see and int(where[j]) // chunked == qp // chunked
                     ok.append(see)
                 ok = torch.tensor(ok)
                 logits = (keys @ q[b, h, t].double()) * scale
@@ -160,3 +163,17 @@ def test_alibi_matches_dense_reference(T, obs, entropy_k):
     torch.testing.assert_close(mass, ref_mass, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
     plain, _ = attend(*case, 0.3, 0, 0.0, obs)
     assert not torch.allclose(out, plain)  # the bias moved the probabilities
+
+
+@pytest.mark.parametrize("T,obs", [(1, 1), (9, 2), (9, 9)])
+def test_chunked_attention_matches_dense_reference(T, obs):
+    """Chunked attention (Llama 4): a query sees only the keys of its own block of positions."""
+    seed = torch.randint(0, 2**31, ()).item()
+    case = random_case(seed, B=2, Hkv=2, G=2, C=8, T=T, D=8, dtype=torch.float32, window=0, pad=T > 1)
+    case[6].clamp_(min=44)  # slots in the chunk's first block (48..55) and the one before it
+    out, mass = attend(*case, 0.3, 0, 0.0, obs, chunked=8)
+    ref_out, ref_mass = dense_reference(*case, 0.3, 0, 0.0, obs, chunked=8)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+    torch.testing.assert_close(mass, ref_mass, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+    plain, _ = attend(*case, 0.3, 0, 0.0, obs)
+    assert not torch.allclose(out, plain)  # some keys were out of the block
