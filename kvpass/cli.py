@@ -264,7 +264,7 @@ def calibrate(args: argparse.Namespace) -> None:
 
     import kvpass
     from kvpass.default_model import label, load_model
-    from kvpass.eval import sensitivity
+    from kvpass.eval import sensitivity, shares
     from kvpass.runtime import allocation
 
     console = Console()
@@ -273,15 +273,14 @@ def calibrate(args: argparse.Namespace) -> None:
     torch.set_grad_enabled(False)
     with console.status(f"loading {label(args.model)}"):
         model, tok = load_model(args.model)
-    result = sensitivity.calibrate(
-        model, tok, args.policy, args.budget, n_samples=args.samples, tokens=args.tokens, chunk=args.chunk
-    )
+    measure = shares.calibrate if args.shares else sensitivity.calibrate
+    result = measure(model, tok, args.policy, args.budget, n_samples=args.samples, tokens=args.tokens, chunk=args.chunk)
     result["model"] = label(args.model)
     table = Table(title=f"{args.policy} at {args.budget:g}: {result['seconds']:.0f} s")
-    for col in ("layer", "sensitivity (nats)", "allocation"):
+    for col in ("layer", "share (x equal)" if args.shares else "sensitivity (nats)", "allocation"):
         table.add_column(col, justify="right")
-    for i, (s, a) in enumerate(zip(result["sensitivity"], result["allocation"], strict=True)):
-        table.add_row(str(i), f"{s:+.4f}", f"{a:.2f}")
+    for i, (s, a) in enumerate(zip(result.get("shares") or result["sensitivity"], result["allocation"], strict=True)):
+        table.add_row(str(i), f"{s:.2f}" if args.shares else f"{s:+.4f}", f"{a:.2f}")
     console.print(table)
     console.print(f"wrote {allocation.save(result, args.out)}; use it with transform(..., allocation=...)")
 
@@ -295,8 +294,10 @@ def sweep(args: argparse.Namespace) -> None:
     unknown = sorted(set(types) - set(sweeping.model_types()))
     if unknown:
         raise ValueError(f"not causal-LM model types of this transformers: {', '.join(unknown)}")
-    command = "kvpass sweep" + (f" --out {args.out}" if args.out else "") + "".join(f" {t}" for t in args.types)
-    rows = sweeping.run(types, args.out, args.workers, args.timeout, command)
+    paths = tuple(p for p in sweeping.PATHS if getattr(args, p))
+    flags = "".join(f" --{p}" for p in paths) + (f" --out {args.out}" if args.out else "")
+    command = "kvpass sweep" + flags + "".join(f" {t}" for t in args.types)
+    rows = sweeping.run(types, args.out, args.workers, args.timeout, command, paths)
     table = Table("model type", "outcome", "heads", "max diff", "reason")
     for r in rows:
         table.add_row(r.model_type, r.outcome, r.heads, f"{r.max_diff:.1e}" if r.max_diff is not None else "", r.reason)
@@ -458,6 +459,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--samples", type=int, default=4, help="retrieval samples (one prefill per layer each)")
     c.add_argument("--tokens", type=int, default=1024, help="sample length in tokens")
     c.add_argument("--chunk", type=int, default=512, help="prefill chunk length in tokens")
+    c.add_argument(
+        "--shares",
+        action="store_true",
+        help="record the per-layer shares of one budget for the whole model (share='model') instead of "
+        "sensitivities: an allocation for exported engines, whose shapes are fixed",
+    )
     model_option(c)
     c.add_argument("--out", default="allocation.json", help="the allocation file to write")
     x = command("export", export)
@@ -475,6 +482,8 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--out", help="write the support table here (e.g. docs/supported-models.md)")
     w.add_argument("--workers", type=int, default=2, help="architectures checked at once")
     w.add_argument("--timeout", type=float, default=300, help="seconds before one architecture counts as crashed")
+    w.add_argument("--compile", action="store_true", help="also check exact rows compiled (backend='kvpass')")
+    w.add_argument("--onnx", action="store_true", help="also check exact rows exported to an ONNX engine")
     command("policies", lambda _: print(_policy_lines()), "List the eviction policies, one line each.")
     return ap
 

@@ -224,3 +224,50 @@ def test_transform_reads_a_calibration_file(tmp_path):
         kvpass.transform(model, "tova", 0.5, allocation=tmp_path / "two.json")
     with pytest.raises(ValueError, match="no calibration file"):
         kvpass.transform(model, "tova", 0.5, allocation=tmp_path / "none.json")
+
+
+def test_engines_take_the_shares_of_one_budget_for_the_model(tmp_path, monkeypatch):
+    """``kvpass calibrate --shares``: the per-layer sizes a budget shared by the whole model gives on
+    the calibration prompts, as an allocation (averaging 1: the same memory) that a fixed-shape
+    engine takes, with the torch model's tokens."""
+    from kvpass import default_model
+    from kvpass.cli import main
+    from kvpass.eval import shares
+
+    model, tok = tiny_llama(seed=15, layers=3), WordTokenizer()
+    measured = []
+    real = shares.transform
+
+    def spy(model, policy, budget, **kw):
+        measured.append(kw["share"])
+        return real(model, policy, budget, **kw)
+
+    monkeypatch.setattr(shares, "transform", spy)
+    monkeypatch.setattr(default_model, "load_model", lambda name="default", **kw: (model, tok))
+    out = tmp_path / "shares.json"
+    argv = ["calibrate", "--policy", "tova", "--budget", "0.25", "--samples", "2", "--tokens", "120", "--chunk", "32"]
+    main([*argv, "--shares", "--out", str(out)])
+    assert measured == ["model"]
+    result = allocation.load(out)
+    got = result["shares"]
+    assert len(got) == 3 and result["allocation"] == got and abs(sum(got) / 3 - 1) < 0.05
+    assert max(got) - min(got) > 0.05  # the layers' scores moved slots between them
+    small = kvpass.transform(model, "tova", 16, chunk=16, share="layer", allocation=out)
+    assert small.kvpass_policy.allocation == tuple(got)
+    engine = kvpass.OnnxEngine(kvpass.export_onnx(small, tmp_path / "shares.onnx"))
+    assert [engine.layout.layer_capacity(i) for i in range(3)] == [math.ceil(16 * a) for a in got]
+    torch.manual_seed(16)
+    ids = torch.randint(3, 97, (2, 40))
+    ref = small.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)  # the engine decodes on past it
+    assert np.array_equal(engine.generate(ids.numpy(), 8), ref.numpy())
+    with pytest.raises(ValueError, match="--shares"):  # the model-wide budget itself has no fixed shapes
+        kvpass.export_onnx(kvpass.transform(model, "tova", 16, share="model"), tmp_path / "no.onnx")
+
+
+def test_measured_shares_are_capped_at_the_prompt_and_checked(tmp_path):
+    result = {"policy": "kvzip", "budget": 0.25, "shares": [0.5, 5.0, 0.7]}
+    assert allocation.for_budget(result, 0.5) == (0.5, 2.0, 0.7)
+    assert allocation.for_budget(result, 64) == (0.5, 4.0, 0.7)  # slots: capped as at the calibration's 0.25
+    (tmp_path / "bad.json").write_text('{"budget": 0.25, "shares": [1.0, 0.0]}')
+    with pytest.raises(ValueError, match="positive numbers"):
+        allocation.load(tmp_path / "bad.json")

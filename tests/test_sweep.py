@@ -59,3 +59,21 @@ def test_tiny_configs_are_tiny():
         2,
         4,
     )
+
+
+# one architecture of each kind, its paths beyond eager: the whole run is `kvpass sweep --compile --onnx`
+PATH_SAMPLE = {
+    "llama": "compile, onnx",  # dense
+    "mistral": "compile, onnx",  # sliding window
+    "deepseek_v3": "compile, onnx",  # multi-head latent attention, MoE
+    "qwen3_moe": "compile, onnx",  # MoE
+    "bloom": "compile, onnx",  # ALiBi
+    "llama4_text": "compile, onnx refused: the model computes with complex numbers",  # chunked attention
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(PATH_SAMPLE))
+def test_compiled_and_exported_paths_give_the_eager_tokens(model_type):
+    row = sweep.check(model_type, sweep.PATHS)
+    assert row.outcome == "exact", row.reason
+    assert row.paths.startswith(PATH_SAMPLE[model_type]), row.paths

@@ -9,7 +9,10 @@ attention, vocabulary 128; what a family needs beyond that is one entry of :data
   against the original model run on the whole sequence at once (fp32), and the greedy tokens of
   ``generate()`` against the original's;
 - transformed with a small budget (``tova``, 8 slots for 56 tokens): it generates, and every layer
-  holds at most its budget.
+  holds at most its budget;
+- where asked (``paths``, ``kvpass sweep --compile --onnx``), the small-budget model compiled
+  (``backend="kvpass"``) and exported to an ONNX engine gives the eager greedy tokens: the row's
+  *paths* say which passed (``compile``, ``onnx``) and why any other did not.
 
 Outcome: **exact**, **refused** (kvpass said why before doing anything), **wrong** (it ran but the
 full-budget logits or tokens differ: a defect) or **crashed** (an error that is not a refusal: a
@@ -79,6 +82,7 @@ class Row:
     same_tokens: bool | None = None
     bounded: bool | None = None
     seconds: float = 0.0
+    paths: str = ""  # the paths beyond eager that gave the eager tokens, and why any other did not
     extra: dict = field(default_factory=dict)
 
 
@@ -190,8 +194,9 @@ def build(model_type: str, seed: int = 0):
     return model.float().eval(), cls.__name__
 
 
-def check(model_type: str) -> Row:
-    """Build, inspect, and run ``model_type`` through kvpass; one :class:`Row`."""
+def check(model_type: str, paths: tuple[str, ...] = ()) -> Row:
+    """Build, inspect, and run ``model_type`` through kvpass; one :class:`Row`. ``paths``: also
+    check these of :data:`PATHS` on an exact row."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as NAMES
 
     row = Row(model_type, NAMES[model_type], "crashed")
@@ -200,7 +205,7 @@ def check(model_type: str) -> Row:
         return row
     start = time.perf_counter()
     try:
-        _check(model_type, row)
+        _check(model_type, row, paths)
     except Exception as e:
         row.outcome, row.reason = "crashed", f"{type(e).__name__}: {_short(str(e))}"
         row.extra["traceback"] = traceback.format_exc()
@@ -213,7 +218,10 @@ def _short(text: str, n: int = 300) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def _check(model_type: str, row: Row) -> None:
+PATHS = ("compile", "onnx")
+
+
+def _check(model_type: str, row: Row, paths: tuple[str, ...] = ()) -> None:
     import kvpass
     from kvpass.passes import TokenMixingError
 
@@ -255,10 +263,47 @@ def _check(model_type: str, row: Row) -> None:
     row.bounded = all(layer.capacity <= BUDGET for layer in stats.layers)
     ok = row.same_tokens and row.max_diff <= TOLERANCE and row.bounded
     row.outcome = "exact" if ok else "wrong"
+    if ok and paths:
+        row.paths = ", ".join(_paths(model, ids[:, :PROMPT], paths))
     if not ok:
         row.reason = (
             f"max |logit diff| {row.max_diff:.2e}, same tokens {row.same_tokens}, small budget bounded {row.bounded}"
         )
+
+
+def _paths(model, ids: torch.Tensor, paths: tuple[str, ...]) -> list[str]:
+    """The small-budget model (``tova``, :data:`BUDGET` slots) compiled and exported, against its
+    eager greedy tokens: each path's name where it gives them, else what happened."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    import kvpass
+
+    greedy = dict(max_new_tokens=STEPS, do_sample=False, use_cache=True, eos_token_id=None)
+    small = kvpass.transform(model, policy="tova", budget=BUDGET, chunk=CHUNK)
+    with torch.no_grad():
+        want = small.generate(ids, **greedy)
+    done = []
+    for path in paths:
+        try:
+            if path == "compile":
+                torch._dynamo.reset()  # one worker checks several models: start each from no compiled graphs
+                compiled = kvpass.transform(model, policy="tova", budget=BUDGET, chunk=CHUNK)
+                compiled.compile()
+                with torch.no_grad():
+                    same = torch.equal(compiled.generate(ids, **greedy), want)
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    engine = kvpass.OnnxEngine(kvpass.export_onnx(small, Path(tmp) / "model.onnx"))
+                    same = np.array_equal(engine.generate(ids.numpy(), STEPS), want.numpy())
+            done.append(path if same else f"{path}: other tokens")
+        except ValueError as e:  # refused, with kvpass's reason
+            done.append(f"{path} refused: {_short(str(e), 160)}")
+        except Exception as e:  # a defect, shown as such
+            done.append(f"{path} crashed: {type(e).__name__}: {_short(str(e), 160)}")
+    return done
 
 
 def _mask(site) -> str:
@@ -308,14 +353,16 @@ def model_types() -> list[str]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
-def sweep(types: list[str], workers: int = 2, timeout: float = 300.0, progress=None) -> list[Row]:
-    """:func:`check` every model type, ``workers`` processes at a time (one torch thread each);
-    a check running past ``timeout`` seconds is recorded as crashed."""
+def sweep(
+    types: list[str], workers: int = 2, timeout: float = 300.0, progress=None, paths: tuple[str, ...] = ()
+) -> list[Row]:
+    """:func:`check` every model type (and ``paths`` on the exact ones), ``workers`` processes at a
+    time (one torch thread each); a check running past ``timeout`` seconds is recorded as crashed."""
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
     with ctx.Pool(workers, initializer=torch.set_num_threads, initargs=(1,), maxtasksperchild=8) as pool:
-        pending = [(t, pool.apply_async(check, (t,))) for t in types]
+        pending = [(t, pool.apply_async(check, (t, paths))) for t in types]
         rows = []
         for t, result in pending:
             try:
@@ -364,25 +411,29 @@ def render(rows: list[Row], command: str, machine: str) -> str:
         "or not a decoder of text alone).",
         "",
         "Columns: *sites* is the number of attention layers rewritten, *heads* query heads / KV heads x head "
-        "dim, *windows* each layer's sliding window (- for none; *chunk c*: chunked attention in blocks of c "
-        "positions; *ALiBi*: the scores take ALiBi's bias), *max diff* the largest logit difference at full "
-        "budget.",
+        "dim, *paths* those beyond eager that gave the eager greedy tokens at a small budget (`--compile`, "
+        "`--onnx`; empty where not checked), *windows* each layer's sliding window (- for none; *chunk c*: "
+        "chunked attention in blocks of c positions; *ALiBi*: the scores take ALiBi's bias), *max diff* the "
+        "largest logit difference at full budget.",
         "",
-        "| model type | class | outcome | sites | heads | windows | soft-cap | max diff | reason |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model type | class | outcome | paths | sites | heads | windows | soft-cap | max diff | reason |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: r.model_type):
         diff = f"{r.max_diff:.1e}" if r.max_diff is not None else ""
         cap = f"{r.softcap:g}" if r.softcap else ""
         reason = r.reason.replace("|", "\\|")
         lines.append(
-            f"| {r.model_type} | {r.model_class} | {r.outcome} | {r.sites or ''} | {r.heads} | {r.windows} "
+            f"| {r.model_type} | {r.model_class} | {r.outcome} | {r.paths.replace('|', '/')} | {r.sites or ''} "
+            f"| {r.heads} | {r.windows} "
             f"| {cap} | {diff} | {reason} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def run(types: list[str], out: str | None, workers: int, timeout: float, command: str) -> list[Row]:
+def run(
+    types: list[str], out: str | None, workers: int, timeout: float, command: str, paths: tuple[str, ...] = ()
+) -> list[Row]:
     """The sweep as ``kvpass sweep`` runs it: progress on the terminal, the table to ``out``."""
     import platform
     from pathlib import Path
@@ -397,7 +448,7 @@ def run(types: list[str], out: str | None, workers: int, timeout: float, command
             if row.outcome in ("wrong", "crashed"):
                 bar.console.print(f"[red]{row.model_type}: {row.outcome}[/red] {row.reason}")
 
-        rows = sweep(types, workers, timeout, step)
+        rows = sweep(types, workers, timeout, step, paths)
     if out:
         machine = f"{platform.machine()} {platform.system()} ({torch.get_num_threads()} threads)"
         Path(out).write_text(render(rows, command, machine))

@@ -1,5 +1,6 @@
 """Per-layer budgets at the same total memory: the allocation rule, and the calibration files
-that carry it (measured by :mod:`kvpass.eval.sensitivity`, ``kvpass calibrate``).
+that carry it (measured by :mod:`kvpass.eval.sensitivity`, ``kvpass calibrate``; or the shares
+one budget for the whole model gives, :mod:`kvpass.eval.shares`, ``kvpass calibrate --shares``).
 
 The **allocation** gives layer i the multiplier ``a_i = clip(c * (s_i + mean(s)), low, high)`` of
 the budget, ``s_i`` its sensitivity (negative values count as 0), with ``c`` chosen so that the
@@ -45,8 +46,12 @@ def allocate(sens: list[float], budget: float, low: float = 0.25) -> tuple[float
 
 def for_budget(result: dict, budget: int | float | None) -> tuple[float, ...]:
     """The allocation of a calibration ``result`` at ``budget``: a fraction, or (slots, or None) the
-    calibration's own fraction, which then bounds the largest multiplier."""
-    return allocate(result["sensitivity"], budget if isinstance(budget, float) else result["budget"])
+    calibration's own fraction, which then bounds the largest multiplier. Measured shares are used
+    as they are (they belong to the budget they were measured at), capped at the whole prompt."""
+    fraction = budget if isinstance(budget, float) else result["budget"]
+    if "shares" in result:
+        return tuple(min(1.0 / fraction, x) for x in result["shares"])
+    return allocate(result["sensitivity"], fraction)
 
 
 def nearest(results: list[dict], budget: float) -> tuple[float, ...]:
@@ -70,12 +75,17 @@ def load(path: str | Path) -> dict:
         raise ValueError(f"no calibration file at {path}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not a kvpass calibration (not JSON: {e})") from None
-    sens = result.get("sensitivity") if isinstance(result, dict) else None
+    key = "shares" if isinstance(result, dict) and "shares" in result else "sensitivity"
+    sens = result.get(key) if isinstance(result, dict) else None
     if (
         not isinstance(sens, list)
         or not sens
         or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in sens)
+        or (key == "shares" and not all(x > 0 for x in sens))
         or not isinstance(result.get("budget"), float)
     ):
-        raise ValueError(f"{path} is not a kvpass calibration (it needs 'sensitivity': numbers, 'budget': a fraction)")
+        raise ValueError(
+            f"{path} is not a kvpass calibration (it needs 'sensitivity' (numbers) or 'shares' (positive numbers), "
+            "and 'budget': a fraction)"
+        )
     return result

@@ -528,7 +528,8 @@ def export_capacity(model: nn.Module, capacity: int | None) -> int:
         raise ValueError(
             f"policy {policy.name!r} with share='model' (kvzip's default, and a gate's trained for it) sizes "
             "each layer's pool per prompt, and an engine's shapes are fixed: transform the model to export with "
-            "share='layer' (the KV heads of a layer share its slots) or share='head'"
+            "share='layer' (the KV heads of a layer share its slots) or share='head', and, for the model-wide "
+            f"budget's per-layer sizes, allocation= a `kvpass calibrate --policy {policy.name} --shares` file"
         )
     if capacity is None:
         if not policy.evicts or isinstance(policy.budget, float):
