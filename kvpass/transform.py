@@ -16,6 +16,7 @@ from kvpass.passes import (
     PROBE_LEN,
     Site,
     capture,
+    check_lengths,
     check_token_local,
     drop_noops,
     eager_to_sdpa,
@@ -125,6 +126,7 @@ def transform(
     rewrite(gm, sites, lambda site: KVAttention(site, io))
     row_wise = hf.row_wise_modules(model) if hf.is_hf_model(type(model)) else set()
     check_token_local(gm, exempt={s.node for s in sites if s.action == "rewrite"}, row_wise=row_wise)
+    check_lengths(gm, type(model).__name__)
     flatten_attrs(gm)
 
     new = copy.copy(model)

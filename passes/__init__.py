@@ -1,7 +1,7 @@
 """kvpass graph passes: capture a model as an FX graph, find its attention, rewrite it onto the evicting cache."""
 
 from .arange_positions import arange_positions
-from .capture import capture
+from .capture import capture, check_lengths
 from .drop_noops import drop_noops
 from .eager_to_sdpa import eager_to_sdpa
 from .find_attention import PROBE_LEN, Site, find_attention
@@ -17,6 +17,7 @@ __all__ = [
     "TokenMixingError",
     "arange_positions",
     "capture",
+    "check_lengths",
     "check_token_local",
     "drop_noops",
     "eager_to_sdpa",

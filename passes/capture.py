@@ -58,6 +58,7 @@ def capture(model: nn.Module, vocab_size: int = 2) -> torch.fx.GraphModule:
             f"batch and sequence length): {e}"
         ) from e
     gm = program.module()
+    gm.meta["kvpass_shortest"] = _shortest(program)  # checked once the graph's other refusals had their say
     if not arange_positions(gm) and step.pos_name is None:
         raise ValueError(
             f"{type(model).__name__}.forward takes no token positions (an argument named one of "
@@ -66,6 +67,28 @@ def capture(model: nn.Module, vocab_size: int = 2) -> torch.fx.GraphModule:
             "where the model makes positions, e.g. torch.arange(T))."
         )
     return gm
+
+
+def _shortest(program: torch.export.ExportedProgram) -> int:
+    """The fewest tokens the exported graph holds for: ``torch.export`` keeps a condition on the
+    length it could not prove for all (MoE routing written for a minimum number of tokens, say) as a
+    range of the length's symbol, checked when the graph runs. (Every dynamic size is assumed to be
+    at least 2; that one is no check, and a graph runs on one token.)"""
+    ids = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == "input_ids")
+    length = ids.meta["val"].shape[1]
+    lengths = program.range_constraints.get(length.node.expr) if isinstance(length, torch.SymInt) else None
+    return 1 if lengths is None or int(lengths.lower) <= 2 else int(lengths.lower)
+
+
+def check_lengths(gm: torch.fx.GraphModule, name: str) -> None:
+    """Refuse a captured graph that does not hold for one token: kvpass decodes a token at a time."""
+    shortest = gm.meta.get("kvpass_shortest", 1)
+    if shortest > 1:
+        raise RuntimeError(
+            f"kvpass could not capture {name} with torch.export for every sequence length: its graph holds only for "
+            f"{shortest} tokens or more (a condition on the length in the model's code), and kvpass runs it a token "
+            "at a time while decoding"
+        )
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -12,7 +12,8 @@ Recognised (every piece optional unless said):
   not; ``baddbmm``'s ``alpha``);
 - logit soft-capping ``c * tanh(x / c)`` (Gemma 2);
 - attention sinks (GPT-OSS): a per-head logit concatenated to the scores before the softmax,
-  whose column is sliced off after it;
+  whose column is sliced off after it; or the same written after attention (GraniteSWA):
+  ``out * sigmoid(logsumexp(scores) - sink)``;
 - additive masks or biases (``add``), boolean fills (``masked_fill(cond, -inf or most negative)``)
   and selections (``where(cond, scores, most negative)``, GPT-Neo), in any order: they become one
   mask, the sum of the additive terms where every condition lets a key be seen, ``-inf`` elsewhere
@@ -219,6 +220,39 @@ def _sink_source(s: fx.Node) -> fx.Node | None:
     return None
 
 
+def _casts(n: fx.Node | None) -> fx.Node | None:
+    """``n``'s only user past dtype casts (or None)."""
+    n = _only_user(n) if n is not None else None
+    while n is not None and _call(n, aten.to.dtype, aten._to_copy.default):
+        n = _only_user(n)
+    return n
+
+
+def _scaled_by_sinks(scores: fx.Node, out: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """Sinks applied after attention, ``out * sigmoid(logsumexp(scores) - sink)`` (the sink's
+    share of an extra softmax logit, GraniteSWA): ``(the product, the [H] sink logits)``, or None."""
+    lse = [u for u in scores.users if _call(u, aten.logsumexp.default)]
+    if len(lse) != 1 or [d % _rank(scores) for d in lse[0].args[1]] != [_rank(scores) - 1]:
+        return None
+    sub = _only_user(lse[0])
+    if not (_call(sub, aten.sub.Tensor) and sub.args[0] is lse[0] and isinstance(sub.args[1], fx.Node)):
+        return None
+    sinks = _sink_source(sub.args[1])
+    sig = _casts(sub) if _call(_only_user(sub), aten.to.dtype, aten._to_copy.default) else _only_user(sub)
+    if sinks is None or not _call(sig, aten.sigmoid.default):
+        return None
+    unsq = _only_user(sig)
+    if not (_call(unsq, aten.unsqueeze.default) and unsq.args[1] in (-1, _rank(out) - 1)):
+        return None
+    scale = unsq
+    while _call(_only_user(scale), aten.to.dtype, aten._to_copy.default):
+        scale = _only_user(scale)
+    mul = _only_user(scale)
+    if not (_call(mul, *_MUL) and {*mul.args[:2]} == {out, scale} and _only_user(out) is mul):
+        return None
+    return mul, sinks
+
+
 def _fill_value(gm: fx.GraphModule, n) -> float | None:
     """The number a 0-dim constant node holds (through export's lift/detach/clone), or None."""
     while _call(n, aten.detach_.default, aten.detach.default, aten.lift_fresh_copy.default, aten.clone.default):
@@ -319,6 +353,8 @@ def _match(softmax: fx.Node, gm: fx.GraphModule | None = None) -> Match | None:
     v = _values(out, probs, kind) if out is not None else None
     if v is None:
         return None
+    if sinks is None and kind in ("matmul", "einsum") and (after := _scaled_by_sinks(softmax.args[0], out)):
+        out, sinks = after
     if bias is not None:
         adds = [*adds, ("bias", *bias, _shape(q)[1])]
     match = Match(q, k, v, (adds, conds), scale * alpha, softcap, out, batched, sinks)

@@ -143,6 +143,7 @@ class EagerForms(nn.Module):
         self.emb, self.pos = nn.Embedding(vocab, dim), nn.Embedding(512, dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, vocab)
+        self.sinks = nn.Parameter(torch.randn(heads))
 
     def forward(self, input_ids, position_ids):
         x = self.emb(input_ids) + self.pos(position_ids)
@@ -185,9 +186,28 @@ class EagerForms(nn.Module):
                 a = torch.baddbmm(torch.zeros(B * H, T, T), q3, k3.transpose(1, 2), alpha=D**-0.5)
             a = a + torch.zeros(T, T).masked_fill(future, float("-inf"))
             y = torch.bmm(a.softmax(-1), v3).view(B, H, T, D)
+        elif self.form == "lse_sinks":  # GraniteSWA: sinks applied after attention, as a scale from the log-sum-exp
+            a = (q @ k.transpose(-1, -2)) * D**-0.5
+            a = a + torch.zeros(T, T).masked_fill(future, float("-inf"))
+            scale = (torch.logsumexp(a, dim=-1) - self.sinks.view(1, -1, 1)).sigmoid()
+            y = (a.softmax(-1) @ v) * scale.unsqueeze(-1)
         elif self.form == "softcap":
             a = (q @ k.transpose(-1, -2)) * D**-0.5
             a = torch.tanh(a / 2.0) * 2.0
             a = (a + torch.zeros(T, T).masked_fill(future, float("-inf"))).softmax(-1, dtype=torch.float32)
             y = a.to(q.dtype) @ v
         return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+class LengthCondition(nn.Module):
+    """Attention preceded by a branch on the sequence length (as some MoE routing is written), which
+    torch.export keeps as a range of lengths the graph holds for."""
+
+    def __init__(self, vocab=50, dim=32):
+        super().__init__()
+        self.inner = SDPAModel(vocab, dim)
+
+    def forward(self, input_ids, position_ids):
+        if input_ids.shape[1] >= 7:
+            return self.inner(input_ids, position_ids)
+        return self.inner(input_ids, position_ids) * 2

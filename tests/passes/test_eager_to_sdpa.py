@@ -47,13 +47,14 @@ def test_nanogpt_masked_fill_attention():
 FORMS = ["einsum", "einsum_bthd", "einsum_letters", "matmul_permute", "bmm", "baddbmm", "bmm_mask4"]
 
 
-@pytest.mark.parametrize("form,softcap", [*((f, 0.0) for f in FORMS), ("softcap", 2.0)])
+@pytest.mark.parametrize("form,softcap", [*((f, 0.0) for f in FORMS), ("softcap", 2.0), ("lse_sinks", 0.0)])
 def test_eager_forms(form, softcap):
     torch.manual_seed(int(torch.randint(0, 2**31, ())))
     model = EagerForms(form).eval()
     (site,) = kvpass.find_attention(model)
     assert (site.heads, site.kv_heads, site.head_dim, site.causal, site.action) == (4, 4, 8, True, "rewrite")
     assert site.scale == pytest.approx(1.0 if form == "bmm_mask4" else 8**-0.5) and site.softcap == softcap
+    assert (site.sinks is not None) == (form == "lse_sinks")  # sinks written after attention: found as sinks
     ids = torch.randint(0, 50, (2, 45))
     exact = kvpass.transform(model, policy="full", chunk=16)
     torch.testing.assert_close(exact(ids).logits, model(ids, torch.arange(45).expand(2, 45)), rtol=1e-5, atol=1e-5)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import kvpass
-from tests.models import NoAttention, SDPAModel
+from tests.models import LengthCondition, NoAttention, SDPAModel
 
 
 def test_llama_sites(llama):
@@ -63,3 +63,10 @@ def test_a_bias_in_the_mask_is_not_taken_for_a_causal_mask():
 def test_no_attention_is_an_error():
     with pytest.raises(ValueError, match="scaled_dot_product_attention"):
         kvpass.transform(NoAttention().eval(), policy="tova", budget=8)
+
+
+def test_a_graph_that_holds_for_some_lengths_only_is_refused():
+    """torch.export keeps a condition on the length as the range the graph holds for; kvpass runs a
+    graph one token at a time, so such a capture is refused, not run into a failing guard later."""
+    with pytest.raises(RuntimeError, match="holds only for 7 tokens or more"):
+        kvpass.transform(LengthCondition().eval(), policy="full")
