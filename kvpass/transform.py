@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import functools
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -25,7 +24,7 @@ from kvpass.passes import (
     rewrite,
     split_head,
 )
-from kvpass.runtime import allocation, hf
+from kvpass.runtime import hf
 from kvpass.runtime.attention import KVAttention
 from kvpass.runtime.cache import READING, EvictingCache, check_reading
 from kvpass.runtime.generate import generate
@@ -95,9 +94,7 @@ def transform(
         knobs["budget"] = budget
     if isinstance(policy, str):  # "NAME:KNOB=VALUE,...": those knobs join the others
         policy, knobs = policies.merge(policy, knobs)
-    if isinstance(knobs.get("allocation"), (str, Path)):  # a `kvpass calibrate` file
-        knobs["allocation"] = allocation.for_budget(allocation.load(knobs["allocation"]), budget)
-    pol = policies.get(policy, **knobs)
+    pol = policies.get(policy, **knobs)  # (an allocation file is read there)
     if chunk <= 0:
         raise ValueError(f"chunk must be a positive number of tokens, got {chunk}")
     check_reading(reading)
