@@ -237,18 +237,14 @@ def _scaled_by_sinks(scores: fx.Node, out: fx.Node) -> tuple[fx.Node, fx.Node] |
     sub = _only_user(lse[0])
     if not (_call(sub, aten.sub.Tensor) and sub.args[0] is lse[0] and isinstance(sub.args[1], fx.Node)):
         return None
-    sinks = _sink_source(sub.args[1])
-    sig = _casts(sub) if _call(_only_user(sub), aten.to.dtype, aten._to_copy.default) else _only_user(sub)
+    sinks, sig = _sink_source(sub.args[1]), _casts(sub)
     if sinks is None or not _call(sig, aten.sigmoid.default):
         return None
     unsq = _only_user(sig)
     if not (_call(unsq, aten.unsqueeze.default) and unsq.args[1] in (-1, _rank(out) - 1)):
         return None
-    scale = unsq
-    while _call(_only_user(scale), aten.to.dtype, aten._to_copy.default):
-        scale = _only_user(scale)
-    mul = _only_user(scale)
-    if not (_call(mul, *_MUL) and {*mul.args[:2]} == {out, scale} and _only_user(out) is mul):
+    mul = _casts(unsq)
+    if not (_call(mul, *_MUL) and out in mul.args[:2] and _only_user(out) is mul):
         return None
     return mul, sinks
 

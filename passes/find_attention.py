@@ -250,9 +250,10 @@ def _alibi(mask: torch.Tensor, heads: int) -> tuple[torch.Tensor, tuple[float, .
     if not bool(finite.any()) or mask.dim() < 2:
         return mask, ()
     S = mask.shape[-1]
-    bias = finite.reshape(-1, *mask.shape[-2:]) if mask.dim() < 4 else finite
-    bias = bias.reshape(-1, bias.shape[-3], *mask.shape[-2:])  # [B, H or 1, T, S]
-    see = seen.reshape(bias.shape) if seen.numel() == bias.numel() else seen.expand(*mask.shape).reshape(bias.shape)
+    if mask.dim() > 4:
+        return mask, ()
+    lead = (1,) * (4 - mask.dim())  # as attention broadcasts it: [B, H or 1, T, S]
+    bias, see = finite.reshape(*lead, *mask.shape), seen.reshape(*lead, *mask.shape)
     if bias.shape[1] not in (1, heads):
         return mask, ()
     last = see[:, :, -1]  # the last query sees the most keys (causal)
