@@ -71,8 +71,11 @@ def get(policy: str | Policy, **knobs) -> Policy:
             raise ValueError("pass knobs either to the Policy instance or to transform(), not both")
         return policy
     policy, knobs = merge(policy, knobs)
-    if isinstance(knobs.get("allocation"), (str, Path)):  # a `kvpass calibrate` file
-        knobs["allocation"] = allocation.for_budget(allocation.load(knobs["allocation"]), knobs.get("budget"))
+    if isinstance(given := knobs.get("allocation"), (str, Path)):  # a `kvpass calibrate` file
+        try:
+            knobs["allocation"] = allocation.for_budget(allocation.load(given), knobs.get("budget"))
+        except ValueError as e:
+            raise ValueError(f"allocation {str(given)!r} is neither multipliers nor a calibration file: {e}") from None
     if policy not in REGISTRY:
         raise ValueError(f"unknown policy {policy!r}; valid policies: {', '.join(names())}")
     try:
