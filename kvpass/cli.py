@@ -10,6 +10,16 @@ from rich.console import Console
 from rich.table import Table
 
 
+def _check_policy(spec: str, budget) -> None:
+    """Fail on a bad policy name, knob or budget before anything is loaded (a ``kvpass calibrate``
+    file named as the spec's ``allocation`` is read, as transform reads it)."""
+    from kvpass import policies
+    from kvpass.runtime import allocation
+
+    name, knobs = policies.merge(spec, {"budget": budget})
+    policies.get(name, **allocation.read(knobs, budget))
+
+
 def demo(args: argparse.Namespace) -> None:
     """Passkey retrieval on the default model: full cache vs a kvpass policy, side by side."""
     import torch
@@ -20,7 +30,7 @@ def demo(args: argparse.Namespace) -> None:
 
     console = Console()
     for budget in args.budgets:  # fail on a bad name or budget before the model is loaded
-        kvpass.policies.get(args.policy, budget=budget)
+        _check_policy(args.policy, budget)
     torch.set_grad_enabled(False)
     with console.status("loading SmolLM2-135M-Instruct (the first run converts the GGUF, ~20 s)"):
         model, tok = kvpass.load_default_model()
@@ -94,7 +104,6 @@ def evaluate(args: argparse.Namespace) -> None:
 
     import torch
 
-    import kvpass
     from kvpass.data import tasks
     from kvpass.default_model import label, load_model
     from kvpass.eval import report
@@ -107,7 +116,7 @@ def evaluate(args: argparse.Namespace) -> None:
             raise ValueError(f"unknown task {t!r}; choose from {', '.join(tasks.TASKS)}")
     for p in args.policies:
         if not p.startswith("kvpress:"):  # (a press is checked once kvpress is imported)
-            kvpass.policies.get(p, budget=0.5)  # fail on a bad name before loading anything
+            _check_policy(p, 0.5)  # fail on a bad name before loading anything
     if args.mode not in MODES:
         raise ValueError(f"unknown mode {args.mode!r}; choose from {', '.join(MODES)}")
     calibrations = [allocation.load(f) for f in args.allocation or []]
@@ -159,12 +168,11 @@ def bench(args: argparse.Namespace) -> None:
 
     import torch
 
-    import kvpass
     from kvpass.default_model import label
     from kvpass.eval.bench import run_all, table, to_json
 
     for p in args.policies:
-        kvpass.policies.get(p, budget=args.budget if args.budget <= 1 else int(args.budget))
+        _check_policy(p, args.budget if args.budget <= 1 else int(args.budget))
     name = label(args.model)
     cases = run_all(
         args.lengths, args.policies, args.budget, args.new_tokens, args.chunk, args.peer, args.compile, args.model,
@@ -193,9 +201,7 @@ def train_gates(args: argparse.Namespace) -> None:
     from kvpass.train.distill import train_gates as run
 
     if args.teacher:  # fail on a bad policy name before loading anything
-        import kvpass
-
-        kvpass.policies.get(args.teacher, budget=1.0)
+        _check_policy(args.teacher, 1.0)
     alloc = None
     if args.allocation:  # fail on a bad file before loading anything
         from kvpass.runtime import allocation
@@ -223,7 +229,7 @@ def export(args: argparse.Namespace) -> None:
     from kvpass.default_model import load_model
     from kvpass.export.tensorrt import missing
 
-    kvpass.policies.get(args.policy, budget=args.budget)  # fail on a bad name or budget before loading anything
+    _check_policy(args.policy, args.budget)  # fail on a bad name or budget before loading anything
     args.out = args.out or EXPORT_OUT[args.format]
     if args.format == "tensorrt" and (lacks := missing()):
         sys.exit("kvpass: the TensorRT export needs " + " and ".join(lacks))
@@ -262,13 +268,12 @@ def calibrate(args: argparse.Namespace) -> None:
     """Measure how much each layer's eviction costs a policy and write a per-layer allocation of its budget."""
     import torch
 
-    import kvpass
     from kvpass.default_model import label, load_model
     from kvpass.eval import sensitivity, shares
     from kvpass.runtime import allocation
 
     console = Console()
-    kvpass.policies.get(args.policy, budget=args.budget)  # fail on a bad name or budget before loading anything
+    _check_policy(args.policy, args.budget)  # fail on a bad name or budget before loading anything
     allocation.check_fraction(args.budget)
     torch.set_grad_enabled(False)
     with console.status(f"loading {label(args.model)}"):

@@ -24,7 +24,7 @@ from kvpass.passes import (
     rewrite,
     split_head,
 )
-from kvpass.runtime import hf
+from kvpass.runtime import allocation, hf
 from kvpass.runtime.attention import KVAttention
 from kvpass.runtime.cache import READING, EvictingCache, check_reading
 from kvpass.runtime.generate import generate
@@ -94,7 +94,7 @@ def transform(
         knobs["budget"] = budget
     if isinstance(policy, str):  # "NAME:KNOB=VALUE,...": those knobs join the others
         policy, knobs = policies.merge(policy, knobs)
-    pol = policies.get(policy, **knobs)  # (an allocation file is read there)
+    pol = policies.get(policy, **allocation.read(knobs, budget))  # (a `kvpass calibrate` file read)
     if chunk <= 0:
         raise ValueError(f"chunk must be a positive number of tokens, got {chunk}")
     check_reading(reading)

@@ -219,8 +219,13 @@ def test_transform_reads_a_calibration_file(tmp_path):
     assert small.kvpass_policy.allocation == allocation.allocate([0.0, 0.4, 0.1], 0.5)
     slots = kvpass.transform(model, "tova", 16, allocation=str(path))  # slots: capped as at the calibration's 0.25
     assert slots.kvpass_policy.allocation == allocation.allocate([0.0, 0.4, 0.1], 0.25)
-    named = policies.get(f"tova:allocation={path}", budget=16)  # in a policy's name, as the CLI takes it
-    assert named.allocation == slots.kvpass_policy.allocation
+    named = kvpass.transform(model, f"tova:allocation={path}", 16)  # in a policy's name, as the CLI takes it
+    assert named.kvpass_policy.allocation == slots.kvpass_policy.allocation
+    from kvpass.cli import _check_policy
+
+    _check_policy(f"tova:allocation={path}", 16)  # the CLI's early check reads it too
+    with pytest.raises(ValueError, match="neither multipliers nor a calibration file"):
+        _check_policy(f"tova:allocation={tmp_path / 'none.json'}", 16)
     (tmp_path / "two.json").write_text('{"budget": 0.5, "sensitivity": [0.1, 0.2]}')
     with pytest.raises(ValueError, match="2 multipliers, this model has 3 attention layers"):
         kvpass.transform(model, "tova", 0.5, allocation=tmp_path / "two.json")

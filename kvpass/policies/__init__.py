@@ -10,9 +10,6 @@ from __future__ import annotations
 import ast
 import sys
 import types
-from pathlib import Path
-
-from kvpass.runtime import allocation
 
 from .aha import AhaKV
 from .base import Chunk, Policy, Probe
@@ -64,18 +61,12 @@ def merge(spec: str, knobs: dict[str, object]) -> tuple[str, dict[str, object]]:
 
 def get(policy: str | Policy, **knobs) -> Policy:
     """A policy instance from a name (or ``NAME:KNOB=VALUE,...``) and knobs, or ``policy`` itself
-    if it already is one. An ``allocation`` may be a ``kvpass calibrate`` file (its multipliers at
-    the budget)."""
+    if it already is one."""
     if isinstance(policy, Policy):
         if knobs:
             raise ValueError("pass knobs either to the Policy instance or to transform(), not both")
         return policy
     policy, knobs = merge(policy, knobs)
-    if isinstance(given := knobs.get("allocation"), (str, Path)):  # a `kvpass calibrate` file
-        try:
-            knobs["allocation"] = allocation.for_budget(allocation.load(given), knobs.get("budget"))
-        except ValueError as e:
-            raise ValueError(f"allocation {str(given)!r} is neither multipliers nor a calibration file: {e}") from None
     if policy not in REGISTRY:
         raise ValueError(f"unknown policy {policy!r}; valid policies: {', '.join(names())}")
     try:

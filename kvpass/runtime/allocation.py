@@ -54,6 +54,18 @@ def for_budget(result: dict, budget: int | float | None) -> tuple[float, ...]:
     return allocate(result["sensitivity"], fraction)
 
 
+def read(knobs: dict, budget: int | float | None) -> dict:
+    """``knobs`` with an ``allocation`` that names a ``kvpass calibrate`` file replaced by its
+    multipliers at ``budget`` (:func:`for_budget`); other knobs as they are."""
+    given = knobs.get("allocation")
+    if not isinstance(given, (str, Path)):
+        return knobs
+    try:
+        return {**knobs, "allocation": for_budget(load(given), budget)}
+    except ValueError as e:
+        raise ValueError(f"allocation {str(given)!r} is neither multipliers nor a calibration file: {e}") from None
+
+
 def nearest(results: list[dict], budget: float) -> tuple[float, ...]:
     """The allocation at ``budget`` from whichever calibration in ``results`` was made nearest it."""
     return for_budget(min(results, key=lambda r: abs(r["budget"] - budget)), budget)

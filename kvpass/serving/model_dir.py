@@ -31,8 +31,9 @@ def write(model: nn.Module, out, policy: str, budget: int, chunk: int = 512, kno
     from kvpass.runtime.step import export_capacity
 
     policy, knobs = policies.merge(policy, dict(knobs or {}))  # "gate:checkpoint=..." -> name and knobs
-    if isinstance(knobs.get("allocation"), (str, Path)):  # a `kvpass calibrate` file: its multiples here
-        knobs["allocation"] = list(allocation.for_budget(allocation.load(knobs["allocation"]), budget))
+    knobs = allocation.read(knobs, budget)  # a `kvpass calibrate` file: its multiples here
+    if knobs.get("allocation") is not None:
+        knobs["allocation"] = list(knobs["allocation"])
     small = kvpass.transform(model, policy, budget, chunk=chunk, evict_during_decode=True, **knobs)
     export_capacity(small, None)
     arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
