@@ -22,10 +22,12 @@ from kvpass.passes import (
     find_attention,
     flatten_attrs,
     rewrite,
+    rewrite_mixers,
     split_head,
 )
-from kvpass.runtime import allocation, hf
+from kvpass.runtime import allocation, hf, recurrent
 from kvpass.runtime.attention import KVAttention
+from kvpass.runtime.recurrent import KVMixer
 from kvpass.runtime.cache import READING, EvictingCache, check_reading
 from kvpass.runtime.generate import generate
 from kvpass.runtime.plan import DECODE, cuts, plan
@@ -35,9 +37,11 @@ from kvpass.runtime.step import Exchange, Step
 def sites_of(model: nn.Module) -> tuple[torch.fx.GraphModule, list[Site]]:
     """Capture ``model`` and find its attention sites (with masks measured on a short probe)."""
     vocab = _vocab_size(model)
-    gm = capture(model, vocab)
+    mixers = recurrent.mixers_of(model)  # a hybrid's recurrent layers: one node each, carrying their state
+    gm = capture(model, vocab, [m for _, m in mixers])
     drop_noops(gm)  # first: export's metadata asserts would hide the eager attention pattern
     eager_to_sdpa(gm)
+    rewrite_mixers(gm, lambda i, example: KVMixer(i, mixers[i][1], example, mixers[i][0]))
     device = next(model.parameters()).device
     probe = (
         torch.randint(0, vocab, (1, PROBE_LEN), device=device),
@@ -121,8 +125,12 @@ def transform(
     pol.check_layers(len(sites))
     io = Exchange()
     rewrite(gm, sites, lambda site: KVAttention(site, io))
+    mixers = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), KVMixer)]
+    for node in mixers:
+        gm.get_submodule(node.target).io = io
     row_wise = hf.row_wise_modules(model) if hf.is_hf_model(type(model)) else set()
-    check_token_local(gm, exempt={s.node for s in sites if s.action == "rewrite"}, row_wise=row_wise)
+    exempt = {s.node for s in sites if s.action == "rewrite"} | set(mixers)
+    check_token_local(gm, exempt=exempt, row_wise=row_wise)
     check_lengths(gm, type(model).__name__)
     flatten_attrs(gm)
 

@@ -6,6 +6,7 @@ from .drop_noops import drop_noops
 from .eager_to_sdpa import eager_to_sdpa
 from .find_attention import PROBE_LEN, Site, find_attention
 from .flatten_attrs import flatten_attrs
+from .mixers import rewrite_mixers
 from .rewrite import rewrite
 from .split_head import Head, split_head
 from .token_mixing import TokenMixingError, check_token_local
@@ -24,5 +25,6 @@ __all__ = [
     "find_attention",
     "flatten_attrs",
     "rewrite",
+    "rewrite_mixers",
     "split_head",
 ]

@@ -18,7 +18,7 @@ def rewrite(
 
     ``k`` and ``v`` are the per-KV-head tensors (before grouped-query repetition); ``positions``
     names the graph input carrying true token positions, ``-1`` for padding: the attention modules
-    read it as it is; every other use (RoPE, position embeddings) reads it clamped at 0, so a
+    (and recurrent mixers, :mod:`.mixers`) read it as it is; every other use (RoPE, position embeddings) reads it clamped at 0, so a
     padding token never indexes a table at -1. The model's own mask construction is left without
     users and removed.
     """
@@ -30,7 +30,8 @@ def rewrite(
         with g.inserting_after(pos):
             clamped = g.call_function(torch.ops.aten.clamp_min.default, (pos, 0))
         clamped.meta = dict(pos.meta)
-        pos.replace_all_uses_with(clamped, delete_user_cb=lambda user: user is not clamped)
+        raw = {clamped} | {n for n in pos.users if n.meta.get("kvpass_positions")}  # (a recurrent mixer's)
+        pos.replace_all_uses_with(clamped, delete_user_cb=lambda user: user not in raw)
     for site in sites:
         if site.action != "rewrite":
             continue

@@ -45,7 +45,7 @@ _REDUCE_DIM = {  # name -> index of the ``dim`` argument
     "sum": 1, "mean": 1, "amax": 1, "amin": 1, "max": 1, "min": 1, "prod": 1, "var": 1, "std": 1, "logsumexp": 1,
     "norm": 2, "linalg_vector_norm": 2, "softmax": 1, "_softmax": 1, "log_softmax": 1, "_log_softmax": 1,
     "cumsum": 1, "cumprod": 1, "argmax": 1, "argmin": 1, "any": 1, "all": 1, "topk": 2, "sort": 1, "var_mean": 1,
-    "cat": 1, "split": 2, "split_with_sizes": 2, "chunk": 2, "unbind": 1, "select": 1, "slice": 1,
+    "cat": 1, "concat": 1, "concatenate": 1, "split": 2, "split_with_sizes": 2, "chunk": 2, "unbind": 1, "select": 1, "slice": 1,
     "narrow": 1, "index_select": 1, "gather": 1, "scatter": 1, "roll": 2, "flip": 1,
 }  # fmt: skip
 
@@ -194,7 +194,7 @@ def _mixes(node: fx.Node, seq: set) -> str:
         return _along(_indexed_dims(node.args[1]) & set(xt), "indexes")
     if name in _REDUCE_DIM:
         i = _REDUCE_DIM[name]
-        if name == "cat":
+        if name in ("cat", "concat", "concatenate"):
             tensors = node.args[0]
             rank = len(tensors[0].meta["val"].shape)
             xt = sorted({d for t in tensors for d in in_tokens.get(t, [])})
@@ -210,6 +210,8 @@ def _mixes(node: fx.Node, seq: set) -> str:
 # where ``dim`` is optional: its default (None: every dimension)
 _DEFAULT_DIM = {
     "cat": 0,
+    "concat": 0,
+    "concatenate": 0,
     "slice": 0,
     "split": 0,
     "split_with_sizes": 0,

@@ -1,7 +1,8 @@
 """The evicting KV cache: the state a transformed model keeps between steps, and nothing else.
 
 It holds fixed-capacity slot tables (see :class:`kvpass.runtime.step.Layout`: per group of layers, keys,
-values, true positions, scores and valid flags, ``[L, B, Hkv, C, ...]``), the number of tokens
+values, true positions, scores and valid flags, ``[L, B, Hkv, C, ...]``; a hybrid's recurrent state
+after them, fixed-size), the number of tokens
 seen and each row's real length, and what the first input fixed: the budget and the capacity.
 While the first input (the prompt) is read, the tables are a reading buffer of up to ``reading``
 entries per layer and KV head (less the chunk in flight, unless the policy probes the buffer
@@ -111,7 +112,7 @@ class EvictingCache:
     def _relayout(self, step: Step, capacity: dict[int, int]) -> None:
         """Move the tables to a layout of ``capacity`` slots per layer: each layer keeps its first
         slots (a prefill that compressed left its kept slots first, best first)."""
-        old = self.slots
+        old, states = self.slots, self.tables[self.layout.slot_tables :]
         batch, dtype, device = self.lengths.shape[0], self.tables[0].dtype, self.tables[0].device
         self.layout = step.layout(capacity)
         self.tables = self.layout.empty(batch, dtype, device)
@@ -119,6 +120,7 @@ class EvictingCache:
             n = min(new.capacity, old[layer].capacity)
             for a, b in zip(old[layer], new, strict=True):
                 b[:, :, :n] = a[:, :, :n]
+        self.tables[self.layout.slot_tables :] = states  # recurrent state: the same tensors
         self._held()
 
     def _held(self) -> None:

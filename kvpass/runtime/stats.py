@@ -22,6 +22,7 @@ class CacheStats:
     policy: str
     tokens_seen: int  # columns fed per sequence (padding included)
     layers: list[LayerStats]
+    state_bytes: int = 0  # a hybrid's recurrent state (its convolutions' and scans'), fixed-size
 
     @property
     def kv_bytes(self) -> int:
@@ -43,12 +44,13 @@ class CacheStats:
         head = f"{'layer':>5} {'capacity':>8} {'KV bytes':>12} {'held':>9} {'evicted':>9}"
         rows = [f"{s.layer:>5} {s.capacity:>8} {s.kv_bytes:>12,} {s.held:>9,} {s.evicted:>9,}" for s in self.layers]
         total = f"{'all':>5} {'':>8} {self.kv_bytes:>12,} {self.held:>9,} {self.evicted:>9,}"
-        return "\n".join([f"policy {self.policy}, {self.tokens_seen} tokens seen", head, *rows, total])
+        state = [f"recurrent state: {self.state_bytes:,} bytes"] if self.state_bytes else []
+        return "\n".join([f"policy {self.policy}, {self.tokens_seen} tokens seen", head, *rows, total, *state])
 
 
 def cache_stats(model: nn.Module) -> CacheStats:
     """Physical KV bytes, capacity, tokens seen and evicted, per layer and in total, for the cache
-    of the model's last forward (or ``generate``)."""
+    of the model's last forward (or ``generate``); a hybrid's recurrent-state bytes apart."""
     cache = getattr(model, "kvpass_cache", None)
     if getattr(model, "kvpass_policy", None) is None:
         raise ValueError("cache_stats needs a model returned by kvpass.transform")
@@ -58,4 +60,5 @@ def cache_stats(model: nn.Module) -> CacheStats:
         LayerStats(i, cache.layout.layer_capacity(i), s.kv_bytes, s.meta_bytes, int(s.valid.sum()), cache.evicted(i))
         for i, s in sorted(cache.slots.items())
     ]
-    return CacheStats(model.kvpass_policy.name, cache.seen, layers)
+    state = sum(t.nbytes for t in cache.tables[cache.layout.slot_tables :])
+    return CacheStats(model.kvpass_policy.name, cache.seen, layers, state)

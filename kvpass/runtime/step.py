@@ -34,6 +34,7 @@ from kvpass.kernels.decode import decode_attention
 from kvpass.policies.base import Chunk, Policy, Probe
 from kvpass.runtime.attention import KVAttention
 from kvpass.runtime.plan import DECODE, PREFILL, mode_of
+from kvpass.runtime.recurrent import KVMixer, StateSpec, States
 
 
 class Slots(NamedTuple):
@@ -113,7 +114,10 @@ class Layout:
     layer and KV head, on average), number of KV heads, head dim of keys and of values, and whether
     its KV heads share one pool of slots (``pooled``: the policy's ``share="layer"``). Six tables
     per group (:class:`Slots`), ``[len(group), batch, G, S(, head_dim or value_dim)]``, in group
-    order: ``G, S = kv_heads, capacity``, or pooled ``1, kv_heads * capacity`` -- the same bytes."""
+    order: ``G, S = kv_heads, capacity``, or pooled ``1, kv_heads * capacity`` -- the same bytes.
+    Then a hybrid's recurrent state (:mod:`kvpass.runtime.recurrent`): ``states`` groups the mixers
+    that carry the same tensors (their indices, and one :class:`StateSpec` per tensor), one table
+    per tensor, ``[len(mixers), batch, *shape]``."""
 
     groups: tuple[tuple[int, ...], ...]
     capacity: tuple[int, ...]
@@ -121,6 +125,7 @@ class Layout:
     head_dim: tuple[int, ...]
     value_dim: tuple[int, ...]
     pooled: tuple[bool, ...]
+    states: tuple[tuple[tuple[int, ...], tuple[StateSpec, ...]], ...] = ()
     where: dict[int, tuple[int, int]] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -130,19 +135,29 @@ class Layout:
         object.__setattr__(self, "where", where)
 
     def __hash__(self) -> int:
-        return hash((self.groups, self.capacity, self.kv_heads, self.head_dim, self.value_dim, self.pooled))
+        return hash((self.groups, self.capacity, self.kv_heads, self.head_dim, self.value_dim, self.pooled, self.states))
 
     @classmethod
     def build(
-        cls, capacity: dict[int, int], shape: dict[int, tuple[int, int, int]], pooled: bool, keys: dict[int, tuple]
+        cls,
+        capacity: dict[int, int],
+        shape: dict[int, tuple[int, int, int]],
+        pooled: bool,
+        keys: dict[int, tuple],
+        states: dict[int, tuple[StateSpec, ...]] | None = None,
     ) -> Layout:
         """Layers grouped by their capacity, ``shape`` (KV heads, head dim of keys, of values) and
-        ``keys`` (what else their admission shares); ``pooled``: their KV heads share their slots."""
+        ``keys`` (what else their admission shares); ``pooled``: their KV heads share their slots.
+        ``states``: each recurrent mixer's tensors (grouped where they are the same)."""
         groups: dict[tuple, list[int]] = {}
         for layer in sorted(capacity):
             groups.setdefault((capacity[layer], *shape[layer], *keys[layer]), []).append(layer)
         sizes = (tuple(k[i] for k in groups) for i in range(4))
-        return cls(tuple(tuple(g) for g in groups.values()), *sizes, (pooled,) * len(groups))
+        mixers: dict[tuple, list[int]] = {}
+        for i, specs in sorted((states or {}).items()):
+            mixers.setdefault(specs, []).append(i)
+        held = tuple((tuple(m), specs) for specs, m in mixers.items())
+        return cls(tuple(tuple(g) for g in groups.values()), *sizes, (pooled,) * len(groups), held)
 
     def storage(self, g: int) -> tuple[int, int]:
         """Group ``g``'s tables' ``(G, S)``: storage heads and slots per storage head."""
@@ -157,21 +172,39 @@ class Layout:
         return self.capacity[self.where[layer][0]]
 
     def names(self, prefix: str = "") -> list[str]:
-        return [f"{prefix}{name}.{g}" for g in range(len(self.groups)) for name in Slots._fields]
+        slots = [f"{prefix}{name}.{g}" for g in range(len(self.groups)) for name in Slots._fields]
+        return slots + [f"{prefix}{s.kind}{s.index}.{g}" for g, (_, specs) in enumerate(self.states) for s in specs]
 
     def empty(self, batch: int, dtype=torch.float32, device=None) -> list[Tensor]:
         tables = []
         for g, (layers, d, dv) in enumerate(zip(self.groups, self.head_dim, self.value_dim, strict=True)):
             heads, slots = self.storage(g)
             tables += Slots.empty((len(layers), batch, heads), slots, d, dtype, device, dv)
+        for mixers, specs in self.states:
+            tables += [torch.zeros(len(mixers), batch, *s.shape, dtype=s.dtype or dtype, device=device) for s in specs]
         return tables
+
+    @property
+    def slot_tables(self) -> int:
+        """How many of the tables are KV slots (the rest, recurrent state)."""
+        return len(Slots._fields) * len(self.groups)
 
     def split(self, tables) -> list[Slots]:
         """The flat list of tables as one :class:`Slots` per group."""
         n = len(Slots._fields)
-        if len(tables) != n * len(self.groups):
-            raise ValueError(f"this layout has {n * len(self.groups)} tables, got {len(tables)}")
+        if len(tables) != len(self.names()):
+            raise ValueError(f"this layout has {len(self.names())} tables, got {len(tables)}")
         return [Slots(*tables[g * n : (g + 1) * n]) for g in range(len(self.groups))]
+
+    def state_views(self, tables) -> dict[int, dict[tuple[str, int], Tensor]]:
+        """Each recurrent mixer's tensors ``(kind, index) -> [B, ...]`` (views of the tables)."""
+        views: dict[int, dict[tuple[str, int], Tensor]] = {}
+        rest = iter(tables[self.slot_tables :])
+        for mixers, specs in self.states:
+            for s, table in zip(specs, rest):
+                for j, m in enumerate(mixers):
+                    views.setdefault(m, {})[(s.kind, s.index)] = table[j]
+        return views
 
 
 # --- one layer ----------------------------------------------------------------------------------
@@ -376,6 +409,7 @@ class Call(NamedTuple):
     keep: dict[int, int] | None
     probe: int
     pending: dict[int, tuple[Tensor, ...]]
+    states: dict[int, dict[tuple[str, int], Tensor]]
 
 
 class Exchange:
@@ -407,6 +441,22 @@ class Exchange:
         )  # fmt: skip
 
 
+    def mix(self, mixer: KVMixer, x: Tensor, pos: Tensor) -> Tensor:
+        """What a recurrent mixer computes in a step: its output, its state carried from the last step
+        to the next. The policy's probe (the last ``call.probe`` tokens) reads the state after the
+        others and never writes it."""
+        call = self.call
+        if call is None:
+            raise RuntimeError("a kvpass mixer ran outside a kvpass step (no state is bound)")
+        state = call.states[mixer.index]
+        T = x.shape[1] - call.probe
+        out = [mixer.run(x[:, :T], pos[:, :T], States(state))] if T else []
+        if call.probe:
+            copy = {k: t.clone() for k, t in state.items()}
+            out.append(mixer.run(x[:, T:], pos[:, T:], States(copy)))
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+
 class Step(nn.Module):
     """``forward(input_ids [B, T], positions [B, T], *tables, layout, mode, keep=None, rows=1) -> logits``.
 
@@ -426,6 +476,7 @@ class Step(nn.Module):
         self.sites = {m.layer: m for m in graph.modules() if isinstance(m, KVAttention)}
         if not self.sites:
             raise ValueError("this graph has no rewritten attention")
+        self.mixers = {m.index: m for m in graph.modules() if isinstance(m, KVMixer)}
 
     def forward(
         self,
@@ -454,8 +505,9 @@ class Step(nn.Module):
             input_ids, positions, T = extra[0], extra[1], 0
         elif extra is not None:
             input_ids, positions = torch.cat([input_ids, extra[0]], dim=1), torch.cat([positions, extra[1]], dim=1)
+        probe_len = 0 if extra is None else extra[0].shape[1]
         call = Call(
-            self.policy, layout.split(tables), layout, decoding, keep, 0 if extra is None else extra[0].shape[1], {}
+            self.policy, layout.split(tables), layout, decoding, keep, probe_len, {}, layout.state_views(tables)
         )
         self.io.call = call
         try:
@@ -489,7 +541,8 @@ class Step(nn.Module):
         cap = {i: min(c, sites[i].window or c, sites[i].chunked or c) for i, c in capacity.items()}
         shape = {i: (s.kv_heads, s.head_dim, s.value_dim) for i, s in sites.items()}
         pooled = self.policy.evicts and self.policy.share != "head"
-        return Layout.build(cap, shape, pooled, {i: (s.window, s.chunked, s.scale) for i, s in sites.items()})
+        keys = {i: (s.window, s.chunked, s.scale) for i, s in sites.items()}
+        return Layout.build(cap, shape, pooled, keys, {i: m.specs for i, m in self.mixers.items()})
 
 
 class PureStep(nn.Module):

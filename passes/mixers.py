@@ -1,0 +1,79 @@
+"""Recurrent token mixers as single nodes: capture sees each as one opaque op, and the rewrite binds
+it to a module that carries its state.
+
+A hybrid model mixes tokens in two ways: attention, over a KV cache that grows, and recurrent
+layers (a causal convolution, linear attention, a selective scan), over a fixed-size state. The
+recurrent layers' own code (chunked scans with Python loops over the sequence) is not what the
+graph should see: while capturing, each known mixer's ``forward`` is one ``kvpass::mixer`` op over
+its input, the same shape out; after capture, :func:`rewrite_mixers` puts a module in its place,
+called with the input and the token positions. Which modules are mixers, and what carries their
+state, is the runtime's knowledge (:mod:`kvpass.runtime.recurrent`); this pass only moves nodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, fx, nn
+
+
+@torch.library.custom_op("kvpass::mixer", mutates_args=())
+def mixer(x: Tensor, index: int) -> Tensor:
+    raise RuntimeError(
+        "a recurrent mixer's placeholder ran: kvpass captured the model with its mixers as placeholders, "
+        "and the rewrite (rewrite_mixers) puts the mixer back"
+    )
+
+
+@mixer.register_fake
+def _(x: Tensor, index: int) -> Tensor:
+    return torch.empty_like(x)
+
+
+@contextlib.contextmanager
+def opaque(modules: list[nn.Module]) -> Iterator[None]:
+    """Within: each of ``modules``' forward is one ``kvpass::mixer`` op over its input (numbered by
+    place in the list), whatever else it is called with (its cache, its mask)."""
+    for i, m in enumerate(modules):
+        m.forward = functools.partial(_placeholder, i)  # an instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        for m in modules:
+            vars(m).pop("forward", None)
+
+
+def _placeholder(index: int, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+    return torch.ops.kvpass.mixer(hidden_states, index)
+
+
+def rewrite_mixers(
+    gm: fx.GraphModule, make_module: Callable[[int, Tensor], nn.Module], positions: str = "position_ids"
+) -> list[fx.Node]:
+    """Replace each ``kvpass::mixer`` node by a call of ``make_module(index, example)(x, positions)``
+    (``example``: the input's fake value, its shape and dtype), with ``positions`` the graph input of
+    true positions (-1: padding). Returns the new nodes."""
+    g = gm.graph
+    pos = next((n for n in g.nodes if n.op == "placeholder" and n.name == positions), None)
+    calls = []
+    for node in list(g.nodes):
+        if node.target is not torch.ops.kvpass.mixer.default:
+            continue
+        if pos is None:
+            raise ValueError(f"the captured graph has no input named {positions!r} to feed token positions from")
+        x, index = node.args
+        name = f"kvpass_mix_{index}"
+        gm.add_submodule(name, make_module(index, x.meta["val"]))
+        with g.inserting_before(node):
+            call = g.call_module(name, (x, pos))
+        call.meta = dict(node.meta)
+        call.meta["kvpass_positions"] = True  # padding (-1) stays visible to it (rewrite clamps the others)
+        node.replace_all_uses_with(call)
+        g.erase_node(node)
+        calls.append(call)
+    g.lint()
+    gm.recompile()
+    return calls
