@@ -194,15 +194,34 @@ class KVMixer(nn.Module):
 
 @torch.no_grad()
 def measure(mixer: KVMixer, example: Tensor) -> tuple[StateSpec, ...]:
-    """What ``mixer`` stores (shapes per batch row, and dtypes), run on two tokens shaped like
-    ``example``'s last dimension; a dtype the same as the input's is the model's (None)."""
+    """What ``mixer`` stores (shapes per batch row, and dtypes), run on four tokens shaped like
+    ``example``'s last dimension; a dtype the same as the input's is the model's (None).
+
+    Then the state is checked to carry: the four tokens read at once, and read as 1, 2 and 1 (from
+    an empty state, a chunk continuing a state, a decoded token), must give the same outputs. A mixer
+    whose chunked path starts from zero whatever its state (transformers' Mamba-1 scan) is refused."""
+    name = mixer.where or type(mixer.mixer).__name__
     device = next(mixer.mixer.parameters()).device
-    x = torch.randn(1, 2, example.shape[-1], dtype=example.dtype, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(1, 4, example.shape[-1], generator=gen, device=device).to(example.dtype)
+    pos = torch.arange(4, device=device)[None]
     recorder = States(None)
-    mixer.run(x, torch.arange(2, device=device)[None], recorder)
+    whole = mixer.run(x, pos, recorder)
     if not recorder.specs:
-        raise ValueError(f"the recurrent mixer {mixer.where or type(mixer.mixer).__name__} stored no state")
-    return tuple(
+        raise ValueError(f"the recurrent mixer {name} stored no state")
+    specs = tuple(
         StateSpec(kind, index, shape, None if dtype == example.dtype else dtype)
         for (kind, index), (shape, dtype) in sorted(recorder.specs.items())
     )
+    state = {(s.kind, s.index): torch.zeros(1, *s.shape, dtype=s.dtype or x.dtype, device=device) for s in specs}
+    pieces = [mixer.run(x[:, a:b], pos[:, a:b], States(state)) for a, b in ((0, 1), (1, 3), (3, 4))]
+    apart = torch.cat(pieces, dim=1)
+    scale = whole.abs().amax().clamp_min(1e-6)
+    if not torch.allclose(apart.float(), whole.float(), rtol=1e-3, atol=1e-4 * float(scale)):
+        err = float((apart - whole).abs().amax() / scale)
+        raise ValueError(
+            f"the recurrent mixer {name} ({type(mixer.mixer).__name__}) does not carry its state from one chunk to the "
+            f"next: read in pieces, its output differs from reading at once by {err:.2g} of its scale (its code's "
+            "chunked path starts from an empty state whatever the cache holds), and kvpass reads prompts in chunks"
+        )
+    return specs
