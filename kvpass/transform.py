@@ -14,6 +14,7 @@ from kvpass import policies
 from kvpass.passes import (
     PROBE_LEN,
     Site,
+    TokenMixingError,
     capture,
     check_lengths,
     check_token_local,
@@ -27,10 +28,10 @@ from kvpass.passes import (
 )
 from kvpass.runtime import allocation, hf, recurrent
 from kvpass.runtime.attention import KVAttention
-from kvpass.runtime.recurrent import KVMixer
 from kvpass.runtime.cache import READING, EvictingCache, check_reading
 from kvpass.runtime.generate import generate
 from kvpass.runtime.plan import DECODE, cuts, plan
+from kvpass.runtime.recurrent import KVMixer
 from kvpass.runtime.step import Exchange, Step
 
 
@@ -38,7 +39,10 @@ def sites_of(model: nn.Module) -> tuple[torch.fx.GraphModule, list[Site]]:
     """Capture ``model`` and find its attention sites (with masks measured on a short probe)."""
     vocab = _vocab_size(model)
     mixers = recurrent.mixers_of(model)  # a hybrid's recurrent layers: one node each, carrying their state
-    gm = capture(model, vocab, [m for _, m in mixers])
+    try:
+        gm = capture(model, vocab, [m for _, m in mixers])
+    except RuntimeError as e:
+        raise recurrent.explain(e, model, [n for n, _ in mixers]) from None
     drop_noops(gm)  # first: export's metadata asserts would hide the eager attention pattern
     eager_to_sdpa(gm)
     rewrite_mixers(gm, lambda i, example: KVMixer(i, mixers[i][1], example, mixers[i][0]))
@@ -130,7 +134,10 @@ def transform(
         gm.get_submodule(node.target).io = io
     row_wise = hf.row_wise_modules(model) if hf.is_hf_model(type(model)) else set()
     exempt = {s.node for s in sites if s.action == "rewrite"} | set(mixers)
-    check_token_local(gm, exempt=exempt, row_wise=row_wise)
+    try:
+        check_token_local(gm, exempt=exempt, row_wise=row_wise)
+    except TokenMixingError as e:
+        raise recurrent.explain(e, model) from None
     check_lengths(gm, type(model).__name__)
     flatten_attrs(gm)
 

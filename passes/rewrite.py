@@ -18,8 +18,9 @@ def rewrite(
 
     ``k`` and ``v`` are the per-KV-head tensors (before grouped-query repetition); ``positions``
     names the graph input carrying true token positions, ``-1`` for padding: the attention modules
-    (and recurrent mixers, :mod:`.mixers`) read it as it is; every other use (RoPE, position embeddings) reads it clamped at 0, so a
-    padding token never indexes a table at -1. The model's own mask construction is left without
+    (and recurrent mixers, :mod:`.mixers`) read it as it is; every other use (RoPE, position
+    embeddings) reads it clamped at 0, so a padding token never indexes a table at -1. The model's own mask
+    construction is left without
     users and removed.
     """
     g = gm.graph

@@ -28,7 +28,10 @@ aten = torch.ops.aten
 
 
 class TokenMixingError(ValueError):
-    """A node outside the attention sites combines information from different tokens."""
+    """A node outside the attention sites combines information from different tokens (``where``: the
+    path of the module it is in, if known)."""
+
+    where: str = ""
 
 
 _SHAPE_ONLY = {
@@ -45,8 +48,8 @@ _REDUCE_DIM = {  # name -> index of the ``dim`` argument
     "sum": 1, "mean": 1, "amax": 1, "amin": 1, "max": 1, "min": 1, "prod": 1, "var": 1, "std": 1, "logsumexp": 1,
     "norm": 2, "linalg_vector_norm": 2, "softmax": 1, "_softmax": 1, "log_softmax": 1, "_log_softmax": 1,
     "cumsum": 1, "cumprod": 1, "argmax": 1, "argmin": 1, "any": 1, "all": 1, "topk": 2, "sort": 1, "var_mean": 1,
-    "cat": 1, "concat": 1, "concatenate": 1, "split": 2, "split_with_sizes": 2, "chunk": 2, "unbind": 1, "select": 1, "slice": 1,
-    "narrow": 1, "index_select": 1, "gather": 1, "scatter": 1, "roll": 2, "flip": 1,
+    "cat": 1, "concat": 1, "concatenate": 1, "split": 2, "split_with_sizes": 2, "chunk": 2, "unbind": 1,
+    "select": 1, "slice": 1, "narrow": 1, "index_select": 1, "gather": 1, "scatter": 1, "roll": 2, "flip": 1,
 }  # fmt: skip
 
 
@@ -81,11 +84,13 @@ def check_token_local(
             continue
         why = _mixes(node, seq)
         if why:
-            raise TokenMixingError(
+            error = TokenMixingError(
                 f"kvpass cannot rewrite this model safely: node {node.name!r} ({_target(node)}"
                 f"{', in ' + _where(node) if _where(node) else ''}) {why}. Running the model a chunk or a token at a "
                 "time would change its result, so nothing was rewritten."
             )
+            error.where = _where(node)
+            raise error
 
 
 def _symbols(x) -> set:

@@ -62,6 +62,7 @@ KNOBS: dict[str, dict] = {
     "bamba": {"attn_layer_indices": [1]},
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
     "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
+    "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
     "codegen": {"rotary_dim": 8},
     "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}},
     "gptj": {"rotary_dim": 8},
@@ -106,6 +107,15 @@ _SIZES = {  # generic field -> tiny value
     "v_head_dim": 16,
     "n_group": 1,  # grouped expert routing over the tiny number of experts
     "topk_group": 1,
+    "linear_num_key_heads": 2,  # hybrids' recurrent layers (Gated DeltaNet, Mamba-2)
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "mamba_num_heads": 8,
+    "mamba_head_dim": 16,
+    "mamba_d_state": 16,
+    "ssm_state_size": 16,
+    "moe_shared_expert_intermediate_size": 32,
 }
 
 

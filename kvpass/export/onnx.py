@@ -7,7 +7,8 @@ decomposes the step, ``torch.onnx`` translates it; no custom operator). Policies
 token and a prefill chunk differently, so the step is exported twice, for one token and for a chunk
 of any length from 2 to ``chunk + 1``, and the two graphs become the branches of one ``If`` on the
 input's length (the planner's rule, :func:`kvpass.runtime.plan.mode_of`): one file, each weight
-stored once. Batch size is dynamic. The ``kvpass`` metadata entry describes the tables."""
+stored once. Batch size is dynamic. The ``kvpass`` metadata entry describes the tables (a hybrid's
+recurrent state among them: fixed-size inputs and outputs like the KV)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kvpass.runtime.recurrent import StateSpec
 from kvpass.runtime.step import Layout, PureStep
 
-FORMAT = 2  # the metadata's version: 2 added the owner table and "pooled"
+FORMAT = 3  # the metadata's version: 2 added the owner table and "pooled"; 3 a hybrid's recurrent "states"
 
 
 def export_onnx(model: nn.Module, path: str | Path, *, capacity: int | None = None, check: bool = True) -> Path:
@@ -50,6 +52,10 @@ def export_onnx(model: nn.Module, path: str | Path, *, capacity: int | None = No
         "value_dim": list(step.layout.value_dim),
         "capacity": list(step.layout.capacity),
         "pooled": list(step.layout.pooled),
+        "states": [
+            [list(mixers), [[sp.kind, sp.index, list(sp.shape), _dtype(sp.dtype)] for sp in specs]]
+            for mixers, specs in step.layout.states
+        ],
         "dtype": str(param.dtype).removeprefix("torch."),
         "evicts": policy.evicts,
     }
@@ -71,7 +77,19 @@ def layout_of(meta: dict) -> Layout:
             f"{FORMAT}): export it again"
         )
     groups = tuple(tuple(g) for g in meta["groups"])
-    return Layout(groups, *(tuple(meta[k]) for k in ("capacity", "kv_heads", "head_dim", "value_dim", "pooled")))
+    states = tuple(
+        (
+            tuple(mixers),
+            tuple(StateSpec(k, i, tuple(shape), dtype and getattr(torch, dtype)) for k, i, shape, dtype in specs),
+        )
+        for mixers, specs in meta["states"]
+    )
+    sizes = (tuple(meta[k]) for k in ("capacity", "kv_heads", "head_dim", "value_dim", "pooled"))
+    return Layout(groups, *sizes, states)
+
+
+def _dtype(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _to_onnx(step: PureStep, T: int, param: torch.Tensor, chunk: int):

@@ -69,9 +69,9 @@ def mixers_of(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _touches(fn, depth: int = 2, seen: set | None = None) -> bool:
     code = getattr(fn, "__code__", None)
     seen = set() if seen is None else seen
-    if code is None or code in seen:
+    if code is None or fn in seen:  # (by function: wrappers share their code and close over different functions)
         return False
-    seen.add(code)
+    seen.add(fn)
     names = set(code.co_names)
     if names & SURFACE:
         return True
@@ -89,6 +89,44 @@ def _function(obj) -> types.FunctionType | None:
     return obj if isinstance(obj, types.FunctionType) else None
 
 
+def explain(error: Exception, model: nn.Module, mixers: list[str] = ()) -> Exception:
+    """``error`` (a refusal: a node that mixes tokens, in ``error.where``, or a capture that failed),
+    saying what is missing where it comes from a recurrent layer kvpass did not find as a mixer: one
+    whose code keeps its state elsewhere than through :data:`SURFACE` (transformers before 5.21, or
+    a family's own state attributes). ``mixers``: the paths of those found."""
+    where = getattr(error, "where", "")
+    try:
+        module = model.get_submodule(where) if where else None
+    except AttributeError:
+        module = None
+    while module is not None and not _recurrent(module):
+        where = where.rpartition(".")[0]
+        module = model.get_submodule(where) if where else None
+    if module is None and not hasattr(error, "where"):  # a capture: the first recurrent layer not found
+        where, module = next(
+            ((n, m) for n, m in model.named_modules() if _recurrent(m) and n not in mixers and n), ("", None)
+        )
+    if module is None:
+        return error
+    explained = type(error)(
+        f"{where} ({type(module).__name__}) is a recurrent layer whose state kvpass cannot carry: kvpass carries "
+        "the state of a layer that reads and writes it through transformers' cache surface "
+        f"({', '.join(sorted(SURFACE))}; transformers 5.21 or newer), and this one keeps it another way. {error}"
+    )
+    explained.where = where
+    return explained
+
+
+def _recurrent(module: nn.Module) -> bool:
+    """A layer (not a whole model) that takes a recurrent cache (``cache_params``) or names itself
+    recurrent or a mixer."""
+    if hasattr(type(module), "config_class"):
+        return False
+    params = inspect.signature(module.forward).parameters
+    name = type(module).__name__.lower()
+    return "cache_params" in params or any(w in name for w in ("mamba", "recurrent", "deltanet", "shortconv", "rglru"))
+
+
 class States:
     """The cache surface one mixer reads and writes its state through, for one call: over
     ``tensors`` (``(kind, index) -> [B, ...]``, written in place), or, with None, recording what
@@ -103,7 +141,9 @@ class States:
             return None
         state = self.tensors.get((kind, index))
         if state is None:
-            raise RuntimeError(f"a recurrent mixer read a {kind} state #{index} it did not write when kvpass measured it")
+            raise RuntimeError(
+                f"a recurrent mixer read a {kind} state #{index} it did not write when kvpass measured it"
+            )
         return state
 
     def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> Tensor | None:

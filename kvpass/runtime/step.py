@@ -34,7 +34,7 @@ from kvpass.kernels.decode import decode_attention
 from kvpass.policies.base import Chunk, Policy, Probe
 from kvpass.runtime.attention import KVAttention
 from kvpass.runtime.plan import DECODE, PREFILL, mode_of
-from kvpass.runtime.recurrent import KVMixer, StateSpec, States
+from kvpass.runtime.recurrent import KVMixer, States, StateSpec
 
 
 class Slots(NamedTuple):
@@ -135,7 +135,9 @@ class Layout:
         object.__setattr__(self, "where", where)
 
     def __hash__(self) -> int:
-        return hash((self.groups, self.capacity, self.kv_heads, self.head_dim, self.value_dim, self.pooled, self.states))
+        return hash(
+            (self.groups, self.capacity, self.kv_heads, self.head_dim, self.value_dim, self.pooled, self.states)
+        )
 
     @classmethod
     def build(
@@ -201,7 +203,7 @@ class Layout:
         views: dict[int, dict[tuple[str, int], Tensor]] = {}
         rest = iter(tables[self.slot_tables :])
         for mixers, specs in self.states:
-            for s, table in zip(specs, rest):
+            for s, table in zip(specs, rest, strict=False):  # (rest: the tables left)
                 for j, m in enumerate(mixers):
                     views.setdefault(m, {})[(s.kind, s.index)] = table[j]
         return views
@@ -439,7 +441,6 @@ class Exchange:
             call.policy, layer, q, k, v, pos, slots, site.scale, site.window, site.softcap, keep, sinks, call.probe,
             site.alibi, site.chunked,
         )  # fmt: skip
-
 
     def mix(self, mixer: KVMixer, x: Tensor, pos: Tensor) -> Tensor:
         """What a recurrent mixer computes in a step: its output, its state carried from the last step
