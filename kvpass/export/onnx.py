@@ -149,7 +149,8 @@ def _check_guards(program, layout: Layout, chunk: int) -> None:
                     raise ValueError(
                         f"the exported step is valid only where `{guard}` holds, not for batch {batch} and "
                         f"chunk length {T}: the model or policy branches on a size; kvpass does not export a "
-                        "graph that would be silently wrong for other lengths"
+                        "graph that would be silently wrong for other lengths (a recurrent layer's scan branches on "
+                        "whether a chunk fills its own chunks: an engine whose chunk is below the scan's holds)"
                     )
 
 
