@@ -155,16 +155,49 @@ def test_compiled_and_exported_give_the_eager_tokens(name, tmp_path):
     assert np.array_equal(engine.generate(ids.numpy(), 8), want.numpy())
 
 
-@needs_surface
-def test_a_mixer_that_does_not_carry_its_state_is_refused():
-    """Jamba's Mamba-1 scan (in transformers) starts each chunk from zero, whatever its cache holds."""
+def _jamba():
     config = transformers.JambaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
         expert_layer_offset=1, num_experts=2, mamba_d_state=8, mamba_dt_rank=4, use_mamba_kernels=False,
+        pad_token_id=0,
     )  # fmt: skip
-    model = transformers.JambaForCausalLM(config).eval()
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mamba .*does not carry its state"):
+    torch.manual_seed(0)
+    return transformers.JambaForCausalLM(config).eval()
+
+
+@needs_surface
+def test_a_mixer_whose_chunks_start_from_zero_reads_a_token_at_a_time():
+    """transformers' Mamba-1 scan (Jamba) ignores the state it is given on a chunk of several tokens:
+    kvpass measures that and feeds it a token at a time, exact over chunks and left padding."""
+    model = _jamba()
+    m = kvpass.transform(model, "full", chunk=8)
+    assert m.kvpass_step.mixers[0].stepwise
+    ids = _ids(6, (2, 20))
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask, use_cache=False).logits
+        got = m(ids, attention_mask=mask).logits
+    assert (got - want)[:, 3:].abs().max() < 1e-4  # (rows' padding columns aside)
+    assert (got - want)[1].abs().max() < 1e-4
+
+
+@needs_surface
+def test_a_mixer_that_carries_no_state_is_refused():
+    """A mixer that asks for its state and ignores it: no way of feeding it reproduces the model."""
+    model = build("qwen3_5")
+    layer = model.model.layers[0]
+
+    class Forgetful(type(layer.linear_attn)):
+        def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+            if cache is not None:  # asks for its state and writes one, then reads from scratch
+                cache.get_recurrent_state(self.layer_idx)
+                cache.update_recurrent_state(hidden_states.new_zeros(hidden_states.shape[0], 2), self.layer_idx)
+            return super().forward(hidden_states, cache=None, attention_mask=attention_mask)
+
+    layer.linear_attn.__class__ = Forgetful
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.linear_attn \(Forgetful\) does not carry its state"):
         kvpass.transform(model, "tova", 8)
 
 
@@ -178,5 +211,6 @@ def test_old_transformers_refuse_naming_the_recurrent_layer():
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
     )  # fmt: skip
     model = transformers.Qwen3NextForCausalLM(config).eval()
-    with pytest.raises(ValueError, match=r"linear_attn .* recurrent layer whose state kvpass cannot carry.*5\.21"):
+    refused = (ValueError, RuntimeError)  # (at the token-mixing check, or already at capture)
+    with pytest.raises(refused, match=r"linear_attn .* recurrent layer whose state kvpass cannot carry.*5\.21"):
         kvpass.transform(model, "tova", 8)

@@ -16,6 +16,8 @@ relied on, and the test that notices when it moves (all in ``tests/test_hf.py`` 
   a continued prompt is sliced), ``reorder_cache`` (beam search); every other member refuses
   loudly instead of walking empty layers: ``test_cache_surface`` and the beam, multi-turn and
   assisted-decoding tests;
+- the cache surface of recurrent layers (hybrids), which kvpass offers each mixer rather than
+  calls: listed in :mod:`kvpass.runtime.recurrent`, tested in ``tests/test_hybrids.py``;
 - ``GenerationConfig`` fields read before generating (``max_new_tokens``, ``max_length``,
   ``use_cache``, ``cache_implementation``, ``prefill_chunk_size``) and
   ``get_generation_mode``: ``test_decode_reserve_follows_max_length`` and the refusal tests.
