@@ -70,8 +70,10 @@ def inspect(args: argparse.Namespace) -> None:
         model, _ = load_model(args.model, tokenizer=False)
     verdict = "ready to transform: the graph mixes tokens only in these attention sites"
     with console.status("capturing the forward step with torch.export, rewriting, checking"):
+        mixers = {}
         try:
-            sites = kvpass.transform(model, policy="full").kvpass_sites
+            transformed = kvpass.transform(model, policy="full")
+            sites, mixers = transformed.kvpass_sites, transformed.kvpass_step.mixers
         except ValueError as e:  # no attention, nothing rewritable, or tokens mixed elsewhere
             verdict = f"[red]cannot be transformed:[/red] {e}"
             sites = kvpass.find_attention(model)
@@ -93,6 +95,9 @@ def inspect(args: argparse.Namespace) -> None:
         row = [str(s.layer), s.module, str(s.heads), kv, str(s.head_dim), f"{s.scale:.4g}", mask, action]
         table.add_row(*row)
     console.print(table)
+    for m in mixers.values():  # a hybrid's recurrent layers
+        state = ", ".join(f"{s.kind} {'x'.join(map(str, s.shape))}" for s in m.specs)
+        console.print(f"recurrent layer {m.where} ({type(m.mixer).__name__}): carries {state}")
     console.print(verdict)
 
 
