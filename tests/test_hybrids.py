@@ -159,7 +159,7 @@ def _jamba():
     config = transformers.JambaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
-        expert_layer_offset=1, num_experts=2, mamba_d_state=8, mamba_dt_rank=4, use_mamba_kernels=False,
+        expert_layer_offset=1, num_experts=1, mamba_d_state=8, mamba_dt_rank=4, use_mamba_kernels=False,
         pad_token_id=0,
     )  # fmt: skip
     torch.manual_seed(0)
@@ -167,9 +167,10 @@ def _jamba():
 
 
 @needs_surface
-def test_a_mixer_whose_chunks_start_from_zero_reads_a_token_at_a_time():
+def test_a_mixer_whose_chunks_start_from_zero_reads_a_token_at_a_time(tmp_path):
     """transformers' Mamba-1 scan (Jamba) ignores the state it is given on a chunk of several tokens:
-    kvpass measures that and feeds it a token at a time, exact over chunks and left padding."""
+    kvpass measures that and feeds it a token at a time, exact over chunks and left padding (and an
+    engine, whose graph cannot loop over the chunk, is refused)."""
     model = _jamba()
     m = kvpass.transform(model, "full", chunk=8)
     assert m.kvpass_step.mixers[0].stepwise
@@ -181,6 +182,8 @@ def test_a_mixer_whose_chunks_start_from_zero_reads_a_token_at_a_time():
         got = m(ids, attention_mask=mask).logits
     assert (got - want)[:, 3:].abs().max() < 1e-4  # (rows' padding columns aside)
     assert (got - want)[1].abs().max() < 1e-4
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mamba reads a chunk a token at a time"):
+        kvpass.export_onnx(kvpass.transform(model, "tova", 8, chunk=8), tmp_path / "jamba.onnx")
 
 
 @needs_surface

@@ -221,6 +221,11 @@ class KVMixer(nn.Module):
         cache). A ``stepwise`` mixer reads a chunk a token at a time, its padding zeroed here (the
         mixer masks only inputs of more than one token)."""
         if self.stepwise and states is not None and x.shape[1] > 1:
+            if torch.compiler.is_exporting():
+                raise ValueError(
+                    f"the recurrent mixer {self.where} reads a chunk a token at a time (its chunked path does not "
+                    "continue a state), a loop over the chunk's length that an engine's graph cannot hold"
+                )
             x = x * (pos >= 0)[..., None].to(x.dtype)
             return torch.cat([self.run(x[:, t : t + 1], pos[:, t : t + 1], states) for t in range(x.shape[1])], 1)
         cache = {} if states is None else {self.cache_name: states}
