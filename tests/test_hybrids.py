@@ -122,7 +122,7 @@ def test_beams_and_forks_carry_the_state(hybrid):
 
 
 def test_small_budget_bounds_attention_and_reports_the_state_apart(hybrid):
-    name, model = hybrid
+    _, model = hybrid
     m = kvpass.transform(model, "tova", 8, chunk=8)
     with torch.no_grad():
         m.generate(_ids(4), max_new_tokens=12, do_sample=False)
