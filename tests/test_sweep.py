@@ -68,6 +68,7 @@ PATH_SAMPLE = {
     "mistral": "compile, onnx",  # sliding window
     "deepseek_v3": "compile, onnx",  # multi-head latent attention, MoE
     "bloom": "compile, onnx",  # ALiBi
+    "lfm3": "compile, onnx",  # hybrid: short convolutions carrying their state beside attention
 }
 
 
