@@ -112,6 +112,8 @@ def _scores(x: fx.Node):
     if _call(x, aten.matmul.default) and _call(x.args[1], aten.permute.default) and _rank(x) == 4:
         if [d % 4 for d in x.args[1].args[1]] == [0, 1, 3, 2]:
             return x.args[0], x.args[1].args[0], "matmul", 1.0, None
+        if [d % 4 for d in x.args[1].args[1]] == [0, 2, 3, 1]:  # k^T straight from [B, T, H, D] (OpenAI GPT)
+            return x.args[0], x.args[1].args[0], "matmul_bthd", 1.0, None
     if _call(x, aten.einsum.default) and len(x.args[1]) == 2 and _score_roles(x):
         return *x.args[1], "einsum", 1.0, None
     bmm = _call(x, aten.bmm.default)
@@ -277,8 +279,20 @@ def _mask_terms(x: fx.Node, gm: fx.GraphModule | None) -> tuple[fx.Node, list, l
         elif _call(x, aten.where.self) and gm is not None and ((_fill_value(gm, x.args[2]) or 0.0) <= -1e4):
             conds.append((x.args[0], True))  # where(cond, scores, most negative): GPT-Neo's own mask
             x = x.args[1]
+        elif _call(x, *_MUL) and isinstance(x.args[1], fx.Node) and any(_penalty(a, x.args[1]) for a in adds):
+            conds.append((x.args[1], True))  # scores * b + c * (1 - b), c most negative: OpenAI GPT's mask
+            x = x.args[0]
         else:
             return x, adds, conds
+
+
+def _penalty(term, b: fx.Node) -> bool:
+    """Whether ``term`` is ``c * (1 - b)`` with ``c <= -1e4``: where ``b`` is 0, a product ``scores * b``
+    plus it leaves a key no probability (and where ``b`` is 1 it adds 0)."""
+    if not (_call(term, *_MUL) and (_scalar(term.args[1]) or 0.0) <= -1e4):
+        return False
+    one_minus = term.args[0]
+    return _call(one_minus, aten.rsub.Scalar) and one_minus.args[0] is b and one_minus.args[1] == 1
 
 
 def _match(softmax: fx.Node, gm: fx.GraphModule | None = None) -> Match | None:
@@ -315,6 +329,8 @@ def _match(softmax: fx.Node, gm: fx.GraphModule | None = None) -> Match | None:
     if found is None:
         return None
     q, k, kind, alpha, bias = found
+    k_perm = (0, 2, 1, 3) if kind == "matmul_bthd" else _CANON  # k to [B, H, T, D]
+    kind = "matmul" if kind == "matmul_bthd" else kind
     if bias is not None and (softcap or not isinstance(_shape(q)[1], int)):
         return None  # a bias under the soft-cap, or heads of unknown number: not one mask
     key_dim = _score_roles(x)["z"].index(_score_roles(x)["k"]) if kind == "einsum" else _rank(softmax) - 1
@@ -354,6 +370,7 @@ def _match(softmax: fx.Node, gm: fx.GraphModule | None = None) -> Match | None:
     if bias is not None:
         adds = [*adds, ("bias", *bias, _shape(q)[1])]
     match = Match(q, k, v, (adds, conds), scale * alpha, softcap, out, batched, sinks)
+    match.perms = (_CANON, k_perm, _CANON, _CANON, _CANON)
     if kind == "einsum":
         perms = _einsum_perms(x, out)
         if perms is None:
@@ -400,6 +417,8 @@ def _one_mask(g: fx.Graph, adds: list, conds: list) -> fx.Node | None:
         total = a if total is None else _node(g, aten.add.Tensor, (total, a))
     seen = None
     for cond, when in conds:
+        if cond.meta["val"].dtype != torch.bool:  # a 0/1 multiplier
+            cond = _node(g, aten.ne.Scalar, (cond, 0))
         c = cond if when else _node(g, aten.logical_not.default, (cond,))
         seen = c if seen is None else _node(g, aten.logical_and.default, (seen, c))
     if seen is None or total is None:

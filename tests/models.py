@@ -135,7 +135,7 @@ class Mixer(nn.Module):
 
 class EagerForms(nn.Module):
     """One eager attention layer written as ``einsum`` (in three layouts), ``matmul`` of a permuted
-    key, ``bmm``, ``baddbmm`` or soft-capped ``matmul``."""
+    key, ``bmm``, ``baddbmm``, soft-capped ``matmul`` or a 0/1 multiplier plus a penalty (OpenAI GPT)."""
 
     def __init__(self, form, vocab=50, dim=32, heads=4):
         super().__init__()
@@ -172,6 +172,11 @@ class EagerForms(nn.Module):
         elif self.form == "matmul_permute":
             a = torch.matmul(q, k.permute(0, 1, 3, 2)) * D**-0.5
             y = a.masked_fill(future, float("-inf")).softmax(-1) @ v
+        elif self.form in ("multiplied", "multiplied_only"):  # OpenAI GPT: keys transposed from [B, T, H, D]
+            keep = torch.ones(1, 1, T, T).tril()  # a 0/1 multiplier, and a penalty where it is 0
+            a = torch.matmul(q, k.transpose(1, 2).permute(0, 2, 3, 1)) / D**0.5
+            a = a * keep + -1e4 * (1 - keep) if self.form == "multiplied" else a * keep  # (the latter: no mask)
+            y = a.softmax(-1) @ v
         elif self.form == "bmm_mask4":  # BART-era: the mask added on a [B, H, T, T] view, max-subtracted
             q3, k3, v3 = (t.reshape(B * H, T, D) for t in (q * D**-0.5, k, v))  # queries scaled first
             a = torch.bmm(q3, k3.transpose(1, 2)).view(B, H, T, T)

@@ -258,7 +258,7 @@ class HFMixin:
                 f"a kvpass model generates on its own evicting cache, got {type(cache).__name__}; "
                 "pass none (a fresh one is made) or one this model made or returned"
             )
-        if cache is None and asked.use_cache:
+        if cache is None and asked.use_cache is not False:  # (None: transformers' default, a cache; OpenAI GPT)
             ids = inputs if inputs is not None else kwargs.get("input_ids")
             new = asked.max_new_tokens
             if new is None:  # max_length counts the prompt

@@ -44,7 +44,7 @@ def test_nanogpt_masked_fill_attention():
     assert all(layer.held == 4 * 12 for layer in kvpass.cache_stats(bounded).layers)
 
 
-FORMS = ["einsum", "einsum_bthd", "einsum_letters", "matmul_permute", "bmm", "baddbmm", "bmm_mask4"]
+FORMS = ["einsum", "einsum_bthd", "einsum_letters", "matmul_permute", "bmm", "baddbmm", "bmm_mask4", "multiplied"]
 
 
 @pytest.mark.parametrize("form,softcap", [*((f, 0.0) for f in FORMS), ("softcap", 2.0), ("lse_sinks", 0.0)])
@@ -58,6 +58,12 @@ def test_eager_forms(form, softcap):
     ids = torch.randint(0, 50, (2, 45))
     exact = kvpass.transform(model, policy="full", chunk=16)
     torch.testing.assert_close(exact(ids).logits, model(ids, torch.arange(45).expand(2, 45)), rtol=1e-5, atol=1e-5)
+
+
+def test_a_multiplier_without_its_penalty_is_left_alone():
+    """``scores * b`` alone gives the keys where b is 0 a score of 0, not no probability: not a mask."""
+    model = EagerForms("multiplied_only").eval()
+    assert kvpass.find_attention(model) == []
 
 
 def test_einsum_with_keys_first_is_left_alone():
