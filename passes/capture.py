@@ -50,7 +50,7 @@ def capture(model: nn.Module, vocab_size: int = 2, mixers: list[nn.Module] = ())
     dims = {"input_ids": dyn, "position_ids": dyn}
     step = LogitsStep(model)
     try:
-        with torch.no_grad(), opaque(list(mixers)):
+        with torch.no_grad(), opaque(list(mixers), lambda: step(ids[:1, :2], pos[:1, :2])):
             program = torch.export.export(step, (ids, pos), dynamic_shapes=dims, strict=False)
     except Exception as e:  # re-raised with what was attempted
         args = ["input_ids", *([f"{step.pos_name}=..."] if step.pos_name else []), *(f"{k}=False" for k in step.extra)]

@@ -34,11 +34,26 @@ def _(x: Tensor, index: int) -> Tensor:
 
 
 @contextlib.contextmanager
-def opaque(modules: list[nn.Module]) -> Iterator[None]:
+def opaque(modules: list[nn.Module], probe: Callable[[], object] | None = None) -> Iterator[None]:
     """Within: each of ``modules``' forward is one ``kvpass::mixer`` op over its input (numbered by
-    place in the list), whatever else it is called with (its cache, its mask)."""
+    place in the list), whatever else it is called with (its cache, its mask). ``probe`` (a short
+    forward of the model) shows what each returns: a tensor, or a tuple whose first item is the
+    output (the rest, which the model ignores, become None)."""
+    arity: dict[int, int] = {}
+    if probe is not None and modules:
+        hooks = [
+            m.register_forward_hook(
+                lambda _m, _a, out, i=i: arity.__setitem__(i, len(out) if isinstance(out, tuple) else 0)
+            )
+            for i, m in enumerate(modules)
+        ]
+        try:
+            probe()
+        finally:
+            for h in hooks:
+                h.remove()
     for i, m in enumerate(modules):
-        m.forward = functools.partial(_placeholder, i)  # an instance attribute shadows the class's forward
+        m.forward = functools.partial(_placeholder, i, arity.get(i, 0))  # an instance attribute shadows the class's
     try:
         yield
     finally:
@@ -46,8 +61,9 @@ def opaque(modules: list[nn.Module]) -> Iterator[None]:
             vars(m).pop("forward", None)
 
 
-def _placeholder(index: int, hidden_states: Tensor, *args, **kwargs) -> Tensor:
-    return torch.ops.kvpass.mixer(hidden_states, index)
+def _placeholder(index: int, arity: int, hidden_states: Tensor, *args, **kwargs) -> Tensor | tuple:
+    out = torch.ops.kvpass.mixer(hidden_states, index)
+    return (out, *(None,) * (arity - 1)) if arity else out
 
 
 def rewrite_mixers(

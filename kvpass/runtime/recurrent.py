@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 SURFACE = frozenset({"get_conv_state", "update_conv_state", "get_recurrent_state", "update_recurrent_state"})
+SURFACE |= {"get_linear_cache", "set_linear_cache"}  # MiniMax's lightning attention: its state, by its own names
 CACHE_NAMES = ("cache", "cache_params")
 
 
@@ -175,6 +176,12 @@ class States:
         state.copy_(recurrent_states)
         return state
 
+    def get_linear_cache(self, layer_idx: int) -> Tensor | None:
+        return self._get("recurrent", 0)
+
+    def set_linear_cache(self, layer_idx: int, linear_cache: Tensor) -> None:
+        self.update_recurrent_state(linear_cache, layer_idx)
+
     def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
         return self.tensors is not None
 
@@ -201,6 +208,14 @@ class KVMixer(nn.Module):
         self.index, self.mixer, self.where = index, mixer, where
         params = inspect.signature(mixer.forward).parameters
         self.cache_name = next((n for n in CACHE_NAMES if n in params), None)
+        # what else it requires, unused by its recurrence (MiniMax's lightning attention: position_embeddings)
+        self.unused = {
+            n: None
+            for n, p in params.items()
+            if p.default is p.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and n not in ("hidden_states", "attention_mask", *CACHE_NAMES)
+        }
         if self.cache_name is None:
             raise ValueError(
                 f"the recurrent mixer {where or type(mixer).__name__} takes its cache under none of the names kvpass "
@@ -229,7 +244,8 @@ class KVMixer(nn.Module):
             x = x * (pos >= 0)[..., None].to(x.dtype)
             return torch.cat([self.run(x[:, t : t + 1], pos[:, t : t + 1], states) for t in range(x.shape[1])], 1)
         cache = {} if states is None else {self.cache_name: states}
-        out = self.mixer(hidden_states=x, attention_mask=(pos >= 0).long(), **cache)
+        out = self.mixer(hidden_states=x, attention_mask=(pos >= 0).long(), **self.unused, **cache)
+        out = out[0] if isinstance(out, tuple) and out else out  # (the output, then what the model ignores)
         if not isinstance(out, Tensor) or out.shape != x.shape:
             raise TypeError(
                 f"the recurrent mixer {self.where or type(self.mixer).__name__} returned "
