@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from kvpass import policies
 from kvpass.passes import (
     PROBE_LEN,
+    RowWise,
     Site,
     TokenMixingError,
     capture,
@@ -24,6 +25,7 @@ from kvpass.passes import (
     flatten_attrs,
     rewrite,
     rewrite_mixers,
+    rewrite_rows,
     split_head,
 )
 from kvpass.runtime import allocation, hf, recurrent
@@ -39,13 +41,15 @@ def sites_of(model: nn.Module) -> tuple[torch.fx.GraphModule, list[Site]]:
     """Capture ``model`` and find its attention sites (with masks measured on a short probe)."""
     vocab = _vocab_size(model)
     mixers = recurrent.mixers_of(model)  # a hybrid's recurrent layers: one node each, carrying their state
+    experts = [m for _, m in hf.opaque_experts(model)] if hf.is_hf_model(type(model)) else []
     try:
-        gm = capture(model, vocab, [m for _, m in mixers])
+        gm = capture(model, vocab, [m for _, m in mixers], experts)
     except RuntimeError as e:
         raise recurrent.explain(e, model, [n for n, _ in mixers]) from None
     drop_noops(gm)  # first: export's metadata asserts would hide the eager attention pattern
     eager_to_sdpa(gm)
     rewrite_mixers(gm, lambda i, example: KVMixer(i, mixers[i][1], example, mixers[i][0]))
+    rewrite_rows(gm, experts)
     device = next(model.parameters()).device
     probe = (
         torch.randint(0, vocab, (1, PROBE_LEN), device=device),
@@ -129,11 +133,13 @@ def transform(
     pol.check_layers(len(sites))
     io = Exchange()
     rewrite(gm, sites, lambda site: KVAttention(site, io))
-    mixers = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), KVMixer)]
-    for node in mixers:
-        gm.get_submodule(node.target).io = io
+    opaque = {n: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    opaque = {n: m for n, m in opaque.items() if isinstance(m, (KVMixer, RowWise))}  # mixers, experts
+    for m in opaque.values():
+        if isinstance(m, KVMixer):
+            m.io = io
     row_wise = hf.row_wise_modules(model) if hf.is_hf_model(type(model)) else set()
-    exempt = {s.node for s in sites if s.action == "rewrite"} | set(mixers)
+    exempt = {s.node for s in sites if s.action == "rewrite"} | set(opaque)
     try:
         check_token_local(gm, exempt=exempt, row_wise=row_wise)
     except TokenMixingError as e:

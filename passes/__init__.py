@@ -6,7 +6,7 @@ from .drop_noops import drop_noops
 from .eager_to_sdpa import eager_to_sdpa
 from .find_attention import PROBE_LEN, Site, find_attention
 from .flatten_attrs import flatten_attrs
-from .mixers import rewrite_mixers
+from .mixers import RowWise, rewrite_mixers, rewrite_rows
 from .rewrite import rewrite
 from .split_head import Head, split_head
 from .token_mixing import TokenMixingError, check_token_local
@@ -14,6 +14,7 @@ from .token_mixing import TokenMixingError, check_token_local
 __all__ = [
     "PROBE_LEN",
     "Head",
+    "RowWise",
     "Site",
     "TokenMixingError",
     "arange_positions",
@@ -26,5 +27,6 @@ __all__ = [
     "flatten_attrs",
     "rewrite",
     "rewrite_mixers",
+    "rewrite_rows",
     "split_head",
 ]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .arange_positions import arange_positions
-from .mixers import opaque
+from .mixers import opaque, opaque_rows
 
 POSITION_NAMES = ("position_ids", "input_pos", "pos", "positions")
 
@@ -36,9 +36,12 @@ class LogitsStep(nn.Module):
         return getattr(out, "logits", out)
 
 
-def capture(model: nn.Module, vocab_size: int = 2, mixers: list[nn.Module] = ()) -> torch.fx.GraphModule:
+def capture(
+    model: nn.Module, vocab_size: int = 2, mixers: list[nn.Module] = (), rows: list[nn.Module] = ()
+) -> torch.fx.GraphModule:
     """Export ``model``'s forward with dynamic batch and sequence length; each of ``mixers`` (a
-    hybrid's recurrent layers) as one placeholder node (:mod:`.mixers`).
+    hybrid's recurrent layers) and of ``rows`` (modules row-wise by contract) as one placeholder
+    node (:mod:`.mixers`).
 
     The parameters of the returned module are the model's own (shared, not copied).
     """
@@ -50,7 +53,8 @@ def capture(model: nn.Module, vocab_size: int = 2, mixers: list[nn.Module] = ())
     dims = {"input_ids": dyn, "position_ids": dyn}
     step = LogitsStep(model)
     try:
-        with torch.no_grad(), opaque(list(mixers), lambda: step(ids[:1, :2], pos[:1, :2])):
+        probe = lambda: step(ids[:1, :2], pos[:1, :2])
+        with torch.no_grad(), opaque(list(mixers), probe), opaque_rows(list(rows)):
             program = torch.export.export(step, (ids, pos), dynamic_shapes=dims, strict=False)
     except Exception as e:  # re-raised with what was attempted
         args = ["input_ids", *([f"{step.pos_name}=..."] if step.pos_name else []), *(f"{k}=False" for k in step.extra)]

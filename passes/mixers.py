@@ -93,3 +93,67 @@ def rewrite_mixers(
     g.lint()
     gm.recompile()
     return calls
+
+
+@torch.library.custom_op("kvpass::rows", mutates_args=())
+def rows(xs: list[Tensor], index: int) -> Tensor:
+    raise RuntimeError("a row-wise module's placeholder ran: rewrite_rows puts the module back")
+
+
+@rows.register_fake
+def _(xs: list[Tensor], index: int) -> Tensor:
+    return torch.empty_like(xs[0])
+
+
+class RowWise(nn.Module):
+    """A module kvpass runs as it is, whose output row ``t`` depends only on row ``t`` of its inputs
+    (by the contract it is written to), put back where its placeholder was."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        return self.module(*xs)
+
+
+@contextlib.contextmanager
+def opaque_rows(modules: list[nn.Module]) -> Iterator[None]:
+    """Within: each of ``modules``' forward (called with tensors only, positionally) is one
+    ``kvpass::rows`` op over them: capture does not trace its inside (a mixture of experts' loop
+    over the experts a chunk happens to use)."""
+    for i, m in enumerate(modules):
+        m.forward = functools.partial(_rows_placeholder, i)
+    try:
+        yield
+    finally:
+        for m in modules:
+            vars(m).pop("forward", None)
+
+
+def _rows_placeholder(index: int, *args: Tensor, **kwargs) -> Tensor:
+    if kwargs or not all(isinstance(a, Tensor) for a in args):
+        raise TypeError("kvpass runs a row-wise module as one node only when it is called with tensors, positionally")
+    return torch.ops.kvpass.rows(list(args), index)
+
+
+def rewrite_rows(gm: fx.GraphModule, modules: list[nn.Module]) -> list[fx.Node]:
+    """Replace each ``kvpass::rows`` node by a call of :class:`RowWise` over ``modules[index]``."""
+    g = gm.graph
+    calls = []
+    for node in list(g.nodes):
+        if node.target is not torch.ops.kvpass.rows.default:
+            continue
+        xs, index = node.args
+        name = f"kvpass_rows_{index}"
+        if not hasattr(gm, name):
+            gm.add_submodule(name, RowWise(modules[index]))
+        with g.inserting_before(node):
+            call = g.call_module(name, tuple(xs))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        g.erase_node(node)
+        calls.append(call)
+    g.lint()
+    gm.recompile()
+    return calls

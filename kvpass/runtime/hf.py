@@ -156,6 +156,22 @@ def row_wise_modules(model: nn.Module) -> set[str]:
     }
 
 
+def opaque_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The experts of a mixture of experts, by transformers' experts contract (``forward(hidden_states,
+    top_k_index, top_k_weights)``: output row ``t`` from row ``t`` of the three), that
+    :func:`row_wise_modules` does not cover: kvpass runs each as one node, its inside untraced (its
+    loop over the experts a chunk uses is data-dependent). Tested by the sweep's DBRX and Ergo rows."""
+    known = row_wise_modules(model)
+    contract = ["hidden_states", "top_k_index", "top_k_weights"]
+    return [
+        (path, m)
+        for path, m in model.named_modules()
+        if path not in known
+        and list(inspect.signature(m.forward).parameters)[:3] == contract
+        and len(inspect.signature(m.forward).parameters) == 3
+    ]
+
+
 class HFEvictingCache(EvictingCache, Cache):
     """The evicting cache as ``generate()`` sees it: a :class:`transformers.Cache` whose
     ``get_seq_length()`` is the number of tokens *seen*, so ``generate()`` feeds only new tokens.
