@@ -52,8 +52,15 @@ def opaque(modules: list[nn.Module], probe: Callable[[], object] | None = None) 
         finally:
             for h in hooks:
                 h.remove()
+    with _forwards(modules, lambda i: functools.partial(_placeholder, i, arity.get(i, 0))):
+        yield
+
+
+@contextlib.contextmanager
+def _forwards(modules: list[nn.Module], forward_of: Callable[[int], Callable]) -> Iterator[None]:
+    """Within: module ``i``'s forward is ``forward_of(i)`` (an instance attribute shadows the class's)."""
     for i, m in enumerate(modules):
-        m.forward = functools.partial(_placeholder, i, arity.get(i, 0))  # an instance attribute shadows the class's
+        m.forward = forward_of(i)
     try:
         yield
     finally:
@@ -72,21 +79,28 @@ def rewrite_mixers(
     """Replace each ``kvpass::mixer`` node by a call of ``make_module(index, example)(x, positions)``
     (``example``: the input's fake value, its shape and dtype), with ``positions`` the graph input of
     true positions (-1: padding). Returns the new nodes."""
-    g = gm.graph
-    pos = next((n for n in g.nodes if n.op == "placeholder" and n.name == positions), None)
-    calls = []
-    for node in list(g.nodes):
-        if node.target is not torch.ops.kvpass.mixer.default:
-            continue
+    pos = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == positions), None)
+
+    def call_of(node: fx.Node) -> fx.Node:
         if pos is None:
             raise ValueError(f"the captured graph has no input named {positions!r} to feed token positions from")
         x, index = node.args
-        name = f"kvpass_mix_{index}"
-        gm.add_submodule(name, make_module(index, x.meta["val"]))
-        with g.inserting_before(node):
-            call = g.call_module(name, (x, pos))
-        call.meta = dict(node.meta)
+        gm.add_submodule(f"kvpass_mix_{index}", make_module(index, x.meta["val"]))
+        call = gm.graph.call_module(f"kvpass_mix_{index}", (x, pos))
         call.meta["kvpass_positions"] = True  # padding (-1) stays visible to it (rewrite clamps the others)
+        return call
+
+    return _put_back(gm, torch.ops.kvpass.mixer.default, call_of)
+
+
+def _put_back(gm: fx.GraphModule, op, call_of: Callable[[fx.Node], fx.Node]) -> list[fx.Node]:
+    """Each node of ``op`` replaced by ``call_of(node)`` (made where the node was)."""
+    g = gm.graph
+    calls = []
+    for node in [n for n in g.nodes if n.target is op]:
+        with g.inserting_before(node):
+            call = call_of(node)
+        call.meta = {**node.meta, **call.meta}
         node.replace_all_uses_with(call)
         g.erase_node(node)
         calls.append(call)
@@ -122,13 +136,8 @@ def opaque_rows(modules: list[nn.Module]) -> Iterator[None]:
     """Within: each of ``modules``' forward (called with tensors only, positionally) is one
     ``kvpass::rows`` op over them: capture does not trace its inside (a mixture of experts' loop
     over the experts a chunk happens to use)."""
-    for i, m in enumerate(modules):
-        m.forward = functools.partial(_rows_placeholder, i)
-    try:
+    with _forwards(modules, lambda i: functools.partial(_rows_placeholder, i)):
         yield
-    finally:
-        for m in modules:
-            vars(m).pop("forward", None)
 
 
 def _rows_placeholder(index: int, *args: Tensor, **kwargs) -> Tensor:
@@ -139,21 +148,11 @@ def _rows_placeholder(index: int, *args: Tensor, **kwargs) -> Tensor:
 
 def rewrite_rows(gm: fx.GraphModule, modules: list[nn.Module]) -> list[fx.Node]:
     """Replace each ``kvpass::rows`` node by a call of :class:`RowWise` over ``modules[index]``."""
-    g = gm.graph
-    calls = []
-    for node in list(g.nodes):
-        if node.target is not torch.ops.kvpass.rows.default:
-            continue
+
+    def call_of(node: fx.Node) -> fx.Node:
         xs, index = node.args
-        name = f"kvpass_rows_{index}"
-        if not hasattr(gm, name):
-            gm.add_submodule(name, RowWise(modules[index]))
-        with g.inserting_before(node):
-            call = g.call_module(name, tuple(xs))
-        call.meta = dict(node.meta)
-        node.replace_all_uses_with(call)
-        g.erase_node(node)
-        calls.append(call)
-    g.lint()
-    gm.recompile()
-    return calls
+        if not hasattr(gm, f"kvpass_rows_{index}"):
+            gm.add_submodule(f"kvpass_rows_{index}", RowWise(modules[index]))
+        return gm.graph.call_module(f"kvpass_rows_{index}", tuple(xs))
+
+    return _put_back(gm, torch.ops.kvpass.rows.default, call_of)
