@@ -166,9 +166,7 @@ def opaque_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
         (path, m)
         for path, m in model.named_modules()
-        if path not in known
-        and list(inspect.signature(m.forward).parameters)[:3] == contract
-        and len(inspect.signature(m.forward).parameters) == 3
+        if path not in known and list(inspect.signature(m.forward).parameters) == contract
     ]
 
 

@@ -193,9 +193,9 @@ class Layout:
 
     def split(self, tables) -> list[Slots]:
         """The flat list of tables as one :class:`Slots` per group."""
-        n = len(Slots._fields)
-        if len(tables) != len(self.names()):
-            raise ValueError(f"this layout has {len(self.names())} tables, got {len(tables)}")
+        n, count = len(Slots._fields), self.slot_tables + sum(len(specs) for _, specs in self.states)
+        if len(tables) != count:  # (counted, not named: every step splits its tables)
+            raise ValueError(f"this layout has {count} tables, got {len(tables)}")
         return [Slots(*tables[g * n : (g + 1) * n]) for g in range(len(self.groups))]
 
     def state_views(self, tables) -> dict[int, dict[tuple[str, int], Tensor]]:
