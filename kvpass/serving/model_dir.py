@@ -4,7 +4,8 @@ The directory is the model's Hugging Face checkpoint (and tokenizer, if given) w
 names ``KvpassForCausalLM`` and carries what to rebuild the transformed model from:
 ``kvpass = {"architecture", "policy", "budget", "chunk", "knobs"}``. The directory stands alone: an
 allocation (``kvpass calibrate`` file) is stored as its per-layer multiples at this budget, and a
-gate checkpoint (``kvpass train-gates``) is copied in as ``gates.safetensors``. vLLM needs nothing
+gate checkpoint (``kvpass train-gates``) is copied in as ``kvpass/gates.safetensors`` (a folder of
+its own: vLLM loads the top folder's weights as the model's). vLLM needs nothing
 of kvpass's but the plugin (``pip install "kvpass[vllm]"``) to load it.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 from torch import nn
 
 ARCH = "KvpassForCausalLM"
-GATES = "gates.safetensors"  # a gate checkpoint, inside the directory
+GATES = "kvpass/gates.safetensors"  # a gate checkpoint, inside the directory (not beside the model's weights)
 
 
 def write(model: nn.Module, out, policy: str, budget: int, chunk: int = 512, knobs: dict | None = None,
@@ -42,6 +43,7 @@ def write(model: nn.Module, out, policy: str, budget: int, chunk: int = 512, kno
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if knobs.get("checkpoint"):
+        (out / GATES).parent.mkdir(exist_ok=True)
         shutil.copyfile(knobs["checkpoint"], out / GATES)
         knobs["checkpoint"] = GATES
     path = out / "config.json"

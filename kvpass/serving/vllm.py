@@ -5,18 +5,40 @@ declares, allocated once per admitted request and addressed by the request's sta
 kvpass's tables are such a state: all of one request's tables (every layer's ``pos``, ``keys``,
 ``values``, ``score``, ``valid``, budget-sized) are one state, one flat tensor per dtype, so layers
 of different sizes (per-layer budgets) make one block of one size. Each engine step gathers the
-scheduled requests' tables, runs kvpass's step (the one :class:`~kvpass.runtime.step.PureStep`
-exports) -- each prompt on its own, in kvpass's chunks; all decoding requests together, one token
-each -- writes the tables back and returns the logits of each request's last token.
+scheduled requests' tables, runs kvpass's step -- each prompt on its own, in kvpass's chunks; all
+decoding requests together, one token each -- writes the tables back and returns each request's
+last token. The step's model is vLLM's own model class for the architecture where vLLM has one
+(:mod:`kvpass.serving.native`), else the transformers model as ``kvpass.transform`` rewrote it.
 
 A model directory for it is a Hugging Face checkpoint whose ``config.json`` names
 ``KvpassForCausalLM`` and carries ``kvpass`` = {"architecture", "policy", "budget", "chunk",
 "knobs"}. Registered through the ``vllm.general_plugins`` entry point (:func:`register`).
+
+The vLLM APIs relied on (the same in vLLM 0.32 and 0.34), and the test that notices when one
+moves (in ``tests/serving/test_vllm.py``; ``test_the_vllm_surface`` names each missing one):
+
+- registration: ``ModelRegistry.register_model`` and ``get_supported_archs``, and
+  ``MODELS_CONFIG_MAP`` (``verify_and_update_config``), where the plugin sets
+  ``cache_config.enable_prefix_caching``, ``mamba_cache_mode``, ``mamba_block_size`` and
+  ``scheduler_config.enable_chunked_prefill``, ``max_num_batched_tokens``: every test;
+- per-request state: ``MambaBase`` (``get_state_shape``, ``get_state_dtype``, ``mamba_type``,
+  ``MambaAttentionBackendEnum.LINEAR``, the bound ``kv_cache``), ``HasInnerState``,
+  ``IsAttentionFree`` and the class methods ``get_mamba_state_shape_from_config`` and
+  ``..._dtype_from_config``: ``test_each_request_holds_its_tables_bytes_whatever_max_model_len``;
+- each step's batch, ``get_forward_context().attn_metadata[layer]`` (``LinearAttentionMetadata``:
+  ``query_start_loc``, ``seq_lens``, ``state_indices_tensor``): the greedy and isolation tests;
+- vLLM's own model: ``ModelRegistry.resolve_model_cls``; ``Attention`` layers called as
+  ``attn(q, k, v)``, with ``num_heads``, ``num_kv_heads``, ``head_size``, ``head_size_v``,
+  ``sliding_window``, ``has_sink``, ``layer_name``, ``impl.scale``, registered in
+  ``compilation_config.static_forward_context``; a model's ``forward(input_ids, positions)``,
+  ``compute_logits``, ``load_weights``, ``embed_input_ids``: the greedy tests (which check with
+  ``LLM.apply_model`` whose modules ran).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 from typing import NamedTuple
 
 import torch
@@ -27,7 +49,8 @@ from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from kvpass.runtime.plan import DECODE, plan
-from kvpass.runtime.step import PureStep
+from kvpass.runtime.step import PureStep, Step
+from kvpass.serving.native import Native
 
 ARCH = "KvpassForCausalLM"
 STATE = "layers.0.kvpass"  # the one state layer (vLLM reads a layer index from the name)
@@ -92,6 +115,49 @@ def _build(model_config):
     return small, PureStep(small)
 
 
+MODULES = "KVPASS_VLLM_MODULES"  # "transformers": serve with transformers' modules where vLLM has its own
+
+
+def _native(vllm_config, small, prefix: str) -> Native | None:
+    """vLLM's own model class for the directory's architecture, its attention kvpass's; None where
+    there is none (vLLM does not know the architecture, the model has recurrent layers, or
+    ``KVPASS_VLLM_MODULES=transformers``), or it does not match kvpass's rewrite (logged, with why)."""
+    from vllm.logger import init_logger
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+    from vllm.model_executor.models import ModelRegistry
+    from vllm.model_executor.models.utils import maybe_prefix
+
+    arch = vllm_config.model_config.hf_config.kvpass["architecture"]
+    if os.environ.get(MODULES, "vllm") == "transformers" or small.kvpass_step.mixers:
+        return None
+    try:
+        cls, found = ModelRegistry.resolve_model_cls([arch], vllm_config.model_config)
+    except ValueError:
+        return None
+    if found != arch:  # (vLLM's transformers back end)
+        return None
+    context = vllm_config.compilation_config.static_forward_context
+    before = set(context)
+    model = cls(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "native"))
+    sites = [small.kvpass_step.sites[s.layer] for s in small.kvpass_sites if s.action == "rewrite"]
+    modules = [s.module for s in small.kvpass_sites if s.action == "rewrite"]
+    try:
+        body = Native(model, sites, modules, context)
+        init_logger(__name__).info("kvpass: %s served with vLLM's modules", arch)
+        return body
+    except ValueError as e:
+        init_logger(__name__).warning("kvpass: %s served with transformers' modules: %s", arch, e)
+        for name in set(context) - before:  # no paged KV for the dropped model's layers
+            if isinstance(context[name], AttentionLayerBase):
+                del context[name]
+        return None
+
+
+def modules(model: KvpassForCausalLM) -> str:
+    """Whose modules a served model runs, ``"vllm"`` or ``"transformers"`` (``LLM.apply_model(modules)``)."""
+    return "transformers" if model.native is None else "vllm"
+
+
 class Tables(MambaBase, nn.Module):
     """A request's tables as vLLM state: one flat tensor per dtype (``shapes``, ``dtypes``)."""
 
@@ -153,15 +219,26 @@ def _states(model_config) -> tuple:
 
 
 class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
+    """A kvpass model in vLLM. Natively where vLLM has the architecture's own model class: vLLM's
+    modules with kvpass's attention (:mod:`kvpass.serving.native`); else the transformers model's
+    own step (its modules, as ``kvpass.transform`` rewrote them). Either way the step is kvpass's
+    :class:`~kvpass.runtime.step.Step`, over the tables of one state per request."""
+
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__()
-        hf_config = vllm_config.model_config.hf_config
         small, pure = _build(vllm_config.model_config)
-        self.small, self.pure = small, pure
         self.chunk = pure.chunk
         self.layout, self.plan = pure.layout, Plan.of(pure.layout)
         self.tables = Tables(*zip(*self.plan.states, strict=True), vllm_config)
-        self.vocab = hf_config.vocab_size
+        body = _native(vllm_config, small, prefix)
+        if body is None:  # transformers' modules: the step's head gives the logits
+            self.small, self.native = small, None
+            object.__setattr__(self, "step", pure.step)
+            self.width = vllm_config.model_config.hf_config.vocab_size
+        else:  # vLLM's: the step gives hidden states, vLLM's head the logits (the transformers model is dropped)
+            self.native = body.model
+            object.__setattr__(self, "step", Step(body, None, pure.policy, pure.step.io))
+            self.width = vllm_config.model_config.hf_config.hidden_size
 
     # vLLM asks the class (before building it) for the state's shapes, then for its dtypes
     @classmethod
@@ -173,6 +250,8 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         return tuple(dtype for _, dtype in _states(vllm_config.model_config))
 
     def embed_input_ids(self, input_ids):
+        if self.native is not None:
+            return self.native.embed_input_ids(input_ids)
         return self.small.get_input_embeddings()(input_ids)
 
     def _gather(self, index: list[int], new: list[bool]) -> list[torch.Tensor]:
@@ -195,7 +274,7 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
             self.tables.kv_cache[s][at, o : o + n] = table.transpose(0, 1).reshape(len(index), n)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-        out = torch.zeros(input_ids.shape[0], self.vocab, dtype=torch.float32)
+        out = torch.zeros(input_ids.shape[0], self.width, dtype=torch.float32)
         md = get_forward_context().attn_metadata
         md = md.get(STATE) if isinstance(md, dict) else None
         if md is None:  # vLLM's profiling run
@@ -211,7 +290,7 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
             at = torch.tensor([starts[r] for r in decoding])
             tables = self._gather([index[r] for r in decoding], [seen[r] == 1 for r in decoding])
             ids, pos = input_ids[at][:, None], positions[at][:, None].long()
-            logits = self.pure.step(ids, pos, *tables, layout=self.layout, mode=DECODE)
+            logits = self.step(ids, pos, *tables, layout=self.layout, mode=DECODE)
             self._scatter([index[r] for r in decoding], tables)
             out[at] = logits[:, -1]
         for r in sorted(set(range(len(lengths))) - set(decoding)):  # prompts, one at a time
@@ -219,7 +298,7 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
             tables = self._gather([index[r]], [seen[r] == b - a])  # nothing read before: a new request
             ids, pos = input_ids[a:b][None], positions[a:b][None].long()
             for s, e, mode, _ in spans[r]:
-                logits = self.pure.step(ids[:, s:e], pos[:, s:e], *tables, layout=self.layout, mode=mode)
+                logits = self.step(ids[:, s:e], pos[:, s:e], *tables, layout=self.layout, mode=mode)
             self._scatter([index[r]], tables)
             out[b - 1] = logits[0, -1]
         return out
@@ -230,9 +309,11 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         return self
 
     def compute_logits(self, hidden_states):
-        return hidden_states
+        return hidden_states if self.native is None else self.native.compute_logits(hidden_states)
 
     def load_weights(self, weights):
+        if self.native is not None:  # vLLM's own loader (its stacked projections), under our name for it
+            return {f"native.{name}" for name in self.native.load_weights(weights)}
         params = dict(self.small.named_parameters())
         ours = {id(p): name for name, p in self.named_parameters()}  # vLLM checks these names
         loaded = set()

@@ -57,9 +57,10 @@ def test_a_gate_checkpoint_and_an_allocation_travel_inside_the_directory(tmp_pat
                           knobs={"allocation": str(calibration)})  # fmt: skip
     spec = json.loads((out / "config.json").read_text())["kvpass"]
     assert spec["policy"] == "gate"
-    assert spec["knobs"]["checkpoint"] == "gates.safetensors"  # relative: the directory can move
-    assert (out / "gates.safetensors").read_bytes() == (tmp_path / "g.safetensors").read_bytes()
+    assert spec["knobs"]["checkpoint"] == "kvpass/gates.safetensors"  # relative: the directory can move
+    assert not list(out.glob("gates*"))  # not beside the model's weights, which vLLM loads as the model's
+    assert (out / "kvpass/gates.safetensors").read_bytes() == (tmp_path / "g.safetensors").read_bytes()
     want = list(allocation.for_budget(allocation.load(calibration), 12))
     assert spec["knobs"]["allocation"] == want and want[0] > want[1]
-    small = kvpass.transform(model, "gate", 12, chunk=8, checkpoint=out / "gates.safetensors", allocation=want)
+    small = kvpass.transform(model, "gate", 12, chunk=8, checkpoint=out / "kvpass/gates.safetensors", allocation=want)
     assert small.kvpass_policy.allocation == tuple(want)

@@ -57,12 +57,25 @@ def as_kvpass_dir(src, dst, policy: str, budget: int, chunk: int, knobs=None):
 
 
 @pytest.mark.parametrize(
-    "policy,knobs", [("tova", {}), ("streaming", {}), ("aha", {}), ("h2o", {"share": "layer", "window": 3})]
+    "policy,knobs,modules",
+    [
+        ("tova", {}, "vllm"),
+        ("tova", {}, "transformers"),
+        ("streaming", {}, "vllm"),
+        ("aha", {}, "vllm"),
+        ("h2o", {"share": "layer", "window": 3}, "vllm"),
+    ],
 )
-def test_vllm_greedy_tokens_equal_kvpass_generate(tmp_path, monkeypatch, policy, knobs):
+def test_vllm_greedy_tokens_equal_kvpass_generate(tmp_path, monkeypatch, policy, knobs, modules):
+    """vLLM's own Llama with kvpass's attention, and (``KVPASS_VLLM_MODULES=transformers``) the
+    transformers model's modules: the tokens of kvpass's generate() either way."""
     import kvpass
+    from kvpass.serving.vllm import MODULES
+    from kvpass.serving.vllm import modules as modules_of
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # (apply_model sends a function)
+    monkeypatch.setenv(MODULES, modules)
     model, src = tiny_dir(tmp_path, seed=len(policy))
     small = kvpass.transform(model, policy, 12, chunk=8, evict_during_decode=True, **knobs)
     want = [
@@ -76,6 +89,7 @@ def test_vllm_greedy_tokens_equal_kvpass_generate(tmp_path, monkeypatch, policy,
     params = vllm.SamplingParams(max_tokens=10, temperature=0, detokenize=False)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
     assert [list(o.outputs[0].token_ids) for o in outs] == want
+    assert llm.apply_model(modules_of) == [modules]
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
 
 
@@ -143,6 +157,43 @@ def test_each_request_holds_its_tables_bytes_whatever_max_model_len(tmp_path, mo
         padded = per_request + -per_request % 8  # vLLM pads a block to 8 bytes
         assert blocks == 2**30 // padded, longest  # one block per request, the tables' bytes
         del llm
+
+
+def test_the_vllm_surface():
+    """What the plugin reads of vLLM (kvpass/serving/vllm.py lists it) is there, each named if not."""
+    import dataclasses
+    import inspect
+
+    from vllm.config import CacheConfig, SchedulerConfig
+    from vllm.model_executor.layers.attention import Attention
+    from vllm.model_executor.layers.mamba.abstract import MambaBase
+    from vllm.model_executor.models import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+    from vllm.v1.attention.backends.linear_attn import LinearAttentionMetadata
+    from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
+
+    def fields(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set(cls.model_fields)
+
+    wanted = {
+        "ModelRegistry": (set(dir(ModelRegistry)), ["register_model", "get_supported_archs", "resolve_model_cls"]),
+        "MambaBase": (set(dir(MambaBase)), ["get_state_shape", "get_state_dtype", "mamba_type"]),
+        "MambaAttentionBackendEnum": (set(MambaAttentionBackendEnum.__members__), ["LINEAR"]),
+        "LinearAttentionMetadata": (
+            fields(LinearAttentionMetadata), ["query_start_loc", "seq_lens", "state_indices_tensor"]
+        ),
+        "CacheConfig": (fields(CacheConfig), ["enable_prefix_caching", "mamba_cache_mode", "mamba_block_size"]),
+        "SchedulerConfig": (fields(SchedulerConfig), ["enable_chunked_prefill", "max_num_batched_tokens"]),
+        "Attention.forward": (set(inspect.signature(Attention.forward).parameters), ["query", "key", "value"]),
+        "Attention.__init__": (inspect.getsource(Attention.__init__), [
+            "self.num_heads", "self.num_kv_heads", "self.head_size", "self.head_size_v", "self.sliding_window",
+            "self.has_sink", "self.layer_name", "static_forward_context[prefix]",
+        ]),  # (set in its __init__: read off an instance)
+        "LLM": (set(dir(vllm.LLM)), ["apply_model"]),
+    }  # fmt: skip
+    missing = [f"{owner}.{name}" for owner, (where, names) in wanted.items() for name in names if name not in where]
+    assert not missing, f"vLLM {vllm.__version__} moved what the plugin relies on: {missing}"
+    assert isinstance(MODELS_CONFIG_MAP, dict)
 
 
 def word_tokenizer(path, vocab: int):
