@@ -194,6 +194,12 @@ class Policy:
         """Scores ``[B, Hkv, C + T]`` (slots, then the chunk); the lowest are evicted first."""
         raise NotImplementedError
 
+    def across_heads(self, x: Tensor) -> Tensor:
+        """``x [B, Hkv, N]`` summed over the layer's KV heads, ``[B, 1, N]``: the one way a score may mix
+        KV heads (tensor parallelism splits them over workers and sums across them here too:
+        :mod:`kvpass.serving.vllm`)."""
+        return x.sum(dim=1, keepdim=True)
+
     def rank(self, score: Tensor, pos: Tensor, newest: Tensor) -> Tensor:
         """What candidates are ranked by, from their stored ``score`` and positions ``pos [B, Hkv, N]``
         (``newest [B]``: the newest position); the score itself unless a policy says otherwise."""

@@ -24,4 +24,4 @@ class TOVA(Policy):
     per_head: bool = False
 
     def score(self, chunk: Chunk) -> Tensor:
-        return chunk.mass if self.per_head else chunk.mass.sum(dim=1, keepdim=True).expand_as(chunk.mass)
+        return chunk.mass if self.per_head else self.across_heads(chunk.mass).expand_as(chunk.mass)

@@ -67,8 +67,7 @@ class Native(nn.Module):
             if theirs != ours or not torch.isclose(torch.tensor(attn.impl.scale), torch.tensor(site.scale)):
                 raise ValueError(
                     f"{name}: vLLM's attention (KV heads, head dim, value dim, window {theirs}, scale "
-                    f"{attn.impl.scale}) is not the one kvpass rewrote ({ours}, scale {site.scale}): tensor "
-                    "parallelism splits a layer's heads, which kvpass's tables do not yet"
+                    f"{attn.impl.scale}) is not the one kvpass rewrote ({ours}, scale {site.scale})"
                 )
             if attn.has_sink:
                 raise ValueError(f"{name}: attention sinks are not served natively yet")

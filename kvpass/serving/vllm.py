@@ -37,19 +37,26 @@ moves (in ``tests/serving/test_vllm.py``; ``test_the_vllm_surface`` names each m
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from typing import NamedTuple
 
 import torch
 from torch import nn
+from vllm.distributed import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_reduce,
+)
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
+from kvpass.runtime.attention import KVAttention
 from kvpass.runtime.plan import DECODE, plan
-from kvpass.runtime.step import PureStep, Step
+from kvpass.runtime.step import Layout, PureStep, Step
 from kvpass.serving.native import Native
 
 ARCH = "KvpassForCausalLM"
@@ -139,8 +146,14 @@ def _native(vllm_config, small, prefix: str) -> Native | None:
     context = vllm_config.compilation_config.static_forward_context
     before = set(context)
     model = cls(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "native"))
-    sites = [small.kvpass_step.sites[s.layer] for s in small.kvpass_sites if s.action == "rewrite"]
-    modules = [s.module for s in small.kvpass_sites if s.action == "rewrite"]
+    rewritten = [s for s in small.kvpass_sites if s.action == "rewrite"]
+    tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+    io = small.kvpass_step.io
+    sites = [KVAttention(_share(s, tp, rank), io) for s in rewritten]  # this worker's heads of each layer
+    if tp > 1:  # a score summed over a layer's KV heads sums every worker's
+        alone = small.kvpass_policy.across_heads
+        small.kvpass_policy.across_heads = lambda x: tensor_model_parallel_all_reduce(alone(x))
+    modules = [s.module for s in rewritten]
     try:
         body = Native(model, sites, modules, context)
         init_logger(__name__).info("kvpass: %s served with vLLM's modules", arch)
@@ -156,6 +169,13 @@ def _native(vllm_config, small, prefix: str) -> Native | None:
 def modules(model: KvpassForCausalLM) -> str:
     """Whose modules a served model runs, ``"vllm"`` or ``"transformers"`` (``LLM.apply_model(modules)``)."""
     return "transformers" if model.native is None else "vllm"
+
+
+def _share(site, tp: int, rank: int):
+    """Worker ``rank``'s share of an attention site: its query and KV heads (and their ALiBi slopes)."""
+    heads = site.heads // tp
+    alibi = site.alibi[rank * heads : (rank + 1) * heads]
+    return dataclasses.replace(site, heads=heads, kv_heads=site.kv_heads // tp, alibi=alibi)
 
 
 class Tables(MambaBase, nn.Module):
@@ -207,15 +227,37 @@ class Plan(NamedTuple):
 _STATES: dict[tuple[str, str], tuple] = {}
 
 
-def _states(model_config) -> tuple:
-    """A model directory's state (``Plan.states``), built once per process for vLLM's two questions
-    (each build loads the directory's weights)."""
+def _states(vllm_config) -> tuple:
+    """A model directory's state (``Plan.states``) on one worker, built once per process for vLLM's
+    two questions (each build loads the directory's weights)."""
     import json
 
-    key = (str(model_config.model), json.dumps(model_config.hf_config.kvpass, sort_keys=True))
+    model_config = vllm_config.model_config
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    key = (str(model_config.model), json.dumps(model_config.hf_config.kvpass, sort_keys=True), tp)
     if key not in _STATES:
-        _STATES[key] = Plan.of(_build(model_config)[1].layout).states
+        _STATES[key] = Plan.of(_layout(_build(model_config)[1], tp)).states
     return _STATES[key]
+
+
+def _layout(pure: PureStep, tp: int) -> Layout:
+    """The tables of one of ``tp`` workers: its share of each layer's KV heads, as tensor parallelism
+    splits vLLM's attention (a KV head's slots, scores and eviction are its own, so the split is
+    exact for policies that keep a budget per KV head)."""
+    layout = pure.layout
+    if tp == 1:
+        return layout
+    why = (
+        f"{layout.kv_heads} KV heads do not split over {tp} workers" if any(h % tp for h in layout.kv_heads)
+        else f"policy {pure.policy.name!r} shares a layer's slots among its KV heads (share={pure.policy.share!r}); "
+        "transform with share='head'" if any(layout.pooled)
+        else f"policy {pure.policy.name!r}'s gates are not split by KV head yet" if pure.policy.gated
+        else "a hybrid's recurrent state is not split yet" if layout.states
+        else ""
+    )  # fmt: skip
+    if why:
+        raise ValueError(f"kvpass: tensor parallelism {tp}: {why}")
+    return dataclasses.replace(layout, kv_heads=tuple(h // tp for h in layout.kv_heads))
 
 
 class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
@@ -227,27 +269,34 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__()
         small, pure = _build(vllm_config.model_config)
+        tp = vllm_config.parallel_config.tensor_parallel_size
         self.chunk = pure.chunk
-        self.layout, self.plan = pure.layout, Plan.of(pure.layout)
+        self.layout = _layout(pure, tp)
+        self.plan = Plan.of(self.layout)
         self.tables = Tables(*zip(*self.plan.states, strict=True), vllm_config)
         body = _native(vllm_config, small, prefix)
         if body is None:  # transformers' modules: the step's head gives the logits
+            if tp > 1:
+                raise ValueError(f"kvpass: tensor parallelism needs vLLM's own model class for {type(small).__name__}")
             self.small, self.native = small, None
             object.__setattr__(self, "step", pure.step)
             self.width = vllm_config.model_config.hf_config.vocab_size
         else:  # vLLM's: the step gives hidden states, vLLM's head the logits (the transformers model is dropped)
             self.native = body.model
             object.__setattr__(self, "step", Step(body, None, pure.policy, pure.step.io))
+            capacity = {i: self.layout.layer_capacity(i) for i in self.layout.layers}
+            if self.step.layout(capacity) != self.layout:  # (its sites are this worker's share)
+                raise ValueError(f"kvpass: this worker's attention is not the layout's: {self.step.layout(capacity)}")
             self.width = vllm_config.model_config.hf_config.hidden_size
 
     # vLLM asks the class (before building it) for the state's shapes, then for its dtypes
     @classmethod
     def get_mamba_state_shape_from_config(cls, vllm_config):
-        return tuple(shape for shape, _ in _states(vllm_config.model_config))
+        return tuple(shape for shape, _ in _states(vllm_config))
 
     @classmethod
     def get_mamba_state_dtype_from_config(cls, vllm_config):
-        return tuple(dtype for _, dtype in _states(vllm_config.model_config))
+        return tuple(dtype for _, dtype in _states(vllm_config))
 
     def embed_input_ids(self, input_ids):
         if self.native is not None:

@@ -93,6 +93,23 @@ def test_vllm_greedy_tokens_equal_kvpass_generate(tmp_path, monkeypatch, policy,
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
 
 
+def test_tensor_parallel_2_serves_what_generate_gives(tmp_path, monkeypatch):
+    """Two workers (vLLM's CPU build, a core each), each holding its KV heads' tables: generate()'s tokens."""
+    import kvpass
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # (vLLM binds workers to NUMA nodes, this machine has one)
+    model, src = tiny_dir(tmp_path, seed=21)
+    small = kvpass.transform(model, "tova", 12, chunk=8, evict_during_decode=True)
+    want = [
+        small.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False)[0, len(p) :].tolist() for p in PROMPTS
+    ]
+    served = as_kvpass_dir(src, tmp_path / "kvpass", "tova", 12, 8)
+    params = vllm.SamplingParams(max_tokens=10, temperature=0, detokenize=False)
+    outs = engine(served, tensor_parallel_size=2).generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+    assert [list(o.outputs[0].token_ids) for o in outs] == [w.tolist() for w in want]
+
+
 def test_a_gate_checkpoint_and_per_layer_budgets_serve_as_kvpass_generates(tmp_path, monkeypatch):
     """Layers of different sizes (an allocation) and a gate read from the directory: each layer's
     state is its own size, and the tokens are generate()'s, not those of a uniform budget."""
