@@ -11,6 +11,10 @@ is what limits admission). Printed per engine: the requests the cache holds at o
 accounting; the most requests seen running at once (from each request's scheduled and last-token
 times); the wall time of the whole batch, output tokens per second over it, and the mean time per
 output token after the first. Prints one Markdown table.
+
+``--model DIR``: a local transformers directory instead of the default model; ``--model
+random:llama-1b`` builds one of Llama-3.2-1B's shape with random weights (the GPU row of
+``benchmarks/gpu_check.sh``: no hub there). ``--tensor-parallel N`` serves both engines over N workers.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ def measure(path: Path, args, prompts: list[list[int]]) -> dict:
     llm = vllm.LLM(
         model=str(path), dtype="float32", max_model_len=longest, max_num_seqs=args.requests, enforce_eager=True,
         skip_tokenizer_init=True, disable_log_stats=False, kv_cache_memory_bytes=int(args.kv_gib * 2**30),
+        tensor_parallel_size=args.tensor_parallel,
     )  # fmt: skip
     cache = llm.llm_engine.vllm_config.cache_config
     plugin = llm.llm_engine.vllm_config.model_config.architecture == "KvpassForCausalLM"
@@ -57,6 +62,30 @@ def measure(path: Path, args, prompts: list[list[int]]) -> dict:
     return result
 
 
+def load(name: str | None, tmp: Path):
+    """``(directory, model, vocabulary size, tokenizer or None)`` of the model to serve."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if name is None:  # the embedded default model, converted once; its directory is the original
+        from kvpass.default_model import cache_dir, load_default_model
+
+        model, tok = load_default_model()
+        return cache_dir(), model, len(tok), tok
+    if name == "random:llama-1b":  # Llama-3.2-1B's shape, random weights
+        config = LlamaConfig(
+            vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+            num_key_value_heads=8, head_dim=64, max_position_embeddings=131072, rope_theta=500000.0,
+            tie_word_embeddings=True,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+        model.save_pretrained(tmp / "original")
+        return tmp / "original", model, config.vocab_size, None
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval()
+    return Path(name), model, model.config.vocab_size, None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompt-tokens", type=int, default=4096)
@@ -67,24 +96,25 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--kv-gib", type=float, default=1.0, help="cache memory of each engine")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default=None, help="a transformers directory, or random:llama-1b (default model)")
+    ap.add_argument("--tensor-parallel", type=int, default=1)
     args = ap.parse_args()
     import torch
 
-    from kvpass.default_model import cache_dir, load_default_model
     from kvpass.serving import model_dir
 
-    model, tok = load_default_model()  # converts the embedded GGUF once; its directory is the original
-    gen = torch.Generator().manual_seed(args.seed)
-    n = args.requests
-    prompts = [torch.randint(100, len(tok), (args.prompt_tokens,), generator=gen).tolist() for _ in range(n)]
     with tempfile.TemporaryDirectory() as tmp:
+        original, model, vocab, tok = load(args.model, Path(tmp))
+        gen = torch.Generator().manual_seed(args.seed)
+        n = args.requests
+        prompts = [torch.randint(100, vocab, (args.prompt_tokens,), generator=gen).tolist() for _ in range(n)]
         served = model_dir.write(model, Path(tmp) / "kvpass", args.policy, args.budget, args.chunk, tokenizer=tok)
-        rows = {"original": measure(cache_dir(), args, prompts)}
+        rows = {"original": measure(original, args, prompts)}
         rows[f"kvpass {args.policy}, {args.budget} slots"] = measure(served, args, prompts)
     base = rows["original"]
     print(
         f"\n{args.requests} requests of {args.prompt_tokens} tokens + {args.new} new, {args.kv_gib:g} GiB of KV "
-        f"cache per engine, fp32, SmolLM2-135M-Instruct\n"
+        f"cache per engine, fp32, {args.model or 'SmolLM2-135M-Instruct'}, tensor parallel {args.tensor_parallel}\n"
     )
     print("| engine | requests the cache holds | most running at once | wall s | output tok/s | ms per output token |")
     print("|---|---|---|---|---|---|")

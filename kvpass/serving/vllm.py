@@ -211,8 +211,8 @@ class Plan(NamedTuple):
     spans: tuple[tuple[int, int, int, tuple[int, ...]], ...]
 
     @classmethod
-    def of(cls, layout) -> Plan:
-        empty = layout.empty(1)  # [layers, 1, kv heads, capacity(, dim)] each
+    def of(cls, layout, dtype: torch.dtype) -> Plan:
+        empty = layout.empty(1, dtype)  # [layers, 1, kv heads, capacity(, dim)] each; keys and values in dtype
         dtypes = sorted({t.dtype for t in empty}, key=lambda d: -d.itemsize)
         used = dict.fromkeys(dtypes, 0)
         spans = []
@@ -236,7 +236,7 @@ def _states(vllm_config) -> tuple:
     tp = vllm_config.parallel_config.tensor_parallel_size
     key = (str(model_config.model), json.dumps(model_config.hf_config.kvpass, sort_keys=True), tp)
     if key not in _STATES:
-        _STATES[key] = Plan.of(_layout(_build(model_config)[1], tp)).states
+        _STATES[key] = Plan.of(_layout(_build(model_config)[1], tp), model_config.dtype).states
     return _STATES[key]
 
 
@@ -272,7 +272,7 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         tp = vllm_config.parallel_config.tensor_parallel_size
         self.chunk = pure.chunk
         self.layout = _layout(pure, tp)
-        self.plan = Plan.of(self.layout)
+        self.plan = Plan.of(self.layout, vllm_config.model_config.dtype)  # keys and values in vLLM's dtype
         self.tables = Tables(*zip(*self.plan.states, strict=True), vllm_config)
         body = _native(vllm_config, small, prefix)
         if body is None:  # transformers' modules: the step's head gives the logits
@@ -280,14 +280,16 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
                 raise ValueError(f"kvpass: tensor parallelism needs vLLM's own model class for {type(small).__name__}")
             self.small, self.native = small, None
             object.__setattr__(self, "step", pure.step)
-            self.width = vllm_config.model_config.hf_config.vocab_size
+            self.empty = self.layout.empty(1, torch.float32)  # (the transformers model runs in fp32)
+            self.out = (vllm_config.model_config.hf_config.vocab_size, torch.float32)  # logits
         else:  # vLLM's: the step gives hidden states, vLLM's head the logits (the transformers model is dropped)
             self.native = body.model
             object.__setattr__(self, "step", Step(body, None, pure.policy, pure.step.io))
+            self.empty = self.layout.empty(1, vllm_config.model_config.dtype)
+            self.out = (vllm_config.model_config.hf_config.hidden_size, vllm_config.model_config.dtype)  # hidden
             capacity = {i: self.layout.layer_capacity(i) for i in self.layout.layers}
             if self.step.layout(capacity) != self.layout:  # (its sites are this worker's share)
                 raise ValueError(f"kvpass: this worker's attention is not the layout's: {self.step.layout(capacity)}")
-            self.width = vllm_config.model_config.hf_config.hidden_size
 
     # vLLM asks the class (before building it) for the state's shapes, then for its dtypes
     @classmethod
@@ -305,25 +307,26 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
 
     def _gather(self, index: list[int], new: list[bool]) -> list[torch.Tensor]:
         """The requests' tables (state rows ``index``) in the layout's order, a batch row each; a
-        ``new`` request's tables empty (its state row holds an earlier request's)."""
+        ``new`` request's tables empty (its state row holds an earlier request's); in the step's dtype."""
         rows = [state[torch.tensor(index)] for state in self.tables.kv_cache]
         flat = [
-            rows[s][:, o : o + n].reshape(len(index), *shape).transpose(0, 1).contiguous()
-            for s, o, n, shape in self.plan.spans
+            rows[s][:, o : o + n].reshape(len(index), *shape).transpose(0, 1).to(empty.dtype).contiguous()
+            for (s, o, n, shape), empty in zip(self.plan.spans, self.empty, strict=True)
         ]
         if any(new):
             fresh = torch.tensor(new)
-            for table, empty in zip(flat, self.layout.empty(1), strict=True):
+            for table, empty in zip(flat, self.empty, strict=True):
                 table[:, fresh] = empty
         return flat
 
     def _scatter(self, index: list[int], flat: list[torch.Tensor]) -> None:
         at = torch.tensor(index)
         for (s, o, n, _), table in zip(self.plan.spans, flat, strict=True):
-            self.tables.kv_cache[s][at, o : o + n] = table.transpose(0, 1).reshape(len(index), n)
+            state = self.tables.kv_cache[s]
+            state[at, o : o + n] = table.transpose(0, 1).reshape(len(index), n).to(state.dtype)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-        out = torch.zeros(input_ids.shape[0], self.width, dtype=torch.float32)
+        out = torch.zeros(input_ids.shape[0], self.out[0], dtype=self.out[1])
         md = get_forward_context().attn_metadata
         md = md.get(STATE) if isinstance(md, dict) else None
         if md is None:  # vLLM's profiling run

@@ -40,8 +40,8 @@ def tiny_dir(tmp_path, seed: int):
 
 
 def engine(path, **kw):
-    settings = {"max_model_len": 256, "max_num_seqs": 2, **kw}
-    return vllm.LLM(model=str(path), skip_tokenizer_init=True, dtype="float32", enforce_eager=True, **settings)
+    settings = {"max_model_len": 256, "max_num_seqs": 2, "dtype": "float32", **kw}
+    return vllm.LLM(model=str(path), skip_tokenizer_init=True, enforce_eager=True, **settings)
 
 
 def as_kvpass_dir(src, dst, policy: str, budget: int, chunk: int, knobs=None):
@@ -64,6 +64,7 @@ def as_kvpass_dir(src, dst, policy: str, budget: int, chunk: int, knobs=None):
         ("streaming", {}, "vllm"),
         ("aha", {}, "vllm"),
         ("h2o", {"share": "layer", "window": 3}, "vllm"),
+        ("kvzip", {"share": "head", "repeat": [7, 8, 9]}, "vllm"),
     ],
 )
 def test_vllm_greedy_tokens_equal_kvpass_generate(tmp_path, monkeypatch, policy, knobs, modules):
@@ -156,23 +157,30 @@ def test_more_requests_than_seqs_give_what_each_gives_alone(tmp_path, monkeypatc
     assert [len(t) for t in got] == [4 + 3 * i for i in range(6)]  # nothing stopped early: all decoded
 
 
-def test_each_request_holds_its_tables_bytes_whatever_max_model_len(tmp_path, monkeypatch):
+@pytest.mark.parametrize("modules", ["vllm", "transformers"])
+def test_each_request_holds_its_tables_bytes_whatever_max_model_len(tmp_path, monkeypatch, modules):
+    """Keys and values in vLLM's dtype (bf16 here): the transformers model computes in fp32 over them."""
     import kvpass
     from kvpass.runtime.step import PureStep
+    from kvpass.serving.vllm import MODULES
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv(MODULES, modules)
     model, src = tiny_dir(tmp_path, seed=5)
     served = as_kvpass_dir(src, tmp_path / "kvpass", "tova", 13, 8)
-    # per layer, KV head and slot: key and value (32 fp32 each), position (int64), score (fp32), valid (bool),
+    # per layer, KV head and slot: key and value (32 bf16 each), position (int64), score (fp32), valid (bool),
     # owner (uint8)
-    per_request = 2 * 2 * 13 * (2 * 32 * 4 + 8 + 4 + 1 + 1)
-    tables = PureStep(kvpass.transform(model, "tova", 13, chunk=8, evict_during_decode=True)).layout.empty(1)
-    assert sum(t.nbytes for t in tables) == per_request
+    per_request = 2 * 2 * 13 * (2 * 32 * 2 + 8 + 4 + 1 + 1)
+    layout = PureStep(kvpass.transform(model, "tova", 13, chunk=8, evict_during_decode=True)).layout
+    assert sum(t.nbytes for t in layout.empty(1, torch.bfloat16)) == per_request
+    params = vllm.SamplingParams(max_tokens=6, temperature=0, detokenize=False)
     for longest in (128, 1024):
-        llm = engine(served, max_model_len=longest)
+        llm = engine(served, max_model_len=longest, dtype="bfloat16")
         blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
         padded = per_request + -per_request % 8  # vLLM pads a block to 8 bytes
         assert blocks == 2**30 // padded, longest  # one block per request, the tables' bytes
+        (out,) = llm.generate([{"prompt_token_ids": PROMPTS[0]}], params)  # (longer than the budget)
+        assert len(out.outputs[0].token_ids) == 6
         del llm
 
 
