@@ -75,9 +75,10 @@ def register() -> None:
 class EngineDefaults:
     """What the engine needs for kvpass's tables, set when vLLM builds its config: one state block
     per request (as long as the longest request; the tables inside it are budget-sized), no prefix
-    caching (a compressed prefix is not a prefix another request can share), and whole prompts per
+    caching (a compressed prefix is not a prefix another request can share), whole prompts per
     step (kvpass cuts a prompt into its own chunks from the prompt's end, which needs the whole
-    prompt; the activations stay chunk-sized all the same)."""
+    prompt; the activations stay chunk-sized all the same), and eager execution (vLLM would
+    compile its model's forward for its own attention metadata; kvpass's step runs as it is)."""
 
     @classmethod
     def verify_and_update_model_config(cls, model_config) -> None:
@@ -91,6 +92,7 @@ class EngineDefaults:
         longest = vllm_config.model_config.max_model_len
         if cache.mamba_block_size is None:
             cache.mamba_block_size = longest
+        vllm_config.model_config.enforce_eager = True  # (read after this hook, where vLLM sets compilation)
         scheduler = vllm_config.scheduler_config
         scheduler.enable_chunked_prefill = False
         scheduler.max_num_batched_tokens = max(scheduler.max_num_batched_tokens, longest)
