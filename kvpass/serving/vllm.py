@@ -215,7 +215,7 @@ class Plan(NamedTuple):
     @classmethod
     def of(cls, layout, dtype: torch.dtype) -> Plan:
         empty = layout.empty(1, dtype)  # [layers, 1, kv heads, capacity(, dim)] each; keys and values in dtype
-        dtypes = sorted({t.dtype for t in empty}, key=lambda d: -d.itemsize)
+        dtypes = sorted({t.dtype for t in empty}, key=lambda d: (-d.itemsize, str(d)))  # (the same in every process)
         used = dict.fromkeys(dtypes, 0)
         spans = []
         for t in empty:

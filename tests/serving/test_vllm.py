@@ -108,7 +108,7 @@ def test_tensor_parallel_2_serves_what_generate_gives(tmp_path, monkeypatch):
     served = as_kvpass_dir(src, tmp_path / "kvpass", "tova", 12, 8)
     params = vllm.SamplingParams(max_tokens=10, temperature=0, detokenize=False)
     outs = engine(served, tensor_parallel_size=2).generate([{"prompt_token_ids": p} for p in PROMPTS], params)
-    assert [list(o.outputs[0].token_ids) for o in outs] == [w.tolist() for w in want]
+    assert [list(o.outputs[0].token_ids) for o in outs] == want
 
 
 def test_a_gate_checkpoint_and_per_layer_budgets_serve_as_kvpass_generates(tmp_path, monkeypatch):
