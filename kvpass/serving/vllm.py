@@ -155,9 +155,9 @@ def _native(vllm_config, small, prefix: str) -> Native | None:
     if tp > 1:  # a score summed over a layer's KV heads sums every worker's
         alone = small.kvpass_policy.across_heads
         small.kvpass_policy.across_heads = lambda x: tensor_model_parallel_all_reduce(alone(x))
-    modules = [s.module for s in rewritten]
+    names = [s.module for s in rewritten]
     try:
-        body = Native(model, sites, modules, context)
+        body = Native(model, sites, names, context)
         init_logger(__name__).info("kvpass: %s served with vLLM's modules", arch)
         return body
     except ValueError as e:
@@ -226,7 +226,7 @@ class Plan(NamedTuple):
         return cls(tuple(((n,), d) for d, n in used.items()), tuple(spans))
 
 
-_STATES: dict[tuple[str, str], tuple] = {}
+_STATES: dict[tuple, tuple] = {}
 
 
 def _states(vllm_config) -> tuple:
@@ -236,7 +236,7 @@ def _states(vllm_config) -> tuple:
 
     model_config = vllm_config.model_config
     tp = vllm_config.parallel_config.tensor_parallel_size
-    key = (str(model_config.model), json.dumps(model_config.hf_config.kvpass, sort_keys=True), tp)
+    key = (str(model_config.model), json.dumps(model_config.hf_config.kvpass, sort_keys=True), tp, model_config.dtype)
     if key not in _STATES:
         _STATES[key] = Plan.of(_layout(_build(model_config)[1], tp), model_config.dtype).states
     return _STATES[key]
