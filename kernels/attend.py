@@ -136,7 +136,10 @@ def attend_reference(
         probs = probs[:, :, :, T - obs :]
     else:
         # Few queries feed the mass: fused SDPA for the output, explicit softmax for those rows only.
-        out = _sdpa(q, k, v, slot_k, slot_v, mask, scale)
+        if _splits(q, v, pos, window, chunk_keep, chunked):
+            out = split_sdpa(q, k, v, slot_k, slot_v, slot_valid, scale)
+        else:
+            out = _sdpa(q, k, v, slot_k, slot_v, mask, scale)
         probs = None
     if probs is None or entropy_k:
         m = mask[:, :, T - obs :]
@@ -208,6 +211,42 @@ def _sdpa(q, k, v, slot_k, slot_v, mask, scale):
     return F.scaled_dot_product_attention(
         q, keys, values, attn_mask=mask.repeat_interleave(G, dim=1), scale=scale, enable_gqa=G > 1
     )
+
+
+def _splits(q, v, pos, window, chunk_keep, chunked) -> bool:
+    """Whether :func:`split_sdpa` computes this chunk's output: on the CPU, eager (not traced), where
+    the mask is only the slots' validity and causality within the chunk (no window, block, in-context
+    eviction or padding), with values of the keys' head dim."""
+    if q.device.type != "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    if v.shape[-1] != q.shape[-1]:
+        return False
+    return not window and not chunked and chunk_keep is None and bool((pos >= 0).all())
+
+
+def split_sdpa(q, k, v, slot_k, slot_v, slot_valid, scale):
+    """``_sdpa`` with no ``[T, C + T]`` mask: the slots (a set every query sees, less the invalid
+    ones) and the chunk (causal) in two calls of torch's CPU flash kernel, joined by their
+    log-sum-exps. The slots' call folds the query heads of a KV group into rows (``[B, Hkv, G*T, D]``:
+    no copy of the keys) under a mask of one row per KV head. 1.5-2x faster than one call over a
+    materialized mask on the CPU (``docs/serving-vllm.md``)."""
+    B, H, T, D = q.shape
+    Hkv = slot_k.shape[1]
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    dt = q.dtype
+    out, lse = flash(q, k.to(dt), v.to(dt), 0.0, True, scale=scale)
+    valid = slot_valid.any(dim=-1)  # [B, Hkv]: a head with no valid slot takes nothing from the slots
+    if not bool(valid.any()):
+        return out
+    bias = None
+    if not bool(slot_valid.all()):
+        bias = torch.zeros(slot_valid.shape, dtype=dt, device=q.device).masked_fill_(~slot_valid, float("-inf"))
+        bias = bias[:, :, None, :]
+    o_s, lse_s = flash(q.reshape(B, Hkv, -1, D), slot_k.to(dt), slot_v.to(dt), 0.0, False, attn_mask=bias, scale=scale)
+    lse_s = lse_s.reshape(B, H, T).masked_fill(~valid.repeat_interleave(H // Hkv, dim=1)[..., None], float("-inf"))
+    top = torch.maximum(lse, lse_s)
+    w, w_s = (lse - top).exp()[..., None], (lse_s - top).exp()[..., None]
+    return ((out.float() * w + o_s.reshape(B, H, T, -1).float() * w_s) / (w + w_s)).to(dt)
 
 
 def mass_scale(seen: Tensor, head_dim: int, scale: float, k: int) -> Tensor:

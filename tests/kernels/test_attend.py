@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kvpass.kernels import attend
+from kvpass.kernels.attend import _splits, split_sdpa
 
 
 def dense_reference(
@@ -116,6 +117,44 @@ def test_low_precision_inputs(dtype, tol):
     assert out.dtype == dtype and mass.dtype == torch.float32
     torch.testing.assert_close(out.float(), ref_out.float(), rtol=tol, atol=tol, msg=f"seed {seed}")
     torch.testing.assert_close(mass, ref_mass, rtol=tol, atol=tol, msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("G", [1, 3])
+@pytest.mark.parametrize("slots", ["ragged", "all valid", "none valid", "one head empty"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_split_output_matches_dense_reference(G, slots, dtype, tol):
+    """The CPU's output path without a mask (the slots and the causal chunk in two flash calls,
+    joined by their log-sum-exps): taken by ``attend`` when no padding, window or block needs one."""
+    seed = torch.randint(0, 2**31, ()).item()
+    case = list(random_case(seed, B=2, Hkv=2, G=G, C=13, T=9, D=16, dtype=dtype))
+    valid = case[5]
+    if slots == "all valid":
+        valid.fill_(True)
+    elif slots == "none valid":
+        valid.fill_(False)
+    elif slots == "one head empty":
+        valid[1, 0] = False
+    q, k, v, slot_k, slot_v = case[:5]
+    assert _splits(q, v, case[7], 0, None, 0)
+    ref_out, ref_mass = dense_reference(*case, 0.3, 0, 0.0, 2)
+    split = split_sdpa(q, k, v, slot_k, slot_v, valid, 0.3)
+    out, mass = attend(*case, 0.3, 0, 0.0, 2)
+    assert split.dtype == out.dtype == dtype and split.isfinite().all()
+    for got in (split, out):
+        torch.testing.assert_close(got.float(), ref_out.float(), rtol=tol, atol=tol, msg=f"seed {seed}")
+    torch.testing.assert_close(mass, ref_mass, rtol=tol, atol=tol, msg=f"seed {seed}")
+
+
+def test_split_path_only_where_no_mask_is_needed():
+    case = random_case(4, B=1, Hkv=1, G=2, C=4, T=3, D=4, dtype=torch.float32, pad=True)
+    q, v, pos = case[0], case[2], case[7]
+    assert not _splits(q, v, pos, 0, None, 0)  # padding
+    pos = pos.clamp_min(0)
+    assert _splits(q, v, pos, 0, None, 0)
+    assert not _splits(q, v, pos, 8, None, 0)  # a window
+    assert not _splits(q, v, pos, 0, torch.ones(1, 1, 3, dtype=torch.bool), 0)  # in-context eviction
+    assert not _splits(q, v, pos, 0, None, 4)  # chunked attention
+    assert not _splits(q, v[..., :2], pos, 0, None, 0)  # values of another head dim
 
 
 def test_empty_cache_and_single_valid_slot():
