@@ -4,9 +4,10 @@ vLLM keeps a fixed-size state per request for Mamba-like layers (``MambaBase``):
 declares, allocated once per admitted request and addressed by the request's state index.
 kvpass's tables are such a state: all of one request's tables (every layer's ``pos``, ``keys``,
 ``values``, ``score``, ``valid``, budget-sized) are one state, one flat tensor per dtype, so layers
-of different sizes (per-layer budgets) make one block of one size. Each engine step gathers the
-scheduled requests' tables, runs kvpass's step -- each prompt on its own, in kvpass's chunks; all
-decoding requests together, one token each -- writes the tables back and returns each request's
+of different sizes (per-layer budgets) make one block of one size. Each engine step runs kvpass's
+step over the scheduled requests' tables (:mod:`kvpass.serving.rows`: a prompt's in place, a decode
+batch's copied in and written back where they changed) -- each prompt on its own, in kvpass's
+chunks; all decoding requests together, one token each -- and returns each request's
 last token. The step's model is vLLM's own model class for the architecture where vLLM has one
 (:mod:`kvpass.serving.native`), else the transformers model as ``kvpass.transform`` rewrote it.
 
@@ -40,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -58,6 +58,7 @@ from kvpass.runtime.attention import KVAttention
 from kvpass.runtime.plan import DECODE, plan
 from kvpass.runtime.step import Layout, PureStep, Step
 from kvpass.serving.native import Native
+from kvpass.serving.rows import Plan, Rows
 
 ARCH = "KvpassForCausalLM"
 STATE = "layers.0.kvpass"  # the one state layer (vLLM reads a layer index from the name)
@@ -203,29 +204,6 @@ class Tables(MambaBase, nn.Module):
         return MambaAttentionBackendEnum.LINEAR
 
 
-class Plan(NamedTuple):
-    """Where each of a layout's tables lies in a request's state: ``states`` are the flat
-    ``(shape, dtype)`` per dtype, widest first, so that each starts aligned, and the last padded
-    to a whole number of 8 bytes (vLLM views a block's bytes as each dtype); ``spans`` per table,
-    in the layout's order: (state, offset, length, shape without the batch axis)."""
-
-    states: tuple[tuple[tuple[int], torch.dtype], ...]
-    spans: tuple[tuple[int, int, int, tuple[int, ...]], ...]
-
-    @classmethod
-    def of(cls, layout, dtype: torch.dtype) -> Plan:
-        empty = layout.empty(1, dtype)  # [layers, 1, kv heads, capacity(, dim)] each; keys and values in dtype
-        dtypes = sorted({t.dtype for t in empty}, key=lambda d: (-d.itemsize, str(d)))  # (the same in every process)
-        used = dict.fromkeys(dtypes, 0)
-        spans = []
-        for t in empty:
-            spans.append((dtypes.index(t.dtype), used[t.dtype], t.numel(), (t.shape[0], *t.shape[2:])))
-            used[t.dtype] += t.numel()
-        pad = -sum(n * d.itemsize for d, n in used.items()) % 8
-        used[dtypes[-1]] += pad // dtypes[-1].itemsize
-        return cls(tuple(((n,), d) for d, n in used.items()), tuple(spans))
-
-
 _STATES: dict[tuple, tuple] = {}
 
 
@@ -282,16 +260,17 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
                 raise ValueError(f"kvpass: tensor parallelism needs vLLM's own model class for {type(small).__name__}")
             self.small, self.native = small, None
             object.__setattr__(self, "step", pure.step)
-            self.empty = self.layout.empty(1, torch.float32)  # (the transformers model runs in fp32)
+            empty = self.layout.empty(1, torch.float32)  # (the transformers model runs in fp32)
             self.out = (vllm_config.model_config.hf_config.vocab_size, torch.float32)  # logits
         else:  # vLLM's: the step gives hidden states, vLLM's head the logits (the transformers model is dropped)
             self.native = body.model
             object.__setattr__(self, "step", Step(body, None, pure.policy, pure.step.io))
-            self.empty = self.layout.empty(1, vllm_config.model_config.dtype)
+            empty = self.layout.empty(1, vllm_config.model_config.dtype)
             self.out = (vllm_config.model_config.hf_config.hidden_size, vllm_config.model_config.dtype)  # hidden
             capacity = {i: self.layout.layer_capacity(i) for i in self.layout.layers}
             if self.step.layout(capacity) != self.layout:  # (its sites are this worker's share)
                 raise ValueError(f"kvpass: this worker's attention is not the layout's: {self.step.layout(capacity)}")
+        self.rows = Rows(self.plan.spans, empty, self.layout.slot_tables)  # the step's tables over the state rows
 
     # vLLM asks the class (before building it) for the state's shapes, then for its dtypes
     @classmethod
@@ -306,26 +285,6 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         if self.native is not None:
             return self.native.embed_input_ids(input_ids)
         return self.small.get_input_embeddings()(input_ids)
-
-    def _gather(self, index: list[int], new: list[bool]) -> list[torch.Tensor]:
-        """The requests' tables (state rows ``index``) in the layout's order, a batch row each; a
-        ``new`` request's tables empty (its state row holds an earlier request's); in the step's dtype."""
-        rows = [state[torch.tensor(index)] for state in self.tables.kv_cache]
-        flat = [
-            rows[s][:, o : o + n].reshape(len(index), *shape).transpose(0, 1).to(empty.dtype).contiguous()
-            for (s, o, n, shape), empty in zip(self.plan.spans, self.empty, strict=True)
-        ]
-        if any(new):
-            fresh = torch.tensor(new)
-            for table, empty in zip(flat, self.empty, strict=True):
-                table[:, fresh] = empty
-        return flat
-
-    def _scatter(self, index: list[int], flat: list[torch.Tensor]) -> None:
-        at = torch.tensor(index)
-        for (s, o, n, _), table in zip(self.plan.spans, flat, strict=True):
-            state = self.tables.kv_cache[s]
-            state[at, o : o + n] = table.transpose(0, 1).reshape(len(index), n).to(state.dtype)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         out = torch.zeros(input_ids.shape[0], self.out[0], dtype=self.out[1])
@@ -342,18 +301,22 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         # PureStep's step, without PureStep's copy of the tables: they are gathered copies already
         if decoding:  # one token each: one batched step over their tables
             at = torch.tensor([starts[r] for r in decoding])
-            tables = self._gather([index[r] for r in decoding], [seen[r] == 1 for r in decoding])
+            rows, new = [index[r] for r in decoding], [seen[r] == 1 for r in decoding]
+            tables, before = self.rows.gather(self.tables.kv_cache, rows, new)
             ids, pos = input_ids[at][:, None], positions[at][:, None].long()
             logits = self.step(ids, pos, *tables, layout=self.layout, mode=DECODE)
-            self._scatter([index[r] for r in decoding], tables)
+            if before is not None:
+                self.rows.scatter(self.tables.kv_cache, rows, new, tables, before)
             out[at] = logits[:, -1]
         for r in sorted(set(range(len(lengths))) - set(decoding)):  # prompts, one at a time
             a, b = starts[r], starts[r + 1]
-            tables = self._gather([index[r]], [seen[r] == b - a])  # nothing read before: a new request
+            new = [seen[r] == b - a]  # nothing read before: a new request
+            tables, before = self.rows.gather(self.tables.kv_cache, [index[r]], new)
             ids, pos = input_ids[a:b][None], positions[a:b][None].long()
             for s, e, mode, _ in spans[r]:
                 logits = self.step(ids[:, s:e], pos[:, s:e], *tables, layout=self.layout, mode=mode)
-            self._scatter([index[r]], tables)
+            if before is not None:
+                self.rows.scatter(self.tables.kv_cache, [index[r]], new, tables, before)
             out[b - 1] = logits[0, -1]
         return out
 
