@@ -71,10 +71,10 @@ class Rows(NamedTuple):
         if views:
             flat = [r[index[0]].unsqueeze(1) for r in rows]
         else:
-            at = torch.tensor(index)
+            at = torch.tensor(index, device=rows[0].device)
             flat = [r.transpose(0, 1)[:, at].to(e.dtype) for r, e in zip(rows, self.empty, strict=True)]
         if any(new):
-            fresh = torch.tensor(new)
+            fresh = torch.tensor(new, device=rows[0].device)
             for table, empty in zip(flat, self.empty, strict=True):
                 table[:, fresh] = empty
         if views:
@@ -85,7 +85,7 @@ class Rows(NamedTuple):
         """Write copied tables back to rows ``index``: whole, but the keys and values of a request
         that is not ``new`` only where a slot's token changed (a new request's row is written whole,
         so no stale entry stays in it)."""
-        at, fresh = torch.tensor(index), torch.tensor(new)
+        at, fresh = (torch.tensor(x, device=flat[0].device) for x in (index, new))
         for t, table in enumerate(flat):
             rows = self.view(states, t).transpose(0, 1)  # [L, rows, ...]
             if t >= self.slot_tables or t % _N not in _BULK:
