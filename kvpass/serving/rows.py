@@ -51,11 +51,26 @@ class Plan(NamedTuple):
 class Rows(NamedTuple):
     """``spans``: per table, ``(state, offset, length, shape without the batch axis)``; ``empty``:
     per table, a request's empty table ``[L, 1, ...]`` in the step's dtype; ``slot_tables``: how many
-    of the tables are KV slots (:attr:`Layout.slot_tables`; the rest, recurrent state, copied whole)."""
+    of the tables are KV slots (:attr:`Layout.slot_tables`; the rest, recurrent state, copied whole);
+    ``work``: the copies' memory, per table, kept from one step to the next (a step's copies are
+    there at its peak anyway; allocating them anew each step costs more than copying: fresh pages)."""
 
     spans: tuple[tuple[int, int, int, tuple[int, ...]], ...]
     empty: list[Tensor]
     slot_tables: int
+    work: dict[int, Tensor]
+
+    def _copy(self, t: int, rows: Tensor, index: list[int]) -> Tensor:
+        """Rows ``index`` of table ``t`` (``rows [rows, L, ...]``) copied into ``[L, B, ...]``."""
+        empty = self.empty[t]
+        size = empty.numel() * len(index)
+        work = self.work.get(t)
+        if work is None or work.numel() < size or work.device != rows.device:
+            work = self.work[t] = torch.empty(size, dtype=empty.dtype, device=rows.device)
+        out = work[:size].view(empty.shape[0], len(index), *empty.shape[2:])
+        for b, i in enumerate(index):
+            out[:, b].copy_(rows[i])
+        return out
 
     def view(self, states, t: int) -> Tensor:
         """Table ``t`` of every state row, ``[rows, *shape]``: a view of ``states``."""
@@ -71,8 +86,7 @@ class Rows(NamedTuple):
         if views:
             flat = [r[index[0]].unsqueeze(1) for r in rows]
         else:
-            at = torch.tensor(index, device=rows[0].device)
-            flat = [r.transpose(0, 1)[:, at].to(e.dtype) for r, e in zip(rows, self.empty, strict=True)]
+            flat = [self._copy(t, r, index) for t, r in enumerate(rows)]
         if any(new):
             fresh = torch.tensor(new, device=rows[0].device)
             for table, empty in zip(flat, self.empty, strict=True):

@@ -270,7 +270,7 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
             capacity = {i: self.layout.layer_capacity(i) for i in self.layout.layers}
             if self.step.layout(capacity) != self.layout:  # (its sites are this worker's share)
                 raise ValueError(f"kvpass: this worker's attention is not the layout's: {self.step.layout(capacity)}")
-        self.rows = Rows(self.plan.spans, empty, self.layout.slot_tables)  # the step's tables over the state rows
+        self.rows = Rows(self.plan.spans, empty, self.layout.slot_tables, {})  # the step's tables over the state rows
 
     # vLLM asks the class (before building it) for the state's shapes, then for its dtypes
     @classmethod

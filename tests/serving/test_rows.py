@@ -60,7 +60,7 @@ def test_what_a_step_changed_is_written_back_as_a_whole_copy_would(index, new, d
     seed = torch.seed() % 2**31
     gen = torch.Generator().manual_seed(seed)
     plan = Plan.of(layout(), dtype)
-    rows = Rows(plan.spans, layout().empty(1, torch.float32), layout().slot_tables)  # the step in fp32
+    rows = Rows(plan.spans, layout().empty(1, torch.float32), layout().slot_tables, {})  # the step in fp32
     states = filled(plan, 5, gen)
     flat, before = rows.gather(states, index, new)
     assert before is not None  # copies: a batch, or the state in another dtype
@@ -79,7 +79,7 @@ def test_what_a_step_changed_is_written_back_as_a_whole_copy_would(index, new, d
 def test_one_request_in_the_steps_dtypes_gets_views_of_its_row():
     gen = torch.Generator().manual_seed(0)
     plan = Plan.of(layout(), torch.float32)
-    rows = Rows(plan.spans, layout().empty(1, torch.float32), layout().slot_tables)
+    rows = Rows(plan.spans, layout().empty(1, torch.float32), layout().slot_tables, {})
     states = filled(plan, 4, gen)
     flat, before = rows.gather(states, [2], [True])
     assert before is None
@@ -95,9 +95,28 @@ def test_a_key_changed_without_its_slot_changing_hands_is_not_written_back():
     shown by breaking it: the test above would miss no change only because a step keeps it."""
     gen = torch.Generator().manual_seed(1)
     plan = Plan.of(layout(), torch.float32)
-    rows = Rows(plan.spans, layout().empty(1, torch.float32), layout().slot_tables)
+    rows = Rows(plan.spans, layout().empty(1, torch.float32), layout().slot_tables, {})
     states = filled(plan, 3, gen)
     flat, before = rows.gather(states, [0, 1], [False, False])
     flat[KEYS][0, 1, 0, 0] += 1.0
     rows.scatter(states, [0, 1], [False, False], flat, before)
     assert rows.view(states, KEYS)[1, 0, 0, 0, 0] != flat[KEYS][0, 1, 0, 0, 0]
+
+
+def test_steps_one_after_another_reuse_the_copies_memory_and_read_their_own_rows():
+    seed = torch.seed() % 2**31
+    gen = torch.Generator().manual_seed(seed)
+    plan = Plan.of(layout(), torch.float32)
+    rows = Rows(plan.spans, layout().empty(1, torch.float32), layout().slot_tables, {})
+    states = filled(plan, 6, gen)
+    for index in ([4, 0, 2], [1, 5], [3, 2, 0]):  # fewer rows, then as many again: the same memory
+        flat, before = rows.gather(states, index, [False] * len(index))
+        for t, table in enumerate(flat):
+            for b, i in enumerate(index):
+                torch.testing.assert_close(table[:, b], rows.view(states, t)[i], rtol=0, atol=0, msg=f"seed {seed}")
+        step(flat, gen)
+        want = whole(rows, states, index, flat)
+        rows.scatter(states, index, [False] * len(index), flat, before)
+        for got, ref in zip(states, want, strict=True):
+            torch.testing.assert_close(got, ref, rtol=0, atol=0, msg=f"seed {seed}")
+    assert len(rows.work) == len(plan.spans)
