@@ -229,7 +229,7 @@ def split_sdpa(q, k, v, slot_k, slot_v, slot_valid, scale):
     ones) and the chunk (causal) in two calls of torch's CPU flash kernel, joined by their
     log-sum-exps. The slots' call folds the query heads of a KV group into rows (``[B, Hkv, G*T, D]``:
     no copy of the keys) under a mask of one row per KV head. 1.5-2x faster than one call over a
-    materialized mask on the CPU (``docs/serving-vllm.md``)."""
+    materialized mask on the CPU (``docs/research-log.md``, 2026-12-06)."""
     B, H, T, D = q.shape
     Hkv = slot_k.shape[1]
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -243,7 +243,7 @@ def split_sdpa(q, k, v, slot_k, slot_v, slot_valid, scale):
         bias = torch.zeros(slot_valid.shape, dtype=dt, device=q.device).masked_fill_(~slot_valid, float("-inf"))
         bias = bias[:, :, None, :]
     o_s, lse_s = flash(q.reshape(B, Hkv, -1, D), slot_k.to(dt), slot_v.to(dt), 0.0, False, attn_mask=bias, scale=scale)
-    lse_s = lse_s.reshape(B, H, T).masked_fill(~valid.repeat_interleave(H // Hkv, dim=1)[..., None], float("-inf"))
+    lse_s = lse_s.masked_fill(~valid[..., None], float("-inf")).reshape(B, H, T)
     top = torch.maximum(lse, lse_s)
     w, w_s = (lse - top).exp()[..., None], (lse_s - top).exp()[..., None]
     return ((out.float() * w + o_s.reshape(B, H, T, -1).float() * w_s) / (w + w_s)).to(dt)

@@ -13,6 +13,8 @@ admitted per layer and KV head -- writes back a few rows, not the bulk of the st
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -76,6 +78,15 @@ class Rows(NamedTuple):
         """Table ``t`` of every state row, ``[rows, *shape]``: a view of ``states``."""
         s, o, n, shape = self.spans[t]
         return states[s][:, o : o + n].view(-1, *shape)
+
+    @contextmanager
+    def tables(self, states, index: list[int], new: list[bool]) -> Iterator[list[Tensor]]:
+        """The requests' tables for one step (:meth:`gather`), written back when it returns
+        (:meth:`scatter`; views need nothing)."""
+        flat, before = self.gather(states, index, new)
+        yield flat
+        if before is not None:
+            self.scatter(states, index, new, flat, before)
 
     def gather(self, states, index: list[int], new: list[bool]) -> tuple[list[Tensor], list | None]:
         """The requests' tables (rows ``index``) ``[L, B, ...]`` in the step's dtypes, a ``new``

@@ -298,25 +298,21 @@ class KvpassForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         lengths = [b - a for a, b in itertools.pairwise(starts)]
         spans = [plan(n, self.chunk) for n in lengths]  # kvpass's own cutting of each request's tokens
         decoding = [r for r, s in enumerate(spans) if s[0].mode == DECODE]
-        # PureStep's step, without PureStep's copy of the tables: they are gathered copies already
+        # PureStep's step, without PureStep's copy of the tables: the step writes them in place (views
+        # of the state, or copies that self.rows writes back)
+        state = self.tables.kv_cache
         if decoding:  # one token each: one batched step over their tables
             at = torch.tensor([starts[r] for r in decoding])
-            rows, new = [index[r] for r in decoding], [seen[r] == 1 for r in decoding]
-            tables, before = self.rows.gather(self.tables.kv_cache, rows, new)
             ids, pos = input_ids[at][:, None], positions[at][:, None].long()
-            logits = self.step(ids, pos, *tables, layout=self.layout, mode=DECODE)
-            if before is not None:
-                self.rows.scatter(self.tables.kv_cache, rows, new, tables, before)
+            with self.rows.tables(state, [index[r] for r in decoding], [seen[r] == 1 for r in decoding]) as tables:
+                logits = self.step(ids, pos, *tables, layout=self.layout, mode=DECODE)
             out[at] = logits[:, -1]
         for r in sorted(set(range(len(lengths))) - set(decoding)):  # prompts, one at a time
             a, b = starts[r], starts[r + 1]
-            new = [seen[r] == b - a]  # nothing read before: a new request
-            tables, before = self.rows.gather(self.tables.kv_cache, [index[r]], new)
             ids, pos = input_ids[a:b][None], positions[a:b][None].long()
-            for s, e, mode, _ in spans[r]:
-                logits = self.step(ids[:, s:e], pos[:, s:e], *tables, layout=self.layout, mode=mode)
-            if before is not None:
-                self.rows.scatter(self.tables.kv_cache, [index[r]], new, tables, before)
+            with self.rows.tables(state, [index[r]], [seen[r] == b - a]) as tables:  # nothing read before: new
+                for s, e, mode, _ in spans[r]:
+                    logits = self.step(ids[:, s:e], pos[:, s:e], *tables, layout=self.layout, mode=mode)
             out[b - 1] = logits[0, -1]
         return out
 

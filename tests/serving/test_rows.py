@@ -110,13 +110,12 @@ def test_steps_one_after_another_reuse_the_copies_memory_and_read_their_own_rows
     rows = Rows(plan.spans, layout().empty(1, torch.float32), layout().slot_tables, {})
     states = filled(plan, 6, gen)
     for index in ([4, 0, 2], [1, 5], [3, 2, 0]):  # fewer rows, then as many again: the same memory
-        flat, before = rows.gather(states, index, [False] * len(index))
-        for t, table in enumerate(flat):
-            for b, i in enumerate(index):
-                torch.testing.assert_close(table[:, b], rows.view(states, t)[i], rtol=0, atol=0, msg=f"seed {seed}")
-        step(flat, gen)
-        want = whole(rows, states, index, flat)
-        rows.scatter(states, index, [False] * len(index), flat, before)
+        with rows.tables(states, index, [False] * len(index)) as flat:  # gather, then scatter on leaving
+            for t, table in enumerate(flat):
+                for b, i in enumerate(index):
+                    torch.testing.assert_close(table[:, b], rows.view(states, t)[i], rtol=0, atol=0, msg=f"seed {seed}")
+            step(flat, gen)
+            want = whole(rows, states, index, flat)
         for got, ref in zip(states, want, strict=True):
             torch.testing.assert_close(got, ref, rtol=0, atol=0, msg=f"seed {seed}")
     assert len(rows.work) == len(plan.spans)
